@@ -16,3 +16,19 @@ SHARED_DATA = pathlib.Path(os.environ.get("FR_JAX_SHARED_DATA", REPO.parent / "s
 def shared_data() -> pathlib.Path:
     assert SHARED_DATA.is_dir(), f"shared data folder not found at {SHARED_DATA} (set FR_JAX_SHARED_DATA)"
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> pathlib.Path:
+    """SmolLM2-135M-Instruct as an HF dir, converted from its GGUF once (cached in ~/.cache/fr_jax or $FR_JAX_CACHE)."""
+    from fr_jax.models.gguf import smollm2_hf_dir
+
+    return smollm2_hf_dir()
+
+
+@pytest.fixture(scope="session")
+def qwen_tok():
+    """The offline Qwen2.5 tokenizer (real vocabulary, ChatML template), built once and cached like smollm2_dir."""
+    from fr_jax.models.tokenizer import qwen_tokenizer
+
+    return qwen_tokenizer()
