@@ -2,6 +2,7 @@
 
 import os
 import pathlib
+import secrets
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -32,3 +33,24 @@ def qwen_tok():
     from fr_jax.models.tokenizer import qwen_tokenizer
 
     return qwen_tokenizer()
+
+
+# Put in the sandbox service's environment: jailed code must never see it.
+SANDBOX_SECRET = f"fr-sandbox-secret-{secrets.token_hex(8)}"
+
+
+@pytest.fixture(scope="session")
+def sandbox():
+    """ONE real sandbox_service on 127.0.0.1 for the whole session (a subprocess, drained at the end)."""
+    from fr_jax.rl.sandbox_client import LocalSandbox
+
+    with LocalSandbox(workers=2, env={**os.environ, "FR_SANDBOX_TEST_SECRET": SANDBOX_SECRET}) as service:
+        yield service
+
+
+@pytest.fixture(scope="session")
+def api(sandbox):
+    import httpx
+
+    with httpx.Client(base_url=sandbox.url, timeout=120) as client:
+        yield client

@@ -1,0 +1,397 @@
+"""Async client for sandbox_service, and a launcher for a local instance.
+
+fr_jax reaches the sandbox only over HTTP (it never imports sandbox_service), so the service can live on its
+own hosts. The client bounds its own concurrency, retries what is worth retrying (429 honouring Retry-After,
+5xx, timeouts, dropped connections) with jittered exponential backoff inside a total deadline per call, and
+says clearly when the service cannot be reached at all. A 4xx other than 429 is a bad request: it raises
+at once with the service's message, which names the offending field.
+
+Results are typed. An Evaluation whose `status` is "SandboxError" means the code could not be judged (the
+service was shutting down, the jail failed); it is not a wrong answer, and callers must not score it as one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+_log = logging.getLogger(__name__)
+
+
+class SandboxError(RuntimeError):
+    """Base class of the client's errors."""
+
+
+class SandboxUnavailable(SandboxError):
+    """The service cannot be reached (nothing listening, or it exited)."""
+
+
+class SandboxRequestError(SandboxError):
+    """The service rejected the request as malformed (4xx other than 429); retrying would not help."""
+
+
+class SandboxDeadlineExceeded(SandboxError):
+    """No answer within the call's total deadline, retries included."""
+
+
+# -- what to evaluate -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class HumanEvalTests:
+    """A test program defining check(candidate); by default each assert in check() counts as one test."""
+
+    test: str
+    entry_point: str
+    split_asserts: bool = True
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": "humaneval", "test": self.test, "entry_point": self.entry_point,
+                "split_asserts": self.split_asserts}
+
+
+@dataclass(frozen=True)
+class AssertTests:
+    """MBPP-style asserts, each one a test, after the optional imports and setup code."""
+
+    test_list: Sequence[str]
+    setup_code: str = ""
+    imports: Sequence[str] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": "asserts", "test_list": list(self.test_list), "test_setup_code": self.setup_code,
+                "test_imports": list(self.imports)}
+
+
+@dataclass(frozen=True)
+class StdioTests:
+    """(stdin, expected stdout) cases; output compared up to trailing whitespace."""
+
+    cases: Sequence[tuple[str, str]]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": "stdio", "cases": [{"stdin": i, "expected_stdout": o} for i, o in self.cases]}
+
+
+Tests = HumanEvalTests | AssertTests | StdioTests
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    """One solution and its tests, for evaluate_batch."""
+
+    code: str
+    tests: Tests
+    timeout_s: float = 5.0  # per test
+    memory_limit_mb: int = 1024
+
+    def to_json(self) -> dict[str, Any]:
+        return {"code": self.code, "tests": self.tests.to_json(), "timeout_s": self.timeout_s,
+                "memory_limit_MB": self.memory_limit_mb}
+
+
+# -- what comes back ------------------------------------------------------------------------------------
+# The consumer's view of the wire answers (fr_jax must not import sandbox_service's models): flatter than the
+# wire where that is handier, with the counts derived from the per-test results. Fields the service may add
+# later are ignored.
+
+def _known(cls, fields: Mapping[str, Any]):
+    return cls(**{name: fields[name] for name in cls.__dataclass_fields__ if name in fields})
+
+
+@dataclass(frozen=True)
+class TestOutcome:
+    __test__ = False  # not a pytest class
+
+    name: str
+    passed: bool
+    status: str  # Passed | Failed | Error | TimeLimitExceeded | MemoryLimitExceeded | OutputLimitExceeded | Crashed
+    error_type: str | None = None
+    error_message: str | None = None
+    time_ms: float | None = None
+
+
+@dataclass(frozen=True)
+class LoadError:
+    type: str  # SyntaxError, ModuleNotFoundError, ...
+    message: str
+    step: str  # "<solution>" or the test import that failed
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    status: str  # "Finished", or "SandboxError": the code could not be judged (not a wrong answer)
+    tests: tuple[TestOutcome, ...]
+    load_error: LoadError | None = None
+    message: str = ""
+    restarts: int = 0  # times the harness was restarted after the process died mid-test
+    time_ms: float = 0.0
+    stderr: str = ""
+
+    @classmethod
+    def from_json(cls, body: Mapping[str, Any]) -> Evaluation:
+        load_error = body.get("load_error")
+        return cls(status=body["status"], tests=tuple(_known(TestOutcome, t) for t in body.get("tests", ())),
+                   load_error=_known(LoadError, load_error) if load_error else None, message=body.get("message", ""),
+                   restarts=body.get("restarts", 0), time_ms=body.get("time_ms", 0.0), stderr=body.get("stderr", ""))
+
+    @property
+    def sandbox_error(self) -> bool:
+        return self.status == "SandboxError"
+
+    @property
+    def num_passed(self) -> int:
+        return sum(t.passed for t in self.tests)
+
+    @property
+    def pass_rate(self) -> float:
+        return self.num_passed / len(self.tests) if self.tests else 0.0
+
+    @property
+    def passed_all(self) -> bool:
+        return bool(self.tests) and self.num_passed == len(self.tests) and not self.sandbox_error
+
+
+@dataclass(frozen=True)
+class RunCodeResult:
+    """/run_code's answer with run_result flattened in; `files` decoded to bytes."""
+
+    status: str  # Success | Failed | SandboxError
+    message: str
+    run_status: str | None  # Finished | Error | TimeLimitExceeded (None after a SandboxError)
+    return_code: int | None
+    stdout: str
+    stderr: str
+    execution_time: float | None
+    files: dict[str, bytes]
+
+    @classmethod
+    def from_json(cls, body: Mapping[str, Any]) -> RunCodeResult:
+        run = body.get("run_result") or {}
+        return cls(status=body["status"], message=body.get("message", ""), run_status=run.get("status"),
+                   return_code=run.get("return_code"), stdout=run.get("stdout", ""), stderr=run.get("stderr", ""),
+                   execution_time=run.get("execution_time"),
+                   files={path: base64.b64decode(data) for path, data in (body.get("files") or {}).items()})
+
+
+# -- the client -----------------------------------------------------------------------------------------
+
+def _message(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+        return str(body.get("message") or body.get("detail") or body)
+    except (ValueError, AttributeError):
+        return response.text[:500]
+
+
+def _retry_after_s(response: httpx.Response) -> float | None:
+    value = response.headers.get("Retry-After", "")
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None
+
+
+class SandboxClient:
+    """Async client of one sandbox_service. Use as `async with SandboxClient(url) as client: ...`."""
+
+    def __init__(self, base_url: str, *, max_concurrency: int = 32, request_timeout_s: float = 300.0,
+                 deadline_s: float = 900.0, unreachable_after_s: float = 15.0, backoff_s: float = 0.1,
+                 max_backoff_s: float = 10.0, batch_size: int = 64):
+        self.base_url = base_url.rstrip("/")
+        self.request_timeout_s, self.deadline_s = request_timeout_s, deadline_s
+        self.unreachable_after_s = unreachable_after_s
+        self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
+        self.batch_size = batch_size
+        self.stats: Counter[str] = Counter()  # requests, retries_{429,5xx,timeout,transport,connect}
+        self._semaphore = asyncio.Semaphore(max_concurrency)
+        limits = httpx.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency)
+        self._http = httpx.AsyncClient(base_url=self.base_url, limits=limits, timeout=request_timeout_s)
+
+    async def __aenter__(self) -> SandboxClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def health(self) -> dict[str, Any]:
+        return await self._request("GET", "/health")
+
+    async def run_code(self, code: str, *, stdin: str = "", run_timeout: float = 10.0, memory_limit_mb: int = -1,
+                       files: Mapping[str, bytes] | None = None, fetch_files: Sequence[str] = ()) -> RunCodeResult:
+        """SandboxFusion-style run of a Python program (`files` land next to it; `fetch_files` come back)."""
+        payload = {"code": code, "language": "python", "stdin": stdin, "run_timeout": run_timeout,
+                   "memory_limit_MB": memory_limit_mb, "fetch_files": list(fetch_files),
+                   "files": {p: base64.b64encode(data).decode() for p, data in (files or {}).items()}}
+        return RunCodeResult.from_json(await self._request("POST", "/run_code", payload))
+
+    async def evaluate(self, code: str, tests: Tests, *, timeout_s: float = 5.0,
+                       memory_limit_mb: int = 1024) -> Evaluation:
+        item = EvalItem(code, tests, timeout_s, memory_limit_mb)
+        return Evaluation.from_json(await self._request("POST", "/evaluate", item.to_json()))
+
+    async def evaluate_batch(self, items: Sequence[EvalItem]) -> list[Evaluation]:
+        """Results in the order of `items`; large lists go out as concurrent requests of batch_size items."""
+        chunks = [items[i:i + self.batch_size] for i in range(0, len(items), self.batch_size)]
+
+        async def send(chunk: Sequence[EvalItem]) -> list[Evaluation]:
+            body = await self._request("POST", "/evaluate/batch", {"items": [item.to_json() for item in chunk]})
+            results = [Evaluation.from_json(r) for r in body["results"]]
+            if len(results) != len(chunk):
+                raise SandboxError(f"/evaluate/batch answered {len(results)} results for {len(chunk)} items")
+            return results
+
+        answers = await asyncio.gather(*(send(chunk) for chunk in chunks))
+        return [result for answer in answers for result in answer]
+
+    def _backoff(self, attempt: int) -> float:
+        return min(self.max_backoff_s, self.backoff_s * 2 ** attempt) * random.uniform(0.5, 1.0)
+
+    async def _request(self, method: str, path: str, payload: dict | None = None) -> Any:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.deadline_s
+        unreachable_since: float | None = None
+        last, attempt = "no attempt made", 0
+        async with self._semaphore:
+            while True:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise SandboxDeadlineExceeded(f"{method} {self.base_url}{path}: no answer within {self.deadline_s} s "
+                                                  f"({attempt} attempts); last problem: {last}")
+                self.stats["requests"] += 1
+                delay = self._backoff(attempt)
+                try:
+                    response = await self._http.request(method, path, json=payload,
+                                                        timeout=min(self.request_timeout_s, remaining))
+                except (httpx.ConnectError, httpx.ConnectTimeout) as e:
+                    unreachable_since = unreachable_since if unreachable_since is not None else loop.time()
+                    if loop.time() - unreachable_since >= self.unreachable_after_s:
+                        raise SandboxUnavailable(
+                            f"cannot reach the sandbox service at {self.base_url} for {self.unreachable_after_s:g} s "
+                            f"({type(e).__name__}: {e}); start it with `python -m sandbox_service` or LocalSandbox"
+                        ) from e
+                    self.stats["retries_connect"] += 1
+                    last = f"connection failed: {e}"
+                except httpx.TransportError as e:  # timeouts, connections dropped mid-request
+                    unreachable_since = None
+                    self.stats["retries_timeout" if isinstance(e, httpx.TimeoutException) else "retries_transport"] += 1
+                    last = f"{type(e).__name__}: {e}"
+                else:
+                    unreachable_since = None
+                    status = response.status_code
+                    if status < 400:
+                        return response.json()
+                    last = f"HTTP {status}: {_message(response)}"
+                    if status == 429 or status >= 500:
+                        self.stats["retries_429" if status == 429 else "retries_5xx"] += 1
+                        hinted = _retry_after_s(response)
+                        delay = hinted + random.uniform(0, 0.1 * hinted + 0.05) if hinted is not None else delay
+                    else:
+                        raise SandboxRequestError(f"{method} {path} was rejected: {last}")
+                await asyncio.sleep(min(delay, max(0.0, deadline - loop.time())))
+                attempt += 1
+
+
+# -- a local instance -----------------------------------------------------------------------------------
+
+class LocalSandbox:
+    """Runs `python -m sandbox_service` on a free loopback port for the lifetime of a `with` block.
+
+    The service binds port 0 itself and reports the port through a file, so there is no race for the port.
+    Its log goes to `log_path` (a temp file by default) and is quoted when start-up fails.
+    """
+
+    def __init__(self, *, workers: int | None = None, max_queue: int | None = None, insecure: bool = False,
+                 python: str = sys.executable, extra_args: Sequence[str] = (), startup_timeout_s: float = 60.0,
+                 env: Mapping[str, str] | None = None, log_path: str | os.PathLike | None = None):
+        self.args = ["--host", "127.0.0.1", "--port", "0"]
+        self.args += ["--workers", str(workers)] if workers is not None else []
+        self.args += ["--max-queue", str(max_queue)] if max_queue is not None else []
+        self.args += ["--insecure"] if insecure else []
+        self.args += list(extra_args)
+        self.python, self.startup_timeout_s = python, startup_timeout_s
+        self.env = dict(os.environ if env is None else env)
+        self._tmp = tempfile.TemporaryDirectory(prefix="local_sandbox-")
+        self.log_path = Path(log_path) if log_path is not None else Path(self._tmp.name) / "service.log"
+        self.process: subprocess.Popen | None = None
+        self.url: str | None = None
+
+    def __enter__(self) -> LocalSandbox:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def client(self, **kwargs: Any) -> SandboxClient:
+        if self.url is None:
+            raise SandboxUnavailable("LocalSandbox is not started")
+        return SandboxClient(self.url, **kwargs)
+
+    def log_tail(self, chars: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def start(self) -> str:
+        port_file = Path(self._tmp.name) / "port.json"
+        command = [self.python, "-m", "sandbox_service", "--port-file", str(port_file), *self.args]
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                            stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + self.startup_timeout_s
+        while not port_file.exists() or not port_file.read_text():
+            self._check_alive(deadline)
+            time.sleep(0.05)
+        self.url = json.loads(port_file.read_text())["url"]
+        while True:
+            self._check_alive(deadline)
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2.0).status_code == 200:
+                    return self.url
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+
+    def _check_alive(self, deadline: float) -> None:
+        code = self.process.poll()
+        if code is not None:
+            raise SandboxUnavailable(f"sandbox_service exited with code {code} during start-up:\n{self.log_tail()}")
+        if time.monotonic() > deadline:
+            self.stop()
+            raise SandboxUnavailable(f"sandbox_service did not become healthy within {self.startup_timeout_s} s:\n"
+                                     f"{self.log_tail()}")
+
+    def stop(self, timeout_s: float = 40.0) -> int | None:
+        """SIGTERM (the service drains in-flight runs), then SIGKILL after `timeout_s`. Returns the exit code."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                _log.warning("sandbox_service did not stop within %.0f s; killing it", timeout_s)
+                self.process.kill()
+                self.process.wait()
+        code, self.process, self.url = self.process.returncode, None, None
+        return code

@@ -1,0 +1,106 @@
+"""`python -m sandbox_service --host 127.0.0.1 --port 8080 [--workers N] [--max-queue M]`.
+
+Proves the jail holds with a harmless probe before it listens, and refuses to start without isolation unless
+given --insecure. SIGTERM/SIGINT drain: no new runs, in-flight runs get --drain-timeout seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import socket
+import sys
+from pathlib import Path
+
+import uvicorn
+
+from sandbox_service.app import Service, ServiceSettings, create_app
+from sandbox_service.cgroups import Cgroups
+from sandbox_service.jail import IsolationError, JailConfig, claim_uid_block, probe_isolation
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m sandbox_service", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=8080, help="0 picks a free port (see --port-file)")
+    p.add_argument("--port-file", type=Path, help="write {\"url\", \"pid\"} here once the socket is bound")
+    p.add_argument("--workers", type=int, default=2 * len(os.sched_getaffinity(0)),
+                   help="concurrent jailed runs (default: 2 per core: a run also waits on namespace set-up, not only CPU)")
+    p.add_argument("--max-queue", type=int, default=256, help="runs that may wait for a worker before 429")
+    p.add_argument("--max-output-bytes", type=int, default=1 << 20, help="cap per stream; a run past it is killed")
+    p.add_argument("--max-body-mb", type=int, default=32, help="larger request bodies get 413")
+    p.add_argument("--default-memory-mb", type=int, default=1024, help="memory limit when a request gives -1")
+    p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds in-flight runs get on shutdown")
+    p.add_argument("--python", default="/usr/bin/python3", help="the python jailed code runs with")
+    p.add_argument("--uid-base", type=int, help="worker slot i runs as uid UID_BASE+i (when root); default: the first "
+                                                "block from 61000 that no other sandbox_service on this host holds")
+    p.add_argument("--run-root", type=Path, help="where run directories are made (default: the temp dir)")
+    p.add_argument("--bwrap", default="bwrap", help="the bubblewrap binary")
+    p.add_argument("--ro-bind", action="append", default=[], metavar="PATH",
+                   help="extra host path to show read-only in the jail (e.g. a python outside /usr)")
+    p.add_argument("--insecure", action="store_true", help="run WITHOUT isolation if the jail cannot be set up")
+    p.add_argument("--log-level", default="info")
+    return p
+
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn, telling the service to drain as soon as the exit signal arrives."""
+
+    def __init__(self, config: uvicorn.Config, service: Service):
+        super().__init__(config)
+        self.service = service
+
+    def handle_exit(self, sig, frame) -> None:
+        self.service.begin_drain()
+        super().handle_exit(sig, frame)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger("sandbox_service")
+    if args.workers < 1 or args.max_queue < 0:
+        print("--workers must be >= 1 and --max-queue >= 0", file=sys.stderr)
+        return 2
+    cgroups, cgroup_report = Cgroups.detect()
+    try:
+        uid_base = args.uid_base or 61000
+        if os.geteuid() == 0:
+            uid_base, _uid_lock = claim_uid_block(args.workers, args.uid_base)  # held until the process exits
+        config = JailConfig(python=args.python, bwrap=args.bwrap, uid_base=uid_base, run_root=args.run_root,
+                            extra_ro_binds=tuple(args.ro_bind), insecure=args.insecure)
+        isolation = probe_isolation(config, cgroup_report)
+        service = Service(ServiceSettings(workers=args.workers, max_queue=args.max_queue,
+                                          max_output_bytes=args.max_output_bytes, max_body_bytes=args.max_body_mb << 20,
+                                          default_memory_mb=args.default_memory_mb, drain_timeout_s=args.drain_timeout),
+                          config, isolation, cgroups)
+    except IsolationError as e:
+        if cgroups is not None:
+            cgroups.remove()
+        print(f"sandbox_service refuses to start: {e}\n"
+              "Fix the host (see README: bubblewrap, run as root for per-run uids and cgroups), or pass --insecure to "
+              "run code WITHOUT isolation (never on a shared machine).", file=sys.stderr)
+        return 2
+    log.info("isolation: %s %s", isolation.level, json.dumps(isolation.detail))
+    if isolation.level == "none":
+        log.warning("NO ISOLATION: jailed code runs as a plain subprocess with the service's rights")
+
+    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((args.host, args.port))
+    port = sock.getsockname()[1]
+    url = f"http://{args.host}:{port}"
+    if args.port_file:
+        args.port_file.write_text(json.dumps({"url": url, "pid": os.getpid()}))
+    log.info("listening on %s with %d workers, queue %d", url, args.workers, args.max_queue)
+    server = _DrainingServer(uvicorn.Config(create_app(service), log_level=args.log_level, access_log=False,
+                                            timeout_graceful_shutdown=int(args.drain_timeout) + 10), service)
+    server.run(sockets=[sock])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

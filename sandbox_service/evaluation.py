@@ -1,0 +1,224 @@
+"""/evaluate: turn tests into harness steps, run the harness in the jail, and account for every test.
+
+HumanEval: the check(candidate) body is split into one test per top-level statement that contains an
+assert; other statements run in order as setup steps. When the body cannot be split (it returns, yields,
+or rebinds names with global/nonlocal, or `split_asserts` is false) check(candidate) is one test.
+If the jailed process dies during a test (os._exit, a kill by the memory cgroup, a blown output cap,
+a hang that survives SIGALRM), that test gets the cause and the harness is started again from the next
+test, up to MAX_RESTARTS times, so that one test never hides the others.
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import json
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from sandbox_service.jail import Jail, Limits, RunOutcome
+from sandbox_service.schemas import (AssertTests, ErrorInfo, EvaluateRequest, EvaluateResponse, HumanEvalTests,
+                                     StdioTests, TestResult)
+
+HARNESS_SOURCE = (Path(__file__).parent / "harness.py").read_text()
+MAX_RESTARTS = 3
+_NAME_CHARS = 200
+_STDERR_TAIL = 2000
+_STEP_GRACE_S = 2.0  # python start-up and a loaded machine, on top of a step's own timeout
+
+
+@dataclass(frozen=True)
+class Plan:
+    mode: str  # "function" | "stdio"
+    names: list[str]  # one per test, in order
+    prelude: list[tuple[str, str]]
+    steps: list[tuple[str, str, str]]  # (kind "setup" | "test", name, code)
+    cases: list[tuple[str, str]]  # (stdin, expected stdout)
+
+
+def _short(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= _NAME_CHARS else text[: _NAME_CHARS - 3] + "..."
+
+
+def _scope_nodes(node: ast.AST):
+    """The nodes of a statement that belong to check()'s own scope (not to functions or classes inside it)."""
+    for child in ast.iter_child_nodes(node):
+        if not isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
+            yield child
+            yield from _scope_nodes(child)
+
+
+def _splittable_check(test: str) -> ast.FunctionDef | None:
+    """check(candidate) when its statements can run one by one at module level."""
+    for node in ast.parse(test).body:
+        if isinstance(node, ast.FunctionDef) and node.name == "check":
+            args = node.args
+            if len(args.args) != 1 or args.vararg or args.kwarg or args.kwonlyargs or args.posonlyargs:
+                return None
+            for statement in node.body:
+                if any(isinstance(n, (ast.Return, ast.Yield, ast.YieldFrom, ast.Global, ast.Nonlocal, ast.Await))
+                       for n in (statement, *_scope_nodes(statement))):
+                    return None
+            return node
+    return None
+
+
+def _humaneval_plan(tests: HumanEvalTests) -> Plan:
+    entry = tests.entry_point
+    bind = (f"try:\n    candidate = {entry}\nexcept NameError:\n"
+            f'    raise NameError("entry point {entry!r} is not defined by the solution") from None\n')
+    steps = [("setup", "test module", tests.test), ("setup", "entry point", bind)]
+    check = _splittable_check(tests.test) if tests.split_asserts else None
+    if check is None:
+        steps.append(("test", "check(candidate)", "check(candidate)"))
+    else:
+        argument = check.args.args[0].arg
+        if argument != "candidate":
+            steps.append(("setup", "check argument", f"{argument} = candidate"))
+        for statement in check.body:
+            code = ast.unparse(statement)
+            has_assert = any(isinstance(n, ast.Assert) for n in ast.walk(statement))
+            steps.append(("test" if has_assert else "setup", _short(code), code))
+    names = [name for kind, name, _ in steps if kind == "test"]
+    return Plan("function", names, [], steps, [])
+
+
+def build_plan(tests: HumanEvalTests | AssertTests | StdioTests) -> Plan:
+    if isinstance(tests, HumanEvalTests):
+        return _humaneval_plan(tests)
+    if isinstance(tests, AssertTests):
+        prelude = [(f"test_imports[{i}]", line) for i, line in enumerate(tests.test_imports)]
+        steps = [("setup", "test_setup_code", tests.test_setup_code)] if tests.test_setup_code.strip() else []
+        steps += [("test", _short(t), t) for t in tests.test_list]
+        return Plan("function", [_short(t) for t in tests.test_list], prelude, steps, [])
+    cases = [(case.stdin, case.expected_stdout) for case in tests.cases]
+    return Plan("stdio", [f"case {i}" for i in range(len(cases))], [], [], cases)
+
+
+class _Collector:
+    """Serves the harness's channel: keeps the JSON records that carry this run's nonce.
+
+    The harness reports every step; when none arrives within a step's timeout plus a grace period, the step
+    survived SIGALRM (the solution swallowed it), so the collector returns and the jail kills the run.
+    """
+
+    def __init__(self, nonce: str, max_records: int, step_window_s: float):
+        self.nonce, self.max_records, self.step_window_s = nonce, max_records, step_window_s
+        self.records: list[dict] = []
+
+    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> list[dict]:
+        while len(self.records) < self.max_records:
+            try:
+                line = await asyncio.wait_for(reader.readline(), self.step_window_s)
+            except (asyncio.LimitOverrunError, ValueError, TimeoutError):  # stalled, or junk on the channel
+                break
+            if not line:
+                break
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and record.get("n") == self.nonce:
+                self.records.append(record)
+        return self.records
+
+
+def _cause(outcome: RunOutcome, limits: Limits) -> tuple[str, str, str]:
+    """(status, error type, message) for a test during which the jailed process died."""
+    if outcome.killed_for == "channel":
+        return "TimeLimitExceeded", "TimeoutError", "the test kept running past its time limit (SIGALRM was caught) and was killed"
+    if outcome.killed_for == "timeout" or outcome.cpu_limit_hit:
+        return "TimeLimitExceeded", "TimeoutError", "the run exceeded its time limit and was killed"
+    if outcome.killed_for == "output_limit":
+        return "OutputLimitExceeded", "OutputLimitExceeded", f"stdout or stderr exceeded {limits.output_bytes} bytes"
+    if outcome.oom_killed:
+        return "MemoryLimitExceeded", "MemoryError", f"killed by the memory limit ({limits.memory_mb} MiB)"
+    tail = outcome.stderr[-300:].decode(errors="replace").strip()
+    message = f"the process ended (exit status {outcome.exit_code}) before reporting this test"
+    return "Crashed", "ProcessExit", message + (f"; stderr: {tail}" if tail else "")
+
+
+class Evaluator:
+    def __init__(self, jail: Jail, python: str, output_bytes: int):
+        self.jail, self.python, self.output_bytes = jail, python, output_bytes
+
+    async def evaluate(self, request: EvaluateRequest) -> EvaluateResponse:
+        started = time.monotonic()
+        plan = build_plan(request.tests)
+        count = len(plan.names)
+        results: list[TestResult | None] = [None] * count
+        load_error: ErrorInfo | None = None
+        start, restarts, stderr = 0, 0, b""
+        steps = len(plan.prelude) + 1 + len(plan.steps) + len(plan.cases)  # each has its own timeout
+        limits = Limits(wall_s=request.timeout_s * steps + _STEP_GRACE_S, cpu_s=request.timeout_s * steps + 1.0,
+                        memory_mb=request.memory_limit_MB, output_bytes=self.output_bytes)
+        while True:
+            outcome, records = await self._run_harness(plan, request, start, limits)
+            stderr = outcome.stderr
+            if outcome.sandbox_error or outcome.killed_for == "shutdown":
+                message = outcome.sandbox_error or "the service is shutting down; the run was killed"
+                return _sandbox_error(message, plan, started)
+            loaded = False
+            for record in records:
+                if record.get("e") == "loaded":
+                    loaded = True
+                elif record.get("e") == "load_error":
+                    load_error = ErrorInfo(type=str(record.get("type")), message=str(record.get("message")),
+                                           step=str(record.get("step")))
+                elif record.get("e") == "test" and isinstance(record.get("i"), int) and start <= record["i"] < count:
+                    results[record["i"]] = _test_result(plan.names[record["i"]], record)
+            missing = [i for i in range(start, count) if results[i] is None]
+            if load_error is not None or not missing:
+                break
+            status, error_type, message = _cause(outcome, limits)
+            if not loaded:
+                load_error = ErrorInfo(type=error_type, message=message, step="<solution>")
+                break
+            first = missing[0]
+            results[first] = TestResult(name=plan.names[first], passed=False, status=status, error_type=error_type,
+                                        error_message=message, time_ms=None)
+            if first + 1 >= count or restarts == MAX_RESTARTS:
+                break
+            start, restarts = first + 1, restarts + 1
+        for i, result in enumerate(results):
+            if result is None:
+                reason = (f"not run: the solution failed to load ({load_error.type}: {load_error.message})"
+                          if load_error else f"not run: the process died {restarts + 1} times")
+                results[i] = TestResult(name=plan.names[i], passed=False, status="Error",
+                                        error_type=load_error.type if load_error else "NotRun",
+                                        error_message=reason, time_ms=None)
+        passed = sum(r.passed for r in results)
+        return EvaluateResponse(status="Finished", passed_all=passed == count, pass_rate=passed / count,
+                                num_tests=count, num_passed=passed, load_error=load_error, tests=results,
+                                restarts=restarts, time_ms=(time.monotonic() - started) * 1000,
+                                stderr=stderr[-_STDERR_TAIL:].decode(errors="replace"))
+
+    async def _run_harness(self, plan: Plan, request: EvaluateRequest, start: int,
+                           limits: Limits) -> tuple[RunOutcome, list[dict]]:
+        nonce = secrets.token_hex(16)
+        spec = {"nonce": nonce, "mode": plan.mode, "timeout": request.timeout_s, "start": start,
+                "prelude": plan.prelude, "solution": request.code, "steps": plan.steps, "cases": plan.cases,
+                "output_cap": self.output_bytes}
+        collector = _Collector(nonce, max_records=len(plan.prelude) + len(plan.steps) + len(plan.cases) + 4,
+                               step_window_s=request.timeout_s + _STEP_GRACE_S)
+        outcome = await self.jail.run([self.python, "-c", HARNESS_SOURCE], limits, stdin=repr(spec).encode(),
+                                      channel=collector, label="evaluate")
+        return outcome, collector.records
+
+
+def _test_result(name: str, record: dict) -> TestResult:
+    status = str(record.get("status"))
+    ms = record.get("ms")
+    return TestResult(name=name, passed=status == "Passed", status=status,
+                      error_type=None if record.get("type") is None else str(record["type"]),
+                      error_message=None if record.get("message") is None else str(record["message"]),
+                      time_ms=float(ms) if isinstance(ms, (int, float)) else None)
+
+
+def _sandbox_error(message: str, plan: Plan, started: float) -> EvaluateResponse:
+    return EvaluateResponse(status="SandboxError", message=message, passed_all=False, pass_rate=0.0,
+                            num_tests=len(plan.names), num_passed=0, load_error=None, tests=[], restarts=0,
+                            time_ms=(time.monotonic() - started) * 1000, stderr="")

@@ -1,0 +1,709 @@
+"""Running one untrusted program in a fresh, disposable jail.
+
+Each run gets its own process tree in a fresh run directory:
+
+* as root: `setpriv` to a per-slot unprivileged uid (bwrap's --uid alone only renames root inside a user
+  namespace), then `bwrap` with new user, pid, ipc, uts, net and mount namespaces; a read-only view of
+  /usr and /etc, tmpfs /tmp, no /sys, only the run directory writable;
+* the head of the exec chain (`sh`, still root) moves itself into the slot's cgroup v1 memory and pids
+  groups by writing 0 to their `tasks` files (a process moving itself skips the RCU grace period that moving
+  another process costs, about 8 ms a run), then `prlimit` sets the rlimits (CPU, address space, processes,
+  file size, open files; the service lacks CAP_SYS_RESOURCE, so it cannot set them on another uid's process):
+  everything the program starts inherits both;
+* a wall-clock timer and output caps kill the whole tree (the pid namespace dies with its pid 1);
+* the environment is scrubbed on both sides of bwrap (its pid 1 keeps the environ it was started with,
+  and the program can read that through /proc/1/environ).
+
+A run may be given a channel: a socketpair whose far end is the jailed program's fd $SANDBOX_CHANNEL_FD,
+served by an async handler while the program runs (the evaluation harness reports results over it; a
+jailed Workflow can proxy operator calls over it). If the handler returns and the program has not exited
+half a second later, it is killed (killed_for="channel"): that is how a handler enforces deadlines of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import fcntl
+import json
+import logging
+import math
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from sandbox_service.cgroups import CgroupReport, Cgroups, SlotCgroup
+
+_log = logging.getLogger(__name__)
+
+JAIL_HOME = "/sandbox"
+CHANNEL_ENV = "SANDBOX_CHANNEL_FD"
+_SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
+_PR_SET_CHILD_SUBREAPER = 36
+_START_TIMEOUT_S = 10.0
+_REAP_TIMEOUT_S = 5.0
+_CHANNEL_GRACE_S = 0.5
+_MiB = 1 << 20
+
+ChannelHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[Any]]
+
+
+class IsolationError(RuntimeError):
+    """The jail cannot be set up on this host (the service refuses to start unless --insecure)."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    wall_s: float
+    cpu_s: float
+    memory_mb: int
+    processes: int = 64
+    file_size_mb: int = 64
+    open_files: int = 256
+    output_bytes: int = _MiB  # per stream (stdout, stderr)
+
+
+@dataclass(frozen=True)
+class JailConfig:
+    python: str = "/usr/bin/python3"  # what jailed code runs with: the unprivileged uid cannot exec a python under /root
+    bwrap: str = "bwrap"
+    setpriv: str = "setpriv"
+    prlimit: str = "prlimit"
+    uid_base: int = 61000  # slot i runs as uid_base + i (see claim_uid_block), so runs never share a uid
+    run_root: Path | None = None
+    tmp_size_mb: int = 64
+    extra_ro_binds: tuple[str, ...] = ()
+    insecure: bool = False
+
+
+@dataclass(frozen=True)
+class Isolation:
+    """The isolation actually in force, as /health reports it."""
+
+    level: str  # "full" (root: per-slot uid + namespaces) | "namespaces" (service not root) | "none" (--insecure)
+    detail: dict[str, Any]
+
+
+@dataclass
+class RunOutcome:
+    """What happened to one jailed program. `exit_code` uses the shell encoding (128+n for signal n)."""
+
+    exit_code: int | None
+    stdout: bytes
+    stderr: bytes
+    wall_s: float
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+    killed_for: str | None = None  # "timeout" | "output_limit" | "shutdown" | "channel"
+    oom_killed: bool = False
+    peak_memory_bytes: int | None = None
+    files: dict[str, bytes] = field(default_factory=dict)
+    missing_files: list[str] = field(default_factory=list)
+    sandbox_error: str | None = None
+    channel_result: Any = None
+
+    @property
+    def cpu_limit_hit(self) -> bool:
+        return self.exit_code == 128 + signal.SIGXCPU
+
+
+def safe_relative_path(path: str) -> PurePosixPath:
+    """A path inside the run directory ('x/y.txt' or '/sandbox/x/y.txt'); ValueError says what is wrong."""
+    pure = PurePosixPath(path)
+    if pure.is_absolute():
+        if not pure.is_relative_to(JAIL_HOME):
+            raise ValueError(f"absolute paths must lie under {JAIL_HOME}")
+        pure = pure.relative_to(JAIL_HOME)
+    if not pure.parts or any(part in ("..", ".") for part in pure.parts):
+        raise ValueError("path must name a file inside the run directory, without '.' or '..' parts")
+    return pure
+
+
+class _JailCommand:
+    """Builds the setpriv + bwrap command line for one isolation level."""
+
+    def __init__(self, config: JailConfig, level: str):
+        self.config, self.level = config, level
+        self.ro_binds = _system_binds(config)
+
+    def env(self, run_dir: Path, extra: Mapping[str, str]) -> dict[str, str]:
+        home = str(run_dir) if self.level == "none" else JAIL_HOME
+        return {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": home, "LANG": "C.UTF-8", "TMPDIR": "/tmp",
+                "PYTHONDONTWRITEBYTECODE": "1", **extra}
+
+    def argv(self, uid: int | None, run_dir: Path, env: Mapping[str, str], program: Sequence[str],
+             limits: Limits | None = None, status_fd: int | None = None, cgroup_tasks: Sequence[Path] = (),
+             as_pid_1: bool = False) -> list[str]:
+        cmd = ["/bin/sh", "-c", _JOIN_CGROUPS, "sh", *map(str, cgroup_tasks), "--"] if cgroup_tasks else []
+        cmd += self._rlimits(limits, uid) if limits is not None else []
+        if self.level == "none":
+            return [*cmd, *program]
+        if uid is not None:
+            cmd += [self.config.setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
+        cmd += [self.config.bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent",
+                "--new-session", "--cap-drop", "ALL", "--clearenv", "--hostname", "sandbox", *self.ro_binds,
+                "--size", str(self.config.tmp_size_mb * _MiB), "--tmpfs", "/tmp", "--proc", "/proc", "--dev", "/dev",
+                "--bind", str(run_dir), JAIL_HOME, "--chdir", JAIL_HOME, "--remount-ro", "/"]
+        for key, value in env.items():
+            cmd += ["--setenv", key, value]
+        if status_fd is not None:
+            cmd += ["--json-status-fd", str(status_fd)]
+        if as_pid_1:  # no separate pid 1 that bwrap's monitor would leave behind for someone else to reap
+            cmd += ["--as-pid-1"]
+        return [*cmd, "--", *program]
+
+    def _rlimits(self, limits: Limits, uid: int | None) -> list[str]:
+        processes = limits.processes + 2  # bwrap's monitor and pid 1 run as the jail's uid too
+        if uid is None and os.geteuid() != 0:
+            processes += _processes_of_uid(os.getuid())  # RLIMIT_NPROC counts all of the service user's processes
+        cpu = max(1, math.ceil(limits.cpu_s))
+        return [self.config.prlimit, f"--cpu={cpu}:{cpu + 1}", f"--as={limits.memory_mb * _MiB}", f"--nproc={processes}",
+                f"--fsize={limits.file_size_mb * _MiB}", f"--nofile={limits.open_files}", "--core=0", "--"]
+
+
+# Writes 0 (this very process) to each tasks file given before "--", then execs the rest.
+_JOIN_CGROUPS = 'while [ "$1" != -- ]; do echo 0 > "$1" || exit 126; shift; done; shift; exec "$@"'
+
+
+def _system_binds(config: JailConfig) -> list[str]:
+    """Read-only binds of the system directories (symlinks such as /lib -> usr/lib are recreated as symlinks)."""
+    args: list[str] = []
+    for path in _SYSTEM_DIRS:
+        if os.path.islink(path):
+            args += ["--symlink", os.readlink(path), path]
+        elif os.path.isdir(path):
+            args += ["--ro-bind", path, path]
+    for path in config.extra_ro_binds:
+        args += ["--ro-bind", path, path]
+    return args
+
+
+class _Capture:
+    """Reads a pipe as data arrives, keeping at most `cap` bytes; past the cap it stops reading and calls on_overflow."""
+
+    def __init__(self, fd: int, cap: int, on_overflow: Callable[[], None] = lambda: None):
+        self.fd, self.cap, self.on_overflow = fd, cap, on_overflow
+        self.loop = asyncio.get_running_loop()
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.truncated = False
+        self.done = self.loop.create_future()
+        self.first_line = self.loop.create_future()
+        os.set_blocking(fd, False)
+        self.loop.add_reader(fd, self._readable)
+
+    @property
+    def data(self) -> bytes:
+        return b"".join(self.chunks)
+
+    def _readable(self) -> None:
+        try:
+            data = os.read(self.fd, 1 << 16)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.finish()
+            return
+        room = self.cap - self.size
+        self.chunks.append(data[:room])
+        self.size += min(len(data), room)
+        if not self.first_line.done() and b"\n" in data:
+            self.first_line.set_result(self.data.split(b"\n", 1)[0])
+        if len(data) > room:
+            self.truncated = True
+            self.finish()
+            self.on_overflow()
+
+    def finish(self) -> None:
+        if self.done.done():
+            return
+        self.loop.remove_reader(self.fd)
+        os.close(self.fd)
+        self.done.set_result(None)
+        if not self.first_line.done():
+            self.first_line.set_result(self.data.split(b"\n", 1)[0])
+
+
+class _ExitWatch:
+    """Completes `exited` when a process exits; pidfds work for processes that are not our children."""
+
+    def __init__(self, pid: int):
+        self.loop = asyncio.get_running_loop()
+        self.exited = self.loop.create_future()
+        try:
+            self.pidfd: int | None = os.pidfd_open(pid)
+        except ProcessLookupError:
+            self.pidfd = None
+            self.exited.set_result(None)
+            return
+        self.loop.add_reader(self.pidfd, self.close)
+
+    def close(self) -> None:
+        if self.pidfd is not None:
+            self.loop.remove_reader(self.pidfd)
+            os.close(self.pidfd)
+            self.pidfd = None
+        if not self.exited.done():
+            self.exited.set_result(None)
+
+    def kill(self) -> None:
+        """SIGKILL through the pidfd, which can never hit a recycled pid."""
+        if self.pidfd is not None:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+
+    async def reap(self, pid: int) -> None:
+        """Wait for the exit, then collect the zombie if it was re-parented to us (we are a child subreaper)."""
+        await _wait_quietly(self.exited, _REAP_TIMEOUT_S)
+        self.close()
+        try:
+            collected, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if collected == 0:  # still alive after SIGKILL (stuck in the kernel): collect it whenever it goes
+            asyncio.get_running_loop().run_in_executor(None, os.waitpid, pid, 0)
+
+
+@dataclass
+class _Slot:
+    index: int
+    uid: int | None  # None: runs keep the service's uid (service not root, or no isolation)
+    cgroup: SlotCgroup | None
+
+
+class _ActiveRun:
+    """A started run that a timer, an output cap or a shutdown can kill."""
+
+    def __init__(self, proc: subprocess.Popen, slot: _Slot):
+        self.proc, self.slot = proc, slot
+        self.init: _ExitWatch | None = None  # the sandbox's pid 1 (the program itself without isolation)
+        self.killed_for: str | None = None
+
+    def kill(self, reason: str) -> None:
+        if self.killed_for is None:
+            self.killed_for = reason
+        self.kill_tree()
+
+    def kill_tree(self) -> None:
+        if self.init is not None:
+            self.init.kill()  # pid 1 of the sandbox: its death kills the whole pid namespace
+        if self.proc.returncode is None:  # not reaped yet, so the pid is still ours
+            # The monitor's process group also holds the sandbox's pid 1 until that calls setsid.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        if self.slot.cgroup is not None:
+            self.slot.cgroup.kill_all()
+
+
+def _set_child_subreaper() -> bool:
+    """Make orphaned sandbox pid-1s our children, so they are reaped at once rather than by the host's init."""
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except OSError:
+        return False
+
+
+class Jail:
+    """A pool of worker slots, each running one jailed program at a time."""
+
+    def __init__(self, config: JailConfig, workers: int, isolation: Isolation, cgroups: Cgroups | None,
+                 observer: Callable[[str, RunOutcome], None] | None = None):
+        if isolation.level != "none":
+            config = resolve_tools(config)
+        self.config, self.workers, self.isolation, self.cgroups = config, workers, isolation, cgroups
+        self.command = _JailCommand(config, isolation.level)
+        uids = [config.uid_base + i if isolation.level == "full" else None for i in range(workers)]
+        for uid in filter(None, uids):
+            _check_uid_unused(uid)
+        self.subreaper = _set_child_subreaper()
+        self.run_root = Path(tempfile.mkdtemp(prefix="fr_sandbox-", dir=config.run_root))
+        self.run_root.chmod(0o711)  # slot uids must traverse it to reach their own 0700 run directory
+        self._slots = [_Slot(i, uid, cgroups.slot(i) if cgroups else None) for i, uid in enumerate(uids)]
+        self._free: asyncio.Queue[_Slot] | None = None
+        self._active: set[_ActiveRun] = set()
+        self._counter = 0
+        self.waiting = 0  # runs waiting for a free slot
+        self.refusing: str | None = None  # set by kill_all(refuse_new=True): later runs end at once with this reason
+        self.observer = observer
+
+    @property
+    def uids(self) -> list[int]:
+        """The host uids jailed programs run as (empty when they keep the service's uid)."""
+        return [slot.uid for slot in self._slots if slot.uid is not None]
+
+    @property
+    def busy(self) -> int:
+        return self.workers - (self._free.qsize() if self._free is not None else self.workers)
+
+    def _free_slots(self) -> asyncio.Queue[_Slot]:
+        if self._free is None:  # created on first use, inside the serving event loop
+            self._free = asyncio.Queue()
+            for slot in self._slots:
+                self._free.put_nowait(slot)
+        return self._free
+
+    async def run(self, program: Sequence[str], limits: Limits, *, files: Mapping[str, bytes] | None = None,
+                  stdin: bytes = b"", fetch_files: Sequence[str] = (), channel: ChannelHandler | None = None,
+                  env: Mapping[str, str] | None = None, label: str = "run") -> RunOutcome:
+        """Run `program` (paths as seen inside the jail; cwd is the run directory) in the next free slot.
+
+        `label` names the kind of run for the observer (metrics).
+        """
+        free = self._free_slots()
+        self.waiting += 1
+        try:
+            slot = await free.get()
+        finally:
+            self.waiting -= 1
+        started = time.monotonic()
+        if self.refusing is not None:
+            free.put_nowait(slot)
+            return RunOutcome(None, b"", b"", 0.0, killed_for=self.refusing)
+        try:
+            run_dir = self._make_run_dir(slot, files or {})
+            try:
+                outcome = await self._run(slot, run_dir, list(program), limits, stdin, fetch_files, channel, env or {},
+                                          started)
+            finally:
+                shutil.rmtree(run_dir, onerror=_force_remove)
+        finally:
+            free.put_nowait(slot)
+        if self.observer is not None:
+            self.observer(label, outcome)
+        return outcome
+
+    def kill_all(self, reason: str, refuse_new: bool = False) -> int:
+        """Kill every running program; their results carry killed_for=`reason` (as do later runs, if refuse_new)."""
+        if refuse_new:
+            self.refusing = reason
+        active = list(self._active)
+        for run in active:
+            run.kill(reason)
+        return len(active)
+
+    def close(self) -> None:
+        self.kill_all("shutdown", refuse_new=True)
+        shutil.rmtree(self.run_root, ignore_errors=True)
+        if self.cgroups is not None:
+            self.cgroups.remove()
+
+    def _make_run_dir(self, slot: _Slot, files: Mapping[str, bytes]) -> Path:
+        self._counter += 1
+        run_dir = self.run_root / f"run-{slot.index}-{self._counter}"
+        run_dir.mkdir(mode=0o700)
+        for rel, content in files.items():
+            target = run_dir / safe_relative_path(rel)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(content)
+        if slot.uid is not None:
+            for path in [run_dir, *run_dir.rglob("*")]:
+                os.chown(path, slot.uid, slot.uid)
+        return run_dir
+
+    async def _run(self, slot: _Slot, run_dir: Path, program: list[str], limits: Limits, stdin: bytes,
+                   fetch_files: Sequence[str], channel: ChannelHandler | None, env: Mapping[str, str],
+                   started: float) -> RunOutcome:
+        if slot.cgroup is not None:
+            slot.cgroup.set_limits(limits.memory_mb * _MiB, limits.processes + 2)
+        bare = self.isolation.level == "none"
+        stdin_fd = os.memfd_create("stdin")
+        os.write(stdin_fd, stdin)
+        os.lseek(stdin_fd, 0, os.SEEK_SET)
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        status_r, status_w = os.pipe() if not bare else (None, None)
+        parent_sock, child_sock = socket.socketpair() if channel else (None, None)
+        inside_env = self.command.env(run_dir, {CHANNEL_ENV: str(child_sock.fileno())} if child_sock else {})
+        inside_env.update(env)
+        command = self.command.argv(slot.uid, run_dir, inside_env, program, limits, status_w,
+                                    slot.cgroup.tasks_files() if slot.cgroup is not None else ())
+        pass_fds = [fd for fd in (status_w, child_sock.fileno() if child_sock else None) if fd is not None]
+        try:
+            proc = subprocess.Popen(command, stdin=stdin_fd, stdout=out_w, stderr=err_w, pass_fds=pass_fds,
+                                    env=inside_env if bare else {}, cwd=run_dir if bare else "/",
+                                    start_new_session=True)
+        except OSError as e:
+            for fd in (out_r, err_r, status_r):
+                if fd is not None:
+                    os.close(fd)
+            return RunOutcome(None, b"", b"", time.monotonic() - started, sandbox_error=f"cannot start the jail: {e}")
+        finally:
+            for fd in (stdin_fd, out_w, err_w, status_w):
+                if fd is not None:
+                    os.close(fd)
+            if child_sock is not None:
+                child_sock.close()
+
+        run = _ActiveRun(proc, slot)
+        self._active.add(run)
+        stdout = _Capture(out_r, limits.output_bytes, lambda: run.kill("output_limit"))
+        stderr = _Capture(err_r, limits.output_bytes, lambda: run.kill("output_limit"))
+        status = _Capture(status_r, 1 << 16) if status_r is not None else None
+        monitor = _ExitWatch(proc.pid)
+        init_pid = None
+        channel_task: asyncio.Future | None = None
+        sandbox_error = None
+        timer = asyncio.get_running_loop().call_later(limits.wall_s, run.kill, "timeout")
+        try:
+            init_pid = proc.pid if bare else await _sandbox_pid(status, monitor.exited)
+            if init_pid is not None:
+                run.init = monitor if bare else _ExitWatch(init_pid)
+                if run.killed_for is not None:  # killed before pid 1 was known
+                    run.kill_tree()
+            elif not monitor.exited.done():
+                sandbox_error = "bwrap did not report the sandbox's pid"
+                run.kill_tree()
+            if parent_sock is not None and sandbox_error is None:
+                channel_task = await _serve_channel(parent_sock, channel)
+                parent_sock = None
+                await asyncio.wait({monitor.exited, channel_task}, return_when=asyncio.FIRST_COMPLETED)
+                if not monitor.exited.done():  # the handler saw EOF because the program is exiting, or gave up on it
+                    await asyncio.wait({monitor.exited}, timeout=_CHANNEL_GRACE_S)
+                if not monitor.exited.done():
+                    run.kill("channel")
+            await monitor.exited
+        finally:
+            timer.cancel()
+            run.kill_tree()  # the monitor is gone or we are bailing out: pid 1, and with it its namespace, goes too
+            if parent_sock is not None:
+                parent_sock.close()
+            proc.wait()
+            monitor.close()
+            if run.init is not None and init_pid is not None:
+                await run.init.reap(init_pid)
+            for capture in filter(None, (stdout, stderr, status)):
+                await _wait_quietly(capture.done, 1.0)
+                capture.finish()
+            self._active.discard(run)
+        channel_result, channel_error = await _finish_channel(channel_task)
+        exit_code = _exit_code(status.data if status else b"", proc.returncode, bare)
+        if sandbox_error is None and exit_code is None and run.killed_for is None:
+            sandbox_error = f"the sandbox ended before the program started (bwrap exit {proc.returncode})"
+        sandbox_error = sandbox_error or channel_error
+        if sandbox_error and stderr.data:
+            sandbox_error += f"; stderr: {stderr.data[-2000:].decode(errors='replace')}"
+        oom, peak = slot.cgroup.take_run_stats() if slot.cgroup is not None else (False, None)
+        fetched, missing = _fetch(run_dir, fetch_files)
+        return RunOutcome(exit_code, stdout.data, stderr.data, time.monotonic() - started, stdout.truncated,
+                          stderr.truncated, run.killed_for, oom, peak, fetched, missing, sandbox_error, channel_result)
+
+
+async def _sandbox_pid(status: _Capture, monitor_exited: asyncio.Future) -> int | None:
+    """The host pid of the sandbox's pid 1, from bwrap's first --json-status-fd line (None if bwrap gave none)."""
+    await asyncio.wait({status.first_line, monitor_exited}, timeout=_START_TIMEOUT_S,
+                       return_when=asyncio.FIRST_COMPLETED)
+    if not status.first_line.done():
+        return None
+    try:
+        return int(json.loads(status.first_line.result())["child-pid"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+async def _serve_channel(sock: socket.socket, handler: ChannelHandler) -> asyncio.Future:
+    reader, writer = await asyncio.open_connection(sock=sock)
+
+    async def serve() -> Any:
+        try:
+            return await handler(reader, writer)
+        finally:
+            writer.close()
+
+    return asyncio.ensure_future(serve())
+
+
+async def _finish_channel(task: asyncio.Future | None) -> tuple[Any, str | None]:
+    """The channel handler's result; it normally ends by itself at EOF once the jailed side is gone."""
+    if task is None:
+        return None, None
+    try:
+        return await asyncio.wait_for(task, 2.0), None
+    except TimeoutError:
+        return None, "the channel handler did not finish after the program ended"
+    except Exception as e:  # noqa: BLE001 - reported to the caller as a sandbox error, never lost
+        _log.exception("channel handler failed")
+        return None, f"channel handler failed: {type(e).__name__}: {e}"
+
+
+async def _wait_quietly(future: asyncio.Future, timeout: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(asyncio.shield(future), timeout)
+
+
+def _exit_code(status: bytes, returncode: int | None, bare: bool) -> int | None:
+    """The program's exit status: bwrap reports {"exit-code": n} only once the program really started."""
+    if bare:
+        return None if returncode is None else (128 - returncode if returncode < 0 else returncode)
+    for line in status.splitlines():
+        with contextlib.suppress(ValueError, TypeError, AttributeError):
+            doc = json.loads(line)
+            if "exit-code" in doc:
+                return int(doc["exit-code"])
+    return None
+
+
+def _fetch(run_dir: Path, paths: Sequence[str]) -> tuple[dict[str, bytes], list[str]]:
+    """Regular files the program left in its run directory; symlinks out of it count as missing."""
+    found, missing = {}, []
+    root = run_dir.resolve()
+    for rel in paths:
+        try:
+            resolved = (run_dir / safe_relative_path(rel)).resolve(strict=True)
+            if not resolved.is_relative_to(root) or not resolved.is_file():
+                raise FileNotFoundError(rel)
+            found[rel] = resolved.read_bytes()
+        except OSError:
+            missing.append(rel)
+    return found, missing
+
+
+def _force_remove(function, path, excinfo) -> None:
+    """rmtree fallback for directories the program made unwritable (matters when the service is not root)."""
+    with contextlib.suppress(OSError):
+        os.chmod(os.path.dirname(path), 0o700)
+        os.chmod(path, 0o700)
+        function(path)
+
+
+def _processes_of_uid(uid: int) -> int:
+    count = 0
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                count += entry.stat().st_uid == uid
+    return count
+
+
+def claim_uid_block(workers: int, uid_base: int | None = None) -> tuple[int, int]:
+    """A block of `workers` host uids that no other sandbox_service on this host uses: (first uid, lock fd).
+
+    Two services with the same uids would count each other's processes against RLIMIT_NPROC and could read
+    each other's run directories. Each block is claimed with an flock held as long as the returned fd is open
+    (keep it for the life of the process). With `uid_base` only that block is tried.
+    """
+    step = max(128, workers)
+    candidates = [uid_base] if uid_base is not None else range(61000, 65000 - step, step)
+    for base in candidates:
+        fd = os.open(os.path.join(tempfile.gettempdir(), f"fr_sandbox-uids-{base}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            for uid in range(base, base + workers):
+                _check_uid_unused(uid)
+            return base, fd
+        except (BlockingIOError, IsolationError) as e:
+            os.close(fd)
+            if uid_base is not None:
+                raise IsolationError(f"uid block {base}..{base + workers - 1} is not free: "
+                                     f"{e if isinstance(e, IsolationError) else 'another sandbox_service holds it'}") from None
+    raise IsolationError(f"no free block of {workers} jail uids between 61000 and 65000: other sandbox services hold them")
+
+
+def _check_uid_unused(uid: int) -> None:
+    try:
+        user = pwd.getpwuid(uid)
+    except KeyError:
+        return
+    raise IsolationError(f"jail uid {uid} belongs to user {user.pw_name!r}; choose another --uid-base so that "
+                         "jailed code never shares a real user's uid")
+
+
+# -- start-up: decide the isolation level and prove it holds -----------------------------------------
+
+_PROBE = r"""
+import json, os, socket
+def writable(path):
+    try:
+        with open(os.path.join(path, ".probe"), "w") as f:
+            f.write("x")
+        os.unlink(os.path.join(path, ".probe"))
+        return True
+    except OSError:
+        return False
+open("owner", "w").close()  # its owner, as the host sees it, is the program's real uid
+print(json.dumps({"pid": os.getpid(), "interfaces": [n for _, n in socket.if_nameindex()], "root_writable": writable("/"),
+                  "home_writable": writable(os.environ["HOME"])}))
+"""
+
+
+def probe_isolation(config: JailConfig, cgroups: CgroupReport) -> Isolation:
+    """Run a harmless program through the jail and check what it sees; IsolationError if the jail does not hold.
+
+    With `config.insecure` a jail that does not work falls back to level "none" (plain subprocesses).
+    """
+    try:
+        return _probe(config, cgroups)
+    except IsolationError as e:
+        if not config.insecure:
+            raise
+        _log.warning("running WITHOUT isolation (--insecure): %s", e)
+        return Isolation("none", {"reason": str(e), "network": "host", "filesystem": "host",
+                                  "rlimits": ["cpu", "as", "nproc", "fsize", "nofile", "core"]})
+
+
+def resolve_tools(config: JailConfig) -> JailConfig:
+    """The config with bwrap and setpriv as absolute paths; IsolationError names what is missing."""
+    bwrap, setpriv, prlimit = (shutil.which(tool) for tool in (config.bwrap, config.setpriv, config.prlimit))
+    if bwrap is None:
+        raise IsolationError(f"bubblewrap ({config.bwrap!r}) is not installed: apt-get install bubblewrap")
+    if prlimit is None or (os.geteuid() == 0 and setpriv is None):
+        raise IsolationError(f"setpriv and prlimit (util-linux) are needed: {config.setpriv!r}, {config.prlimit!r} not found")
+    return replace(config, bwrap=bwrap, setpriv=setpriv or config.setpriv, prlimit=prlimit)
+
+
+def _probe(config: JailConfig, cgroups: CgroupReport) -> Isolation:
+    config = resolve_tools(config)
+    as_root = os.geteuid() == 0
+    level = "full" if as_root else "namespaces"
+    uid = config.uid_base if as_root else None
+    if uid is not None:
+        _check_uid_unused(uid)
+    with tempfile.TemporaryDirectory(prefix="fr_sandbox-probe-", dir=config.run_root) as tmp:
+        os.chmod(tmp, 0o711)
+        run_dir = Path(tmp) / "run"
+        run_dir.mkdir(mode=0o700)
+        if uid is not None:
+            os.chown(run_dir, uid, uid)
+        command = _JailCommand(config, level)
+        argv = command.argv(uid, run_dir, command.env(run_dir, {}), [config.python, "-c", _PROBE], as_pid_1=True)
+        try:
+            done = subprocess.run(argv, capture_output=True, env={}, timeout=30)
+            host_uid = (run_dir / "owner").stat().st_uid
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise IsolationError(f"the jail did not run: {e}; {getattr(done, 'stderr', b'')!r}") from e
+    if done.returncode != 0:
+        raise IsolationError(f"the jail did not run (exit {done.returncode}): {done.stderr.decode(errors='replace').strip()}")
+    seen = json.loads(done.stdout.decode().strip().splitlines()[-1])
+    problems = []
+    if seen["pid"] != 1:
+        problems.append(f"no private pid namespace (the program is pid {seen['pid']})")
+    if host_uid == 0:
+        problems.append("the program runs as root on the host")
+    if seen["interfaces"] != ["lo"]:
+        problems.append(f"network interfaces visible: {seen['interfaces']}")
+    if seen["root_writable"] or not seen["home_writable"]:
+        problems.append("only the run directory should be writable")
+    if problems:
+        raise IsolationError("the jail does not hold: " + "; ".join(problems))
+    version = subprocess.run([config.bwrap, "--version"], capture_output=True, text=True).stdout.strip()
+    return Isolation(level, {
+        "bwrap": version,
+        "uid": f"unprivileged per-slot uid {config.uid_base}+slot" if as_root else f"the service's uid {os.getuid()} (not root)",
+        "namespaces": ["user", "pid", "ipc", "uts", "net", "mount", "cgroup"],
+        "network": "none (own loopback only)",
+        "filesystem": f"read-only /usr and /etc, tmpfs /tmp ({config.tmp_size_mb} MiB), only {JAIL_HOME} writable",
+        "rlimits": ["cpu", "as", "nproc", "fsize", "nofile", "core"],
+        "cgroup": cgroups.__dict__,
+        "jail_python": config.python,
+    })
