@@ -262,6 +262,30 @@ class SandboxClient:
         answers = await asyncio.gather(*(send(chunk) for chunk in chunks))
         return [result for answer in answers for result in answer]
 
+    async def workflow_operators(self) -> WorkflowOperators:
+        """The operator library's descriptions (GET /workflow/operators); `text` goes into the meta-agent's prompt."""
+        body = await self._request("GET", "/workflow/operators")
+        return WorkflowOperators(operators=tuple(body["operators"]), text=body["text"])
+
+    async def run_workflow(self, graph: str, prompt: str, *, problem: str, entry_point: str, worker: str,
+                           public_tests: Tests | None = None, hidden_tests: Tests | None = None,
+                           max_operator_calls: int = 20, max_worker_tokens: int = 32_000, wall_s: float = 120.0,
+                           max_tokens: int = 1024, temperature: float = 0.0, top_p: float = 1.0,
+                           seed: int | None = None, dataset: str = "code", test_timeout_s: float = 5.0,
+                           test_memory_mb: int = 1024) -> WorkflowRun:
+        """Run a meta-agent's <graph>/<prompt> on one query in the service's jail (POST /workflow/run), its
+        operators calling the allowlisted worker named `worker` (max_tokens, temperature, top_p and seed apply
+        to every worker call), then score the solution on the public and hidden tests."""
+        payload = {"graph": graph, "prompt": prompt, "worker": worker, "dataset": dataset,
+                   "problem": {"text": problem, "entry_point": entry_point,
+                               "public_tests": public_tests.to_json() if public_tests is not None else None,
+                               "hidden_tests": hidden_tests.to_json() if hidden_tests is not None else None},
+                   "budgets": {"max_operator_calls": max_operator_calls, "max_worker_tokens": max_worker_tokens,
+                               "wall_s": wall_s},
+                   "sampling": {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": seed},
+                   "test_timeout_s": test_timeout_s, "test_memory_mb": test_memory_mb}
+        return WorkflowRun.from_json(await self._request("POST", "/workflow/run", payload))
+
     def _backoff(self, attempt: int) -> float:
         return min(self.max_backoff_s, self.backoff_s * 2 ** attempt) * random.uniform(0.5, 1.0)
 
@@ -395,3 +419,114 @@ class LocalSandbox:
                 self.process.wait()
         code, self.process, self.url = self.process.returncode, None, None
         return code
+
+
+# -- workflows (POST /workflow/run) ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class WorkflowOperators:
+    operators: tuple[dict[str, str], ...]  # name, signature, description, usage
+    text: str  # the descriptions as the meta-agent's prompt shows them
+
+
+@dataclass(frozen=True)
+class WorkflowFailure:
+    # graph_syntax_error | workflow_exception | budget_exceeded | timeout | worker_unreachable | worker_not_allowed |
+    # worker_error | no_solution | sandbox_error (the run could not be judged: not a wrong answer, do not score it)
+    kind: str
+    message: str
+    traceback: str | None = None
+
+
+@dataclass(frozen=True)
+class WorkerCall:
+    worker: str
+    prompt: str
+    reply: str
+    prompt_tokens: int
+    completion_tokens: int
+    latency_s: float
+    finish_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class TestRun:
+    """One run of the public tests by a Test operator."""
+
+    __test__ = False  # not a pytest class
+
+    num_tests: int
+    num_passed: int
+    passed: bool
+    failures: tuple[str, ...]
+    time_ms: float
+
+
+@dataclass(frozen=True)
+class OperatorCall:
+    index: int  # order of arrival; -1: refused (budget spent, run over, bad worker)
+    operator: str
+    worker: str
+    arguments: dict[str, Any]
+    started_s: float  # since the workflow started
+    duration_s: float | None = None
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    worker_calls: tuple[WorkerCall, ...] = ()
+    test_runs: tuple[TestRun, ...] = ()
+
+    @classmethod
+    def from_json(cls, body: Mapping[str, Any]) -> OperatorCall:
+        calls = tuple(_known(WorkerCall, call) for call in body.get("worker_calls", ()))
+        runs = tuple(_known(TestRun, {**run, "failures": tuple(run["failures"])}) for run in body.get("test_runs", ()))
+        return _known(cls, {**body, "worker_calls": calls, "test_runs": runs})
+
+
+@dataclass(frozen=True)
+class WorkerUsage:
+    calls: int
+    prompt_tokens: int
+    completion_tokens: int
+    latency_s: float  # summed over calls
+
+
+@dataclass(frozen=True)
+class WorkflowRun:
+    """A workflow's run: `failure` is None when it returned a solution, which was then scored."""
+
+    failure: WorkflowFailure | None
+    solution: str | None
+    public: Evaluation | None  # None: no solution, or the query has no public tests
+    hidden: Evaluation | None
+    operator_calls: dict[str, int]  # accepted calls by operator
+    worker: WorkerUsage
+    test_runs: int  # public-test runs made by Test operators
+    trace: tuple[OperatorCall, ...]
+    wall_s: float  # the workflow's run, scoring excluded
+    stderr: str = ""
+
+    @classmethod
+    def from_json(cls, body: Mapping[str, Any]) -> WorkflowRun:
+        failure, public, hidden = body.get("failure"), body.get("public"), body.get("hidden")
+        return cls(failure=_known(WorkflowFailure, failure) if failure else None, solution=body.get("solution"),
+                   public=Evaluation.from_json(public) if public else None,
+                   hidden=Evaluation.from_json(hidden) if hidden else None,
+                   operator_calls=dict(body["operator_calls"]), worker=_known(WorkerUsage, body["worker"]),
+                   test_runs=body["test_runs"], trace=tuple(OperatorCall.from_json(r) for r in body["trace"]),
+                   wall_s=body["wall_s"], stderr=body.get("stderr", ""))
+
+    @property
+    def ok(self) -> bool:
+        return self.failure is None
+
+    @property
+    def num_operator_calls(self) -> int:
+        return sum(self.operator_calls.values())
+
+    @property
+    def public_pass_rate(self) -> float | None:
+        return self.public.pass_rate if self.public is not None else None
+
+    @property
+    def hidden_pass_rate(self) -> float | None:
+        return self.hidden.pass_rate if self.hidden is not None else None

@@ -1,0 +1,25 @@
+"""FlowReasoner: the meta-agent's prompt and answer parsing (prompt.py); workflows run in sandbox_service."""
+
+from fr_jax.flow.prompt import (
+    MAX_OPERATOR_CALLS,
+    SEED_GRAPH,
+    SEED_MODIFICATION,
+    SEED_PROMPT,
+    Experience,
+    ParentDesign,
+    ParsedDesign,
+    build_design_prompt,
+    parse_design,
+)
+
+__all__ = [
+    "MAX_OPERATOR_CALLS",
+    "SEED_GRAPH",
+    "SEED_MODIFICATION",
+    "SEED_PROMPT",
+    "Experience",
+    "ParentDesign",
+    "ParsedDesign",
+    "build_design_prompt",
+    "parse_design",
+]

@@ -1,0 +1,614 @@
+"""POST /workflow/run: run a model-written Workflow in the jail, its operator calls performed by the service.
+
+The graph never runs in this process. It runs in the same jail as /evaluate (workflow_runtime.py is the jailed
+side), and each operator call crosses the run's channel as one JSON line. The service binds the call against the
+operator library (operators.py), performs it (worker LLM calls over HTTP, public-test runs in a separate jail)
+and answers, counting everything on its own side, so a graph can neither skip the accounting nor reach a worker
+except by name: workers are an allowlist fixed at start-up (never a URL from a request).
+
+Budgets: operator calls and worker tokens are checked as calls arrive; the first call past a budget ends the run
+(budget_exceeded), and so does a worker name off the allowlist (worker_not_allowed) or an unreachable worker;
+wall time is the jail's timer (timeout). A finished workflow's solution is then scored on the query's public and
+hidden tests (the /evaluate machinery), with per-test feedback.
+
+Workers are configured by the environment the service starts with (specs as for --worker):
+  SANDBOX_WORKERS="local=http://127.0.0.1:30000/v1,model=smollm2;big=http://10.0.0.5:8000/v1"
+  SANDBOX_WORKERS_FILE=workers.json     # {"local": {"url": "http://127.0.0.1:30000/v1", "model": "...",
+                                        #            "api_key_env": "OPENAI_API_KEY"}, ...}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import httpx
+from fastapi import APIRouter
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from sandbox_service.jail import Limits, RunOutcome
+from sandbox_service.operators import (OPERATORS, OperatorError, TestFeedback, bind_arguments, call_operator,
+                                       describe_operators, operators_text)
+from sandbox_service.schemas import MAX_CODE_CHARS, EvaluateRequest, EvaluateResponse, Tests
+
+if TYPE_CHECKING:
+    from sandbox_service.app import Service
+
+_log = logging.getLogger(__name__)
+
+RUNTIME_SOURCE = (Path(__file__).parent / "workflow_runtime.py").read_text()
+WORKERS_ENV, WORKERS_FILE_ENV = "SANDBOX_WORKERS", "SANDBOX_WORKERS_FILE"
+MAX_MESSAGE_BYTES = 32 << 20  # one line on the operator channel
+MAX_REFUSED_CALLS = 100  # calls with bad arguments do not count as operator calls, but are not free either
+MAX_TRACE_CHARS = 16_000  # per text in the trace (prompts, replies, arguments)
+_STDERR_TAIL = 4000
+_WORKER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+FailureKind = Literal["graph_syntax_error", "workflow_exception", "budget_exceeded", "timeout", "worker_unreachable",
+                      "worker_not_allowed", "worker_error", "no_solution", "sandbox_error"]
+
+
+# -- workers: the allowlist ---------------------------------------------------------------------------------
+
+class WorkerEndpoint(BaseModel):
+    """An OpenAI-compatible server the workflows of this service may call, by `name` only."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str
+    url: str = Field(description="base URL ending in /v1; requests go to {url}/chat/completions")
+    model: str | None = Field(None, description="the `model` field sent (default: the name)")
+    api_key_env: str | None = Field(None, description="environment variable holding a bearer token, if any")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, name: str) -> str:
+        if not _WORKER_NAME.match(name):
+            raise ValueError(f"worker name {name!r} must be 1-64 characters of letters, digits, '_', '.', '-'")
+        return name
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, url: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", url):
+            raise ValueError(f"worker url {url!r} must start with http:// or https://")
+        return url.rstrip("/")
+
+
+def parse_worker_spec(spec: str) -> WorkerEndpoint:
+    """'name=URL[,model=M][,api_key_env=VAR]' -> WorkerEndpoint; ValueError names what is wrong."""
+    head, *options = spec.strip().split(",")
+    name, sep, url = head.partition("=")
+    if not sep:
+        raise ValueError(f"worker spec {spec!r}: expected name=URL[,model=M][,api_key_env=VAR]")
+    fields: dict[str, str] = {"name": name.strip(), "url": url.strip()}
+    for option in options:
+        key, sep, value = option.partition("=")
+        if not sep or key.strip() not in ("model", "api_key_env"):
+            raise ValueError(f"worker spec {spec!r}: unknown option {option!r} (known: model=, api_key_env=)")
+        fields[key.strip()] = value.strip()
+    try:
+        return WorkerEndpoint(**fields)
+    except ValidationError as e:
+        raise ValueError(f"worker spec {spec!r}: {'; '.join(err['msg'] for err in e.errors())}") from None
+
+
+def load_workers(specs: Sequence[str] = (), file: Path | None = None) -> dict[str, WorkerEndpoint]:
+    """The allowlist from specs and/or a JSON file {name: {url, model?, api_key_env?}}; duplicates are errors."""
+    endpoints = [parse_worker_spec(spec) for spec in specs if spec.strip()]
+    if file is not None:
+        try:
+            document = json.loads(Path(file).read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"worker file {file}: {e}") from None
+        if not isinstance(document, dict):
+            raise ValueError(f"worker file {file}: expected an object {{name: {{url, model?, api_key_env?}}}}")
+        for name, entry in document.items():
+            if not isinstance(entry, dict):
+                raise ValueError(f"worker file {file}: entry {name!r} must be an object with a url")
+            try:
+                endpoints.append(WorkerEndpoint(name=name, **entry))
+            except (ValidationError, TypeError) as e:
+                raise ValueError(f"worker file {file}: entry {name!r}: {e}") from None
+    workers: dict[str, WorkerEndpoint] = {}
+    for endpoint in endpoints:
+        if endpoint.name in workers:
+            raise ValueError(f"worker {endpoint.name!r} is configured twice")
+        workers[endpoint.name] = endpoint
+    return workers
+
+
+def workers_from_env(environ: Mapping[str, str] = os.environ) -> dict[str, WorkerEndpoint]:
+    specs = re.split(r"[;\s]+", environ.get(WORKERS_ENV, ""))
+    file = environ.get(WORKERS_FILE_ENV)
+    return load_workers(specs, Path(file) if file else None)
+
+
+# -- request and response -------------------------------------------------------------------------------------
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class WorkflowProblem(_Strict):
+    text: str = Field(max_length=MAX_CODE_CHARS, description="the query, as the graph receives it (`problem`)")
+    entry_point: str = Field(description="the function the solution must define")
+    public_tests: Tests | None = Field(None, description="what the Test operator runs; scored as `public`")
+    hidden_tests: Tests | None = Field(None, description="only scored after the run, as `hidden`")
+
+    @field_validator("entry_point")
+    @classmethod
+    def _identifier(cls, name: str) -> str:
+        if not name.isidentifier():
+            raise ValueError(f"{name!r} is not a Python identifier")
+        return name
+
+
+class WorkflowBudgets(_Strict):
+    max_operator_calls: int = Field(20, ge=1, le=1000)
+    max_worker_tokens: int = Field(32_000, ge=1, description="prompt + completion tokens over all worker calls")
+    wall_s: float = Field(120.0, gt=0, le=1800, description="the workflow's run, operator calls included")
+
+
+class WorkerSampling(_Strict):
+    max_tokens: int = Field(1024, ge=1, le=131_072, description="per worker call")
+    temperature: float = Field(0.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int | None = None
+
+
+class WorkflowRunRequest(_Strict):
+    graph: str = Field(max_length=MAX_CODE_CHARS, description="Python defining class Workflow")
+    prompt: str = Field("", max_length=MAX_CODE_CHARS, description="the prompt_custom module (string constants)")
+    problem: WorkflowProblem
+    worker: str = Field(description="name of an allowlisted worker, given to the graph as llm_config")
+    dataset: str = Field("code", description="given to Workflow(dataset=...)")
+    budgets: WorkflowBudgets = WorkflowBudgets()
+    sampling: WorkerSampling = WorkerSampling()
+    test_timeout_s: float = Field(5.0, gt=0, le=60, description="per test, for the Test operator and scoring")
+    test_memory_mb: int = Field(1024, ge=64, le=65536)
+    memory_mb: int = Field(1024, ge=128, le=65536, description="the workflow process")
+
+
+class WorkflowFailure(BaseModel):
+    kind: FailureKind
+    message: str
+    traceback: str | None = None
+
+
+class WorkerCallRecord(BaseModel):
+    worker: str
+    prompt: str
+    reply: str
+    prompt_tokens: int
+    completion_tokens: int
+    latency_s: float
+    finish_reason: str | None = None
+
+
+class TestRunRecord(BaseModel):
+    num_tests: int
+    num_passed: int
+    passed: bool
+    failures: list[str]
+    time_ms: float
+
+
+class OperatorCallRecord(BaseModel):
+    index: int = Field(description="order of arrival; a refused call has index -1")
+    operator: str
+    worker: str
+    arguments: dict[str, Any]
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    started_s: float = Field(description="since the run started")
+    duration_s: float | None = None
+    worker_calls: list[WorkerCallRecord] = Field(default_factory=list)
+    test_runs: list[TestRunRecord] = Field(default_factory=list)
+
+
+class WorkerUsage(BaseModel):
+    calls: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency_s: float = Field(0.0, description="summed over calls")
+
+
+class WorkflowRunResponse(BaseModel):
+    status: Literal["ok", "failed"]
+    failure: WorkflowFailure | None = None
+    solution: str | None = None
+    public: EvaluateResponse | None = Field(None, description="the solution on the public tests (None: no solution "
+                                                               "or no public tests)")
+    hidden: EvaluateResponse | None = None
+    public_pass_rate: float | None = None
+    hidden_pass_rate: float | None = None
+    operator_calls: dict[str, int] = Field(description="accepted calls by operator")
+    num_operator_calls: int
+    worker: WorkerUsage
+    test_runs: int = Field(description="public-test runs made by Test operators")
+    trace: list[OperatorCallRecord]
+    wall_s: float = Field(description="the workflow's run, scoring excluded")
+    stderr: str = Field("", description="tail of what the workflow process wrote to stderr")
+
+
+class OperatorsResponse(BaseModel):
+    operators: list[dict[str, str]]
+    text: str = Field(description="the descriptions as the meta-agent's prompt shows them")
+
+
+# -- one run ----------------------------------------------------------------------------------------------------
+
+class _Fatal(Exception):
+    """Ends the run: the jailed side is told, exits, and the response carries this failure."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.failure = WorkflowFailure(kind=kind, message=message)
+
+
+def _clip(value: Any) -> Any:
+    if isinstance(value, str) and len(value) > MAX_TRACE_CHARS:
+        return value[:MAX_TRACE_CHARS] + f"...[{len(value) - MAX_TRACE_CHARS} more characters]"
+    if isinstance(value, list):
+        return [_clip(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _clip(item) for key, item in value.items()}
+    return value
+
+
+class _CallServices:
+    """What one operator call may do (operators.Services), charged to its run and recorded in its trace entry."""
+
+    def __init__(self, run: _Run, worker: str, record: OperatorCallRecord):
+        self.run, self.worker, self.record = run, worker, record
+
+    async def ask_worker(self, prompt: str) -> str:
+        return await self.run.ask_worker(self.worker, prompt, self.record)
+
+    async def run_public_tests(self, solution: str) -> TestFeedback | None:
+        return await self.run.run_public_tests(solution, self.record)
+
+
+class _Run:
+    """The service side of one workflow run: serves the channel, performs and accounts for operator calls."""
+
+    def __init__(self, runner: WorkflowRunner, request: WorkflowRunRequest, client: httpx.AsyncClient):
+        self.runner, self.request, self.client = runner, request, client
+        self.started = self.deadline = time.monotonic()  # set when the graph starts (serve)
+        self.calls: collections.Counter[str] = collections.Counter()
+        self.trace: list[OperatorCallRecord] = []
+        self.usage = WorkerUsage()
+        self.test_runs = 0
+        self.fatal: WorkflowFailure | None = None
+        self.final: dict[str, Any] | None = None
+
+    # channel ----------------------------------------------------------------------------------------------
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.started = time.monotonic()  # the graph starts now (the jail may have queued it for a slot)
+        self.deadline = self.started + self.request.budgets.wall_s
+        tasks: set[asyncio.Task] = set()
+        try:
+            async for line in _lines(reader):
+                message = _decode(line)
+                if message is None:
+                    self._end(_Fatal("workflow_exception", "malformed message on the operator channel (the graph wrote "
+                                                           "to the channel itself?)"))
+                    await _send(writer, {"fatal": self.fatal.kind})
+                elif message.get("done") is True:
+                    self.final = self.final or message
+                else:
+                    task = asyncio.ensure_future(self._answer(message, writer))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+        except _Fatal as fatal:
+            self._end(fatal)
+        finally:
+            for task in tasks:  # the jailed side is gone: nobody will read these answers
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _answer(self, message: dict, writer: asyncio.StreamWriter) -> None:
+        try:
+            reply = await self._operator_call(message)
+        except _Fatal as fatal:
+            self._end(fatal)
+            reply = {"id": message["id"], "fatal": self.fatal.kind}
+        except Exception as e:  # noqa: BLE001 - a bug on our side: logged, and the run reports it
+            _log.exception("operator call %s failed", message.get("op"))
+            self._end(_Fatal("sandbox_error", f"internal error in operator {message.get('op')!r}: "
+                                              f"{type(e).__name__}: {e}"))
+            reply = {"id": message["id"], "fatal": self.fatal.kind}
+        await _send(writer, reply)
+
+    def _end(self, fatal: _Fatal) -> None:
+        if self.fatal is None:  # the first cause is the one reported
+            self.fatal = fatal.failure
+
+    async def _operator_call(self, message: dict) -> dict:
+        op, worker = str(message.get("op")), message.get("worker")
+        args, kwargs = message.get("args", []), message.get("kwargs", {})
+        if len(self.trace) >= self.request.budgets.max_operator_calls + MAX_REFUSED_CALLS:
+            raise _Fatal("budget_exceeded", f"more than {MAX_REFUSED_CALLS} operator calls were refused")
+        record = OperatorCallRecord(index=-1, operator=op, worker=str(worker), arguments={},
+                                    started_s=time.monotonic() - self.started)
+        self.trace.append(record)
+        if self.fatal is not None:
+            record.error = f"refused: the run already ended ({self.fatal.kind})"
+            raise _Fatal(self.fatal.kind, self.fatal.message)
+        if not isinstance(worker, str) or worker not in self.runner.workers:
+            record.error = f"worker {worker!r} is not on this service's allowlist"
+            raise _Fatal("worker_not_allowed", f"{op} called worker {worker!r}, which is not on the allowlist "
+                                               f"{sorted(self.runner.workers)}")
+        try:
+            if not isinstance(args, list) or not isinstance(kwargs, dict):
+                raise OperatorError(f"{op}: malformed call (args must be a list, kwargs an object)")
+            arguments = bind_arguments(op, args, kwargs)
+        except OperatorError as e:
+            record.error = str(e)
+            return {"id": message["id"], "error": str(e)}
+        record.arguments = _clip(arguments)
+        if sum(self.calls.values()) >= self.request.budgets.max_operator_calls:
+            record.error = "refused: operator-call budget spent"
+            raise _Fatal("budget_exceeded", f"{op}: more than max_operator_calls="
+                                            f"{self.request.budgets.max_operator_calls} operator calls")
+        record.index = sum(self.calls.values())
+        self.calls[op] += 1
+        try:
+            result = await call_operator(op, _CallServices(self, worker, record), arguments)
+        except OperatorError as e:
+            record.error = str(e)
+            return {"id": message["id"], "error": str(e)}
+        except asyncio.CancelledError:
+            record.error = "cancelled: the run ended while this call was in flight"
+            raise
+        except _Fatal as fatal:
+            record.error = fatal.failure.message
+            raise
+        finally:
+            record.duration_s = time.monotonic() - self.started - record.started_s
+        record.result = _clip(result)
+        usage = {"prompt_tokens": sum(call.prompt_tokens for call in record.worker_calls),
+                 "completion_tokens": sum(call.completion_tokens for call in record.worker_calls)}
+        return {"id": message["id"], "result": result, "usage": usage}
+
+    # services -----------------------------------------------------------------------------------------------
+    async def ask_worker(self, worker: str, prompt: str, record: OperatorCallRecord) -> str:
+        budget = self.request.budgets.max_worker_tokens
+        if self.usage.prompt_tokens + self.usage.completion_tokens >= budget:
+            raise _Fatal("budget_exceeded", f"{record.operator}: worker-token budget of {budget} spent before a "
+                                            "worker call")
+        completion = await self.runner.complete(self.client, worker, prompt, self.request.sampling, self.deadline)
+        record.worker_calls.append(completion)
+        self.usage.calls += 1
+        self.usage.prompt_tokens += completion.prompt_tokens
+        self.usage.completion_tokens += completion.completion_tokens
+        self.usage.latency_s += completion.latency_s
+        used = self.usage.prompt_tokens + self.usage.completion_tokens
+        if used > budget:
+            raise _Fatal("budget_exceeded", f"{record.operator}: worker calls used {used} tokens, over "
+                                            f"max_worker_tokens={budget}")
+        return completion.reply
+
+    async def run_public_tests(self, solution: str, record: OperatorCallRecord) -> TestFeedback | None:
+        tests = self.request.problem.public_tests
+        if tests is None:
+            return None
+        if self.runner.service.jail.workers < 2:
+            raise _Fatal("sandbox_error", "the Test operator needs a second jail slot while the workflow holds one: "
+                                          "start the service with --workers 2 or more")
+        if len(solution) > MAX_CODE_CHARS:
+            raise OperatorError(f"Test: the solution has {len(solution)} characters, over {MAX_CODE_CHARS}")
+        response = await self.runner.evaluate(solution, tests, self.request)
+        if response.status != "Finished":
+            raise _Fatal("sandbox_error", f"running the public tests failed: {response.message}")
+        self.test_runs += 1
+        failures = [f"{t.name}: {t.status}" + (f" ({t.error_type}: {t.error_message})" if t.error_type else "")
+                    for t in response.tests if not t.passed]
+        if response.load_error is not None:
+            failures.insert(0, f"the solution did not load: {response.load_error.type}: {response.load_error.message}")
+        record.test_runs.append(TestRunRecord(num_tests=response.num_tests, num_passed=response.num_passed,
+                                              passed=response.passed_all, failures=_clip(failures),
+                                              time_ms=response.time_ms))
+        return TestFeedback(response.passed_all, response.num_tests, response.num_passed, tuple(failures))
+
+    # outcome ------------------------------------------------------------------------------------------------
+    def failure(self, outcome: RunOutcome, limits: Limits) -> WorkflowFailure | None:
+        if self.fatal is not None:
+            return self.fatal
+        if outcome.killed_for == "timeout" or outcome.cpu_limit_hit:
+            return WorkflowFailure(kind="timeout", message=f"the workflow ran past wall_s={limits.wall_s} s and was killed")
+        if outcome.killed_for == "shutdown":
+            return WorkflowFailure(kind="sandbox_error", message="the service is shutting down; the run was killed")
+        final = self.final
+        if final is None:
+            if outcome.sandbox_error:
+                return WorkflowFailure(kind="sandbox_error", message=outcome.sandbox_error)
+            if outcome.oom_killed:
+                why = f"killed by the memory limit ({limits.memory_mb} MiB)"
+            elif outcome.killed_for == "output_limit":
+                why = f"killed for writing more than {limits.output_bytes} bytes to stdout or stderr"
+            else:
+                why = f"exited (status {outcome.exit_code}) without returning"
+            return WorkflowFailure(kind="workflow_exception", message=f"the workflow process {why}",
+                                   traceback=_tail(outcome.stderr) or None)
+        status = final.get("status")
+        if status == "ok":
+            if isinstance(final.get("solution"), str):
+                return None
+            return WorkflowFailure(kind="workflow_exception", message="the workflow process reported no solution text")
+        if status not in ("graph_syntax_error", "workflow_exception", "no_solution"):
+            return WorkflowFailure(kind="workflow_exception", message=f"the workflow process reported {status!r}")
+        traceback = final.get("traceback")
+        return WorkflowFailure(kind=status, message=str(final.get("message", "")),
+                               traceback=traceback if isinstance(traceback, str) else None)
+
+
+async def _lines(reader: asyncio.StreamReader) -> AsyncIterator[bytes]:
+    """Lines of the channel, each at most MAX_MESSAGE_BYTES (a longer one ends the run)."""
+    buffer = bytearray()
+    while True:
+        newline = buffer.find(b"\n")
+        if newline >= 0:
+            line = bytes(buffer[:newline])
+            del buffer[: newline + 1]
+            yield line
+            continue
+        if len(buffer) > MAX_MESSAGE_BYTES:
+            raise _Fatal("workflow_exception", f"a message on the operator channel exceeds {MAX_MESSAGE_BYTES} bytes")
+        chunk = await reader.read(1 << 16)
+        if not chunk:
+            return
+        buffer += chunk
+
+
+def _decode(line: bytes) -> dict | None:
+    try:
+        message = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(message, dict) or not (message.get("done") is True or isinstance(message.get("id"), int)):
+        return None
+    return message
+
+
+async def _send(writer: asyncio.StreamWriter, message: dict) -> None:
+    with contextlib.suppress(ConnectionError, RuntimeError):  # the jailed side may already be gone
+        writer.write(json.dumps(message).encode() + b"\n")
+        await writer.drain()
+
+
+def _tail(data: bytes) -> str:
+    return data[-_STDERR_TAIL:].decode(errors="replace")
+
+
+# -- the runner ---------------------------------------------------------------------------------------------------
+
+class WorkflowRunner:
+    def __init__(self, service: Service, workers: Mapping[str, WorkerEndpoint]):
+        self.service, self.workers = service, dict(workers)
+        # A running graph holds one jail slot and its Test calls need another: leave one slot for them.
+        self.graphs = asyncio.Semaphore(max(1, service.jail.workers - 1))
+
+    async def run(self, request: WorkflowRunRequest) -> WorkflowRunResponse:
+        started = time.monotonic()
+        if request.worker not in self.workers:
+            failure = WorkflowFailure(kind="worker_not_allowed", message=f"worker {request.worker!r} is not on this "
+                                      f"service's allowlist {sorted(self.workers)}")
+            return _response(failure, None, started, trace=[], calls={}, usage=WorkerUsage(), test_runs=0)
+        limits = Limits(wall_s=request.budgets.wall_s, cpu_s=request.budgets.wall_s, memory_mb=request.memory_mb,
+                        output_bytes=self.service.settings.max_output_bytes)
+        spec = {"graph": request.graph, "prompt": request.prompt, "problem": request.problem.text,
+                "entry_point": request.problem.entry_point, "worker": request.worker, "dataset": request.dataset,
+                "operators": list(OPERATORS)}
+        async with httpx.AsyncClient() as client, self.graphs:
+            run = _Run(self, request, client)
+            outcome = await self.service.jail.run([self.service.python, "-c", RUNTIME_SOURCE], limits,
+                                                  stdin=json.dumps(spec).encode(), channel=run.serve, label="workflow")
+        failure = run.failure(outcome, limits)
+        solution = run.final.get("solution") if failure is None and run.final else None
+        public = hidden = None
+        if failure is None and len(solution) > MAX_CODE_CHARS:
+            failure = WorkflowFailure(kind="workflow_exception",
+                                      message=f"the solution has {len(solution)} characters, over {MAX_CODE_CHARS}")
+        if failure is None:
+            public, hidden = await asyncio.gather(
+                *(self.evaluate(solution, tests, request) if tests is not None else _none()
+                  for tests in (request.problem.public_tests, request.problem.hidden_tests)))
+            broken = [r.message for r in (public, hidden) if r is not None and r.status != "Finished"]
+            if broken:
+                failure = WorkflowFailure(kind="sandbox_error", message=f"scoring the solution failed: {broken[0]}")
+        return _response(failure, solution, started, trace=run.trace, calls=dict(run.calls), usage=run.usage,
+                         test_runs=run.test_runs, public=public, hidden=hidden, wall_s=outcome.wall_s,
+                         stderr=_tail(outcome.stderr))
+
+    async def evaluate(self, solution: str, tests: Any, request: WorkflowRunRequest) -> EvaluateResponse:
+        evaluation = EvaluateRequest(code=solution, tests=tests, timeout_s=request.test_timeout_s,
+                                     memory_limit_MB=request.test_memory_mb)
+        return await self.service.evaluator.evaluate(evaluation)
+
+    async def complete(self, client: httpx.AsyncClient, worker: str, prompt: str, sampling: WorkerSampling,
+                       deadline: float) -> WorkerCallRecord:
+        """One chat completion from an allowlisted worker; _Fatal when it cannot be had."""
+        endpoint = self.workers[worker]
+        body: dict[str, Any] = {"model": endpoint.model or endpoint.name,
+                                "messages": [{"role": "user", "content": prompt}], "max_tokens": sampling.max_tokens,
+                                "temperature": sampling.temperature, "top_p": sampling.top_p}
+        if sampling.seed is not None:
+            body["seed"] = sampling.seed
+        headers = {}
+        if endpoint.api_key_env:
+            headers["Authorization"] = f"Bearer {os.environ.get(endpoint.api_key_env, '')}"
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise _Fatal("timeout", "the wall-time budget ran out before a worker call")
+        started = time.monotonic()
+        try:
+            response = await client.post(f"{endpoint.url}/chat/completions", json=body, headers=headers,
+                                         timeout=httpx.Timeout(remaining, connect=min(remaining, 10.0)))
+        except httpx.TimeoutException:
+            if time.monotonic() >= deadline:
+                raise _Fatal("timeout", f"worker {worker!r} had not answered when the wall-time budget ran out") from None
+            raise _Fatal("worker_unreachable", f"worker {worker!r} at {endpoint.url} timed out connecting") from None
+        except httpx.HTTPError as e:
+            raise _Fatal("worker_unreachable", f"worker {worker!r} at {endpoint.url}: {type(e).__name__}: {e}") from None
+        latency = time.monotonic() - started
+        if response.status_code != 200:
+            raise _Fatal("worker_error", f"worker {worker!r} answered HTTP {response.status_code}: {response.text[:500]}")
+        try:
+            document = response.json()
+            choice = document["choices"][0]
+            reply = choice["message"]["content"] or ""
+            prompt_tokens = int(document["usage"]["prompt_tokens"])
+            completion_tokens = int(document["usage"]["completion_tokens"])
+        except (ValueError, KeyError, IndexError, TypeError) as e:
+            raise _Fatal("worker_error", f"worker {worker!r} sent a reply without choices[0].message.content and "
+                                         f"usage ({type(e).__name__}: {e}): {response.text[:500]}") from None
+        return WorkerCallRecord(worker=worker, prompt=_clip(prompt), reply=_clip(reply), prompt_tokens=prompt_tokens,
+                                completion_tokens=completion_tokens, latency_s=latency,
+                                finish_reason=choice.get("finish_reason"))
+
+
+async def _none() -> None:
+    return None
+
+
+def _response(failure: WorkflowFailure | None, solution: str | None, started: float, *, trace, calls, usage, test_runs,
+              public: EvaluateResponse | None = None, hidden: EvaluateResponse | None = None,
+              wall_s: float | None = None, stderr: str = "") -> WorkflowRunResponse:
+    return WorkflowRunResponse(
+        status="ok" if failure is None else "failed", failure=failure, solution=solution, public=public, hidden=hidden,
+        public_pass_rate=public.pass_rate if public is not None else None,
+        hidden_pass_rate=hidden.pass_rate if hidden is not None else None,
+        operator_calls=calls, num_operator_calls=sum(calls.values()), worker=usage, test_runs=test_runs, trace=trace,
+        wall_s=wall_s if wall_s is not None else time.monotonic() - started, stderr=stderr)
+
+
+def workflow_router(service: Service, workers: Mapping[str, WorkerEndpoint] | None = None) -> APIRouter:
+    """The /workflow routes; `workers` defaults to the allowlist in the environment (SANDBOX_WORKERS[_FILE])."""
+    runner = WorkflowRunner(service, workers_from_env() if workers is None else workers)
+    router = APIRouter(prefix="/workflow")
+    descriptions = OperatorsResponse(operators=describe_operators(), text=operators_text())
+
+    @router.get("/operators", response_model=OperatorsResponse)
+    async def operators() -> OperatorsResponse:
+        return descriptions
+
+    @router.get("/workers")
+    async def workers_list() -> dict[str, list[str]]:
+        return {"workers": sorted(runner.workers)}
+
+    @router.post("/run", response_model=WorkflowRunResponse)
+    async def run(request: WorkflowRunRequest) -> WorkflowRunResponse:
+        with service.admitted(1):
+            return await runner.run(request)
+
+    return router
