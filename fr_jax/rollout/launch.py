@@ -1,0 +1,182 @@
+"""Start a rollout server as a child process, wait until it is healthy, stop it cleanly.
+
+Two servers, one interface (`ServerProcess`: .url, .stop(), a context manager), picked by the config's `launch:`
+- "sglang": real SGLang, `python -m sglang.launch_server --model-path ... --port ...` (GPU), with memory-saver and
+  deterministic-inference flags configurable;
+- "local": fr_jax's own engine, `python -m fr_jax.serve --model ...` on a free loopback port (CPU/TPU, or any
+  machine without SGLang).
+The child runs in its own process group with its output in a log file; a child that dies or never gets healthy
+raises with the tail of that log. Servers still running when the interpreter exits are stopped.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from typing import Literal
+
+import httpx
+
+_log = logging.getLogger(__name__)
+_RUNNING: set[ServerProcess] = set()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """A server command run as a child process; `start()` returns once GET /health answers 200."""
+
+    def __init__(self, command: Sequence[str], *, host: str, port: int, env: dict[str, str] | None = None,
+                 log_path: str | os.PathLike | None = None, startup_timeout: float = 600.0, name: str = "server"):
+        self.command = list(command)
+        self.host, self.port = host, port
+        self.env = env
+        self.name = name
+        self.startup_timeout = startup_timeout
+        self.log_path = pathlib.Path(log_path) if log_path else pathlib.Path(
+            tempfile.mkstemp(prefix=f"fr_jax-{name}-{port}-", suffix=".log")[1])
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> ServerProcess:
+        _log.info("starting %s: %s (log %s)", self.name, " ".join(self.command), self.log_path)
+        started = time.perf_counter()
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                            start_new_session=True)
+        _RUNNING.add(self)
+        try:
+            self._wait_healthy()
+        except BaseException:
+            self.stop()
+            raise
+        _log.info("%s healthy at %s after %.1fs", self.name, self.url, time.perf_counter() - started)
+        return self
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return "(no log)"
+
+    def _wait_healthy(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout
+        with httpx.Client(timeout=5.0) as client:
+            while True:
+                code = self.process.poll()
+                if code is not None:
+                    raise RuntimeError(f"{self.name} exited with code {code} before it was healthy; "
+                                       f"last lines of {self.log_path}:\n{self.log_tail()}")
+                try:
+                    if client.get(f"{self.url}/health").status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{self.name} was not healthy at {self.url} within {self.startup_timeout:.0f}s;"
+                                       f" last lines of {self.log_path}:\n{self.log_tail()}")
+                time.sleep(0.5)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM the whole process group, then SIGKILL whatever is left after `timeout` seconds."""
+        _RUNNING.discard(self)
+        if self.process is None or self.process.poll() is not None:
+            return
+        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
+            try:
+                os.killpg(self.process.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                self.process.wait(wait)
+                break
+            except subprocess.TimeoutExpired:
+                _log.warning("%s did not exit %.0fs after %s", self.name, wait, sig.name)
+        _log.info("%s stopped (exit code %s)", self.name, self.process.returncode)
+
+    def __enter__(self) -> ServerProcess:
+        return self if self.process is not None else self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+@atexit.register
+def _stop_all() -> None:
+    for server in list(_RUNNING):
+        server.stop(timeout=10.0)
+
+
+def sglang_command(model_path, *, host: str, port: int, tp_size: int = 1, mem_fraction_static: float | None = None,
+                   enable_memory_saver: bool = False, deterministic: bool = False, weight_version: str | None = None,
+                   dtype: str | None = None, random_seed: int | None = None,
+                   extra_args: Sequence[str] = ()) -> list[str]:
+    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_path), "--host", host,
+           "--port", str(port), "--tp-size", str(tp_size)]
+    if mem_fraction_static is not None:
+        cmd += ["--mem-fraction-static", str(mem_fraction_static)]
+    if enable_memory_saver:
+        cmd.append("--enable-memory-saver")
+    if deterministic:
+        cmd.append("--enable-deterministic-inference")
+    if weight_version is not None:
+        cmd += ["--weight-version", weight_version]
+    if dtype is not None:
+        cmd += ["--dtype", dtype]
+    if random_seed is not None:
+        cmd += ["--random-seed", str(random_seed)]
+    return cmd + list(extra_args)
+
+
+def local_command(model_path, *, host: str, port: int, mesh: str | None = None, dtype: str | None = None,
+                  param_dtype: str | None = None, context_length: int | None = None,
+                  max_running_requests: int | None = None, weight_version: str | None = None,
+                  random_seed: int | None = None, extra_args: Sequence[str] = ()) -> list[str]:
+    cmd = [sys.executable, "-m", "fr_jax.serve", "--model", str(model_path), "--host", host, "--port", str(port)]
+    for flag, value in (("--mesh", mesh), ("--dtype", dtype), ("--param-dtype", param_dtype),
+                        ("--context-length", context_length), ("--max-running-requests", max_running_requests),
+                        ("--weight-version", weight_version), ("--random-seed", random_seed)):
+        if value is not None:
+            cmd += [flag, str(value)]
+    return cmd + list(extra_args)
+
+
+def launch_sglang(model_path, *, host: str = "127.0.0.1", port: int | None = None, startup_timeout: float = 900.0,
+                  log_path=None, env: dict[str, str] | None = None, **flags) -> ServerProcess:
+    """Real SGLang on `model_path` (flags: see sglang_command), healthy on return."""
+    port = port or free_port(host)
+    return ServerProcess(sglang_command(model_path, host=host, port=port, **flags), host=host, port=port, env=env,
+                         log_path=log_path, startup_timeout=startup_timeout, name="sglang").start()
+
+
+def launch_local(model_path, *, host: str = "127.0.0.1", port: int | None = None, startup_timeout: float = 600.0,
+                 log_path=None, env: dict[str, str] | None = None, **flags) -> ServerProcess:
+    """fr_jax's engine server on `model_path` (flags: see local_command), healthy on return."""
+    port = port or free_port(host)
+    return ServerProcess(local_command(model_path, host=host, port=port, **flags), host=host, port=port, env=env,
+                         log_path=log_path, startup_timeout=startup_timeout, name="fr_jax.serve").start()
+
+
+def launch_server(launch: Literal["sglang", "local"], model_path, **kwargs) -> ServerProcess:
+    """The config's `launch:` switch: the same call starts real SGLang or the embedded server."""
+    launchers = {"sglang": launch_sglang, "local": launch_local}
+    if launch not in launchers:
+        raise ValueError(f"launch={launch!r}: expected one of {sorted(launchers)}")
+    return launchers[launch](model_path, **kwargs)

@@ -1,0 +1,66 @@
+"""`python -m fr_jax.serve --model DIR`: the JAX rollout engine behind SGLang's native HTTP protocol.
+
+Flags keep SGLang's launch_server names where one exists (--model-path, --port, --tp-size, --context-length,
+--max-running-requests, --weight-version, --served-model-name, --random-seed), so the trainer can start either
+server with the same arguments. --model also takes the demo name "smollm2".
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import uvicorn
+
+from fr_jax.parallel.mesh import initialize_distributed, make_mesh
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m fr_jax.serve", description=__doc__.split("\n")[0])
+    p.add_argument("--model", "--model-path", dest="model", required=True,
+                   help="HF model directory (config.json + safetensors + tokenizer), or 'smollm2'")
+    p.add_argument("--tokenizer-path", default=None, help="tokenizer directory (default: the model directory)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=30000)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="compute dtype (default float32)")
+    p.add_argument("--param-dtype", choices=("float32", "bfloat16"), default=None,
+                   help="stored parameter dtype (default float32)")
+    p.add_argument("--mesh", default="1,1,-1", help="data,fsdp,tensor axis sizes (-1: the rest); default all tensor")
+    p.add_argument("--tp-size", type=int, default=None, help="tensor-parallel size (SGLang's flag; sets the mesh "
+                                                                 "to 1,-1,TP)")
+    p.add_argument("--context-length", type=int, default=None, help="prompt + output token limit")
+    p.add_argument("--max-running-requests", type=int, default=64, help="rows (samples) per engine batch")
+    p.add_argument("--weight-version", default="default")
+    p.add_argument("--served-model-name", default=None)
+    p.add_argument("--random-seed", type=int, default=0, help="seeds requests that give no sampling_seed")
+    p.add_argument("--log-level", default="info")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    initialize_distributed()
+    from fr_jax.rollout.server import RolloutServer, create_app   # after logging: loading logs progress
+
+    model_dir = args.model
+    if model_dir == "smollm2":
+        from fr_jax.models.gguf import smollm2_hf_dir
+
+        model_dir = str(smollm2_hf_dir())
+    try:
+        data, fsdp, tensor = (int(x) for x in args.mesh.split(","))
+    except ValueError:
+        raise SystemExit(f"--mesh {args.mesh!r}: expected three integers data,fsdp,tensor") from None
+    if args.tp_size is not None:
+        data, fsdp, tensor = 1, -1, args.tp_size
+    mesh = make_mesh(data, fsdp, tensor)
+    server = RolloutServer.from_pretrained(
+        model_dir, mesh=mesh, tokenizer_path=args.tokenizer_path, param_dtype=args.param_dtype, dtype=args.dtype,
+        context_length=args.context_length, max_running_requests=args.max_running_requests, seed=args.random_seed,
+        served_model_name=args.served_model_name, weight_version=args.weight_version)
+    uvicorn.run(create_app(server), host=args.host, port=args.port, log_level=args.log_level.lower())
+
+
+if __name__ == "__main__":
+    main()
