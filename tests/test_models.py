@@ -158,7 +158,6 @@ def test_parameters_carry_logical_axes_and_shard_by_rules(meshes):
     assert params["layers"]["down_proj"].sharding.spec == jax.sharding.PartitionSpec(None, "tensor", "fsdp")
     q_proj = np.asarray(params["layers"]["q_proj"])
     assert not np.allclose(q_proj[0], q_proj[1])  # each layer drew its own init
-    assert np.array_equal(q_proj, np.asarray(nnx.state(create_model(cfg, mesh=mesh), nnx.Param)["layers"]["q_proj"]))
     expected = nnx.to_pure_dict(param_shardings(model, mesh))
     for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(expected)):
         assert got.sharding.is_equivalent_to(want, got.ndim)
