@@ -1,0 +1,291 @@
+"""The typed config tree: YAML plus `key.sub=value` overrides, validated by pydantic into frozen objects.
+
+Every section forbids unknown keys, so a typo fails at start-up with the key's dotted path and the keys that
+are allowed, instead of silently running with a default. One `stage:` field picks the training stage; each
+stage reads its own section (`sft:` now; a `grpo:` section joins when that stage lands).
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+DEVICE_HBM_GIB = {  # per-chip memory, for fr_jax.plan's "does it fit" verdict
+    "tpu-v4": 32, "tpu-v5e": 16, "tpu-v5p": 95, "tpu-v6e": 32,
+    "a100-40g": 40, "a100-80g": 80, "h100": 80, "h200": 141, "b200": 180, "cpu": 24,
+}
+
+
+class ConfigError(ValueError):
+    """A config the run cannot use; the message names the offending key."""
+
+
+def default_data_dir() -> pathlib.Path:
+    """The shared data folder: $FR_JAX_SHARED_DATA, else ../shared/data next to the repo."""
+    return pathlib.Path(os.environ.get("FR_JAX_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+
+class _Section(BaseModel):
+    # strict: YAML already gives typed values, so `true` for a number or 3 for a string is a mistake, not a coercion
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, strict=True)
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader that also reads 1e-5 (no dot) as a float, as YAML 1.2 and every user expect."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d[\d_]*)?(?:\.[\d_]*)?[eE][-+]?\d+$|^[-+]?\d[\d_]*\.[\d_]*$|^[-+]?\.\d[\d_]*$"
+               r"|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."))
+
+
+def read_yaml(text: str):
+    return yaml.load(text, Loader=_YamlLoader)
+
+
+class ModelSection(_Section):
+    """Where the network comes from: exactly one of `pretrained`, `config_json`, `architecture`."""
+
+    pretrained: str | None = None  # an HF model dir (config.json + safetensors), or a demo model name ("smollm2")
+    config_json: str | None = None  # architecture from an HF config.json, random init
+    architecture: dict[str, Any] | None = None  # architecture inline (HF config.json keys), random init
+    tokenizer: str | None = None  # HF dir with tokenizer files, a demo name, or "qwen"; default: the pretrained dir
+    init_seed: int = 0
+    dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype
+    param_dtype: Literal["float32", "bfloat16"] = "float32"  # stored (master) parameter dtype
+    remat: Literal["none", "full", "dots"] = "none"
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        given = [k for k in ("pretrained", "config_json", "architecture") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of model.pretrained, model.config_json, model.architecture (got {given or 'none'})")
+        return self
+
+
+class MeshSection(_Section):
+    """Mesh axis sizes; one of them may be -1, meaning all the devices the others leave."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+    @model_validator(mode="after")
+    def _sizes(self):
+        sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+        for name, size in sizes.items():
+            if size == 0 or size < -1:
+                raise ValueError(f"mesh.{name}={size}: must be a positive integer or -1 (the rest)")
+        if sum(s == -1 for s in sizes.values()) > 1:
+            raise ValueError(f"mesh: only one axis may be -1, got {sizes}")
+        return self
+
+
+class DistributedSection(_Section):
+    """Multi-process start-up; unset fields fall back to FR_JAX_COORDINATOR / _NUM_PROCESSES / _PROCESS_ID."""
+
+    coordinator: str | None = None  # host:port of process 0
+    num_processes: int | None = Field(None, ge=1)
+    process_id: int | None = Field(None, ge=0)
+    local_device_count: int | None = Field(None, ge=1)  # CPU only: fake devices per process
+
+
+class OptimSection(_Section):
+    """AdamW with linear warmup then cosine decay to `min_lr_ratio * learning_rate`, after global-norm clipping."""
+
+    learning_rate: float = Field(1e-5, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    decay: Literal["cosine", "constant"] = "cosine"
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    weight_decay: float = Field(0.0, ge=0)
+    no_decay: tuple[str, ...] = Field(("norm", "bias"), strict=False)  # parameters whose path contains one of these get no weight decay
+    b1: float = Field(0.9, ge=0, lt=1)
+    b2: float = Field(0.95, ge=0, lt=1)
+    eps: float = Field(1e-8, gt=0)
+    clip_grad_norm: float | None = Field(1.0, gt=0)  # null: no clipping
+
+
+class TrainSection(_Section):
+    steps: int = Field(..., ge=1)
+    batch_size: int = Field(..., ge=1)  # rows (packed sequences) per optimizer step, over all processes
+    micro_batches: int = Field(1, ge=1)  # gradient accumulation: batch_size is split into this many
+    seed: int = 0
+    eval_every: int = Field(0, ge=0)  # 0: evaluate only before and after training
+    eval_batches: int = Field(4, ge=0)  # batches of the held-out split per evaluation (0: no evaluation)
+    export_hf: bool = True  # write <run_dir>/hf with fr_jax.models.hf.save_pretrained at the end
+
+    @model_validator(mode="after")
+    def _divisible(self):
+        if self.batch_size % self.micro_batches:
+            raise ValueError(f"train.batch_size={self.batch_size} is not divisible by train.micro_batches={self.micro_batches}")
+        return self
+
+
+class CheckpointSection(_Section):
+    every_steps: int = Field(100, ge=1)
+    keep: int = Field(2, ge=1)
+    async_save: bool = True
+
+
+class MonitorSection(_Section):
+    tensorboard: bool = True
+    progress_bar: bool = True
+    peak_tflops_per_device: float | None = Field(None, gt=0)  # null: measured once at start with a matmul
+
+
+class SFTDataSection(_Section):
+    """Chat records ({"messages": [...]}) from JSONL files, or MBPP reference solutions turned into chats."""
+
+    source: Literal["jsonl", "mbpp"] = "jsonl"
+    train_file: str | None = None  # JSONL (source=jsonl)
+    eval_file: str | None = None  # JSONL held-out split (source=jsonl); null: no evaluation
+    data_dir: str | None = None  # source=mbpp: folder with mbpp.jsonl; default ../shared/data next to the repo
+    max_seq_len: int = Field(..., ge=8)  # packed row length in tokens
+    on_malformed: Literal["skip", "stop"] = "stop"
+    too_long: Literal["skip", "truncate"] = "skip"  # a conversation longer than max_seq_len
+    shuffle_seed: int = 0
+    shards: int | None = Field(None, ge=1)  # record shards; null: one per process. Fixing it fixes the batch stream
+    packing_bins: int = Field(64, ge=1)  # rows packed at once (first-fit); more bins, less padding
+
+    @model_validator(mode="after")
+    def _files(self):
+        if self.source == "jsonl" and self.train_file is None:
+            raise ValueError("sft.data.train_file is required when sft.data.source is 'jsonl'")
+        if self.source == "mbpp" and (self.train_file or self.eval_file):
+            raise ValueError("sft.data.train_file/eval_file are not used with sft.data.source 'mbpp' (it uses data_dir)")
+        return self
+
+    def resolved_data_dir(self) -> pathlib.Path:
+        return pathlib.Path(self.data_dir) if self.data_dir else default_data_dir()
+
+
+class SFTSection(_Section):
+    data: SFTDataSection
+
+
+class PlanSection(_Section):
+    device: str = "h100"  # a key of DEVICE_HBM_GIB
+    num_devices: int | None = Field(None, ge=1)  # devices the mesh spans; null: those visible now
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, v):
+        if v not in DEVICE_HBM_GIB:
+            raise ValueError(f"unknown device {v!r}; known: {sorted(DEVICE_HBM_GIB)}")
+        return v
+
+
+class Config(_Section):
+    stage: Literal["sft", "grpo"]
+    run_dir: str
+    model: ModelSection
+    mesh: MeshSection = MeshSection()
+    distributed: DistributedSection = DistributedSection()
+    optim: OptimSection = OptimSection()
+    train: TrainSection
+    checkpoint: CheckpointSection = CheckpointSection()
+    monitor: MonitorSection = MonitorSection()
+    plan: PlanSection = PlanSection()
+    sft: SFTSection | None = None
+
+    @model_validator(mode="after")
+    def _stage_section(self):
+        if self.stage not in type(self).model_fields:
+            raise ValueError(f"stage: {self.stage!r} is not available in this version")
+        if getattr(self, self.stage) is None:
+            raise ValueError(f"stage: {self.stage!r} needs a `{self.stage}:` section")
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _format_errors(err: ValidationError, model: type[BaseModel]) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<top level>"
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_keys(model, e["loc"][:-1])
+            lines.append(f"{key}: unknown key; allowed here: {', '.join(allowed)}")
+        elif e["type"] == "missing":
+            lines.append(f"{key}: required key is missing")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            if e["type"] == "value_error" and (not e["loc"] or key in msg):
+                lines.append(msg)  # a cross-field check whose message already names its keys
+                continue
+            got = f" (got {e['input']!r})" if e["type"] not in ("model_type", "value_error", "assertion_error") else ""
+            lines.append(f"{key}: {msg}{got}")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The field names of the section at `loc` (for 'unknown key' messages)."""
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        sub = _section_type(field.annotation) if field else None
+        if sub is None:
+            return []
+        model = sub
+    return sorted(model.model_fields)
+
+
+def _section_type(annotation) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+    return None
+
+
+def apply_overrides(tree: dict, overrides: list[str]) -> dict:
+    """Set `a.b.c=value` (value parsed as YAML) in a nested dict, creating sections as needed."""
+    tree = dict(tree)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key.sub=value")
+        *parents, leaf = key.split(".")
+        node = tree
+        for i, part in enumerate(parents):
+            child = node.get(part)
+            if child is None:
+                child = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {'.'.join(parents[:i + 1])} is a value, not a section")
+            node[part] = child = dict(child)
+            node = child
+        node[leaf] = read_yaml(raw) if raw else None
+    return tree
+
+
+def parse_config(tree: dict, model: type[BaseModel] = Config) -> Config:
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config must be a mapping of sections, got {type(tree).__name__}")
+    try:
+        return model.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, model)) from None
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> Config:
+    """Read a YAML config, apply overrides, validate. Errors name the key and what is allowed."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        tree = read_yaml(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return parse_config(apply_overrides(tree, list(overrides)))

@@ -1,0 +1,1 @@
+"""The sharded training core: jitted step with exact accumulation, optimizer, checkpoints, metrics, SFT stage."""
