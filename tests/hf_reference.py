@@ -52,7 +52,9 @@ def _forward(model, input_ids, positions, segment_ids):
 def fr_logits(model, mesh, input_ids, positions, segment_ids) -> np.ndarray:
     with jax.set_mesh(mesh):
         out = _forward(model, *(jnp.asarray(np.asarray(a), jnp.int32) for a in (input_ids, positions, segment_ids)))
-    return np.asarray(out)
+    logits = np.asarray(out)
+    assert np.isfinite(logits).all(), "fr_jax logits hold NaN/Inf (padding rows must stay finite too)"
+    return logits
 
 
 def left_padded_positions(mask: np.ndarray) -> np.ndarray:

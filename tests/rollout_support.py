@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 import transformers
-from flax import nnx
+from hf_reference import fr_logits
 
 # head_dim 64 and a real vocabulary: the same checkpoint must also load in real SGLang (GPU test)
 TINY_QWEN2 = dict(vocab_size=49152, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
@@ -44,11 +44,6 @@ def hf_greedy(hf_model, prompt: list[int], max_new_tokens: int) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
-@nnx.jit
-def _forward(model, input_ids, positions, segment_ids):
-    return model(input_ids, positions, segment_ids)
-
-
 def recomputed_logprobs(model, mesh, prompts, outputs, temperature: float) -> list[np.ndarray]:
     """What the trainer computes: one padded batch through model(input_ids, positions, segment_ids), then
     log_softmax(logits / temperature) at each generated token (temperature 0 counts as 1)."""
@@ -60,11 +55,11 @@ def recomputed_logprobs(model, mesh, prompts, outputs, temperature: float) -> li
         ids[i, :len(s)] = s
         seg[i, :len(s)] = 1
     pos = np.broadcast_to(np.arange(width, dtype=np.int32), ids.shape)
-    with jax.set_mesh(mesh):
-        logits = _forward(model, jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(seg))
-        logp = np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32) / (temperature or 1.0), axis=-1))
+    logits = fr_logits(model, mesh, ids, pos, seg)
+    logp = np.asarray(jax.nn.log_softmax(jnp.asarray(logits, jnp.float32) / (temperature or 1.0), axis=-1))
     result = []
     for i, (p, o) in enumerate(zip(prompts, outputs)):
         steps = np.arange(len(p) - 1, len(p) - 1 + len(o))
         result.append(logp[i, steps, np.asarray(o, np.int64)])
+        assert (result[-1] <= 0).all(), f"row {i}: a log-probability above 0"
     return result
