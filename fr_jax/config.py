@@ -2,7 +2,7 @@
 
 Every section forbids unknown keys, so a typo fails at start-up with the key's dotted path and the keys that
 are allowed, instead of silently running with a default. One `stage:` field picks the training stage; each
-stage reads its own section (`sft:` now; a `grpo:` section joins when that stage lands).
+stage reads its own section (`sft:` or `grpo:`).
 """
 
 from __future__ import annotations
@@ -171,6 +171,117 @@ class SFTSection(_Section):
     data: SFTDataSection
 
 
+class GRPODataSection(_Section):
+    """The coding tasks: a fr_jax.data.tasks set, or your own JSONL (see fr_jax.rl.task_file)."""
+
+    dataset: str = "mbpp"  # mbpp | mbpp-sanitized | aflow-mbpp | humaneval | jsonl
+    file: str | None = None  # dataset jsonl: one task per line, each with a "split"
+    data_dir: str | None = None  # the data sets' folder; default ../shared/data next to the repo
+    train_split: str = "train"
+    eval_split: str = "validation"  # held out: pass@1 before and after training
+    max_prompt_tokens: int = Field(512, ge=8)  # tasks whose prompt (chat template applied) is longer are skipped
+    max_reference_lines: int | None = Field(None, ge=1)  # keep tasks whose reference solution is this short (easy)
+    train_limit: int | None = Field(None, ge=1)  # the first tasks of the split (after the filters above)
+    eval_limit: int | None = Field(None, ge=1)
+    shuffle_seed: int = 0
+
+    @model_validator(mode="after")
+    def _file(self):
+        if (self.dataset == "jsonl") != (self.file is not None):
+            raise ValueError("grpo.data.file is required with grpo.data.dataset 'jsonl', and only then")
+        return self
+
+    def resolved_data_dir(self) -> pathlib.Path:
+        return pathlib.Path(self.data_dir) if self.data_dir else default_data_dir()
+
+
+class GRPOPromptSection(_Section):
+    system: str | None = None  # a system message; null: the chat template's default
+    instruction: str = "Write the function in a ```python code block."
+    show_public_tests: bool = True  # the task's public tests go into the prompt (MBPP's usual prompt)
+    chat_template: bool = True  # false: the user text alone (a tokenizer without a chat template)
+
+
+class GRPORolloutSection(_Section):
+    """The rollout server (SGLang protocol) and how it samples."""
+
+    launch: Literal["local", "sglang", "none"] = "local"  # none: a server already running at `url`
+    url: str | None = None
+    n: int = Field(4, ge=2)  # samples per prompt (a GRPO group)
+    prompts_per_step: int = Field(4, ge=1)  # groups per rollout batch
+    max_new_tokens: int = Field(256, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = -1
+    stop: tuple[str, ...] = Field((), strict=False)  # stop strings (kept in the text)
+    max_running_requests: int = Field(64, ge=1)  # local/sglang launch: rows per engine batch
+    mesh: str = "1,1,-1"  # local launch: data,fsdp,tensor of the server's own devices
+    startup_timeout_s: float = Field(600.0, gt=0)
+    sync_dir: str | None = None  # where weights are written for the server; null: /dev/shm (else <run_dir>)
+    seed_requests: bool = True  # a sampling_seed per sample, from the run's rng (reproducible, also after resume)
+    max_retries: int = Field(3, ge=0)
+
+    @model_validator(mode="after")
+    def _url(self):
+        if (self.launch == "none") != (self.url is not None):
+            raise ValueError("grpo.rollout.url is required with grpo.rollout.launch 'none', and only then")
+        return self
+
+
+class GRPOSandboxSection(_Section):
+    launch: Literal["local", "none"] = "local"  # none: a sandbox_service already running at `url`
+    url: str | None = None
+    workers: int | None = Field(None, ge=1)  # local launch: concurrent jailed runs (default: 2 per core)
+    insecure: bool = False  # local launch: run without isolation when the jail cannot be set up
+    timeout_s: float = Field(5.0, gt=0, le=60)  # per test
+    memory_limit_mb: int = Field(1024, ge=64)
+    reward_tests: Literal["hidden", "public"] = "hidden"  # which tests of a training task score its reward
+    max_retries: int = Field(2, ge=0)  # re-sends of programs the sandbox could not judge
+
+    @model_validator(mode="after")
+    def _url(self):
+        if (self.launch == "none") != (self.url is not None):
+            raise ValueError("grpo.sandbox.url is required with grpo.sandbox.launch 'none', and only then")
+        return self
+
+
+class GRPOEvalSection(_Section):
+    """Held-out evaluation (before and after training, every train.eval_every rounds, and python -m fr_jax.eval)."""
+
+    n: int = Field(1, ge=1)  # samples per task
+    k: tuple[int, ...] = Field((1,), strict=False)  # pass@k reported for each k <= n
+    temperature: float = Field(0.0, ge=0)  # 0: greedy (then n must be 1)
+    max_new_tokens: int | None = Field(None, ge=1)  # null: grpo.rollout.max_new_tokens
+
+    @model_validator(mode="after")
+    def _samples(self):
+        if self.temperature == 0 and self.n > 1:
+            raise ValueError("grpo.eval.n > 1 needs grpo.eval.temperature > 0 (greedy samples are all the same)")
+        if not self.k or any(k < 1 or k > self.n for k in self.k):
+            raise ValueError(f"grpo.eval.k={list(self.k)}: each k must be in [1, grpo.eval.n={self.n}]")
+        return self
+
+
+class GRPOSection(_Section):
+    """GRPO with the multi-purpose reward. train.steps counts rounds (rollout batches); train.batch_size counts
+    rows (samples) per optimizer step, so a round makes ppo_epochs x prompts_per_step x n / batch_size steps."""
+
+    mode: str = "direct"  # what the policy writes (fr_jax.rl.modes.MODES)
+    data: GRPODataSection = GRPODataSection()
+    prompt: GRPOPromptSection = GRPOPromptSection()
+    rollout: GRPORolloutSection = GRPORolloutSection()
+    sandbox: GRPOSandboxSection = GRPOSandboxSection()
+    eval: GRPOEvalSection = GRPOEvalSection()
+    loss: dict[str, Any] = Field(default_factory=dict)  # fr_jax.rl.grpo.GRPOLossConfig fields (docs/rl.md)
+    reward: dict[str, Any] = Field(default_factory=dict)  # fr_jax.rl.reward.RewardConfig fields (docs/rl.md)
+    ppo_epochs: int = Field(1, ge=1)  # passes over each rollout batch
+    dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal and sample more prompts
+    max_sampling_rounds: int = Field(4, ge=1)  # dynamic sampling: rollout calls per round at most
+    overlong_buffer: int = Field(0, ge=0)  # DAPO overlong penalty over the last this-many tokens (0: off)
+    samples_every: int = Field(5, ge=0)  # rounds between sample prompts/completions in TensorBoard (0: never)
+    samples_shown: int = Field(2, ge=1)
+
+
 class PlanSection(_Section):
     device: str = "h100"  # a key of DEVICE_HBM_GIB
     num_devices: int | None = Field(None, ge=1)  # devices the mesh spans; null: those visible now
@@ -195,6 +306,7 @@ class Config(_Section):
     monitor: MonitorSection = MonitorSection()
     plan: PlanSection = PlanSection()
     sft: SFTSection | None = None
+    grpo: GRPOSection | None = None
 
     @model_validator(mode="after")
     def _stage_section(self):

@@ -13,12 +13,13 @@ from collections.abc import Callable
 from typing import Any
 
 from fr_jax.config import ConfigError, load_config
+from fr_jax.rl.loop import run_grpo
 from fr_jax.trainer.runtime import Runtime, start_runtime
 from fr_jax.trainer.sft import run_sft
 from fr_jax.trainer.step import NonFiniteError
 
 # stage name -> runner; a stage's runner takes the started Runtime and returns a summary dict
-STAGES: dict[str, Callable[[Runtime], dict[str, Any]]] = {"sft": run_sft}
+STAGES: dict[str, Callable[[Runtime], dict[str, Any]]] = {"sft": run_sft, "grpo": run_grpo}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -64,7 +64,7 @@ def start_runtime(cfg: Config) -> Runtime:
     return Runtime(cfg, mesh, run_dir)
 
 
-def _pretrained_dir(name: str) -> pathlib.Path:
+def pretrained_dir(name: str) -> pathlib.Path:
     if name == "smollm2":
         from fr_jax.models.gguf import smollm2_hf_dir
 
@@ -79,7 +79,7 @@ def model_config(section: ModelSection) -> ModelConfig:
     """The architecture the section names, with its dtype/param_dtype/remat choices applied."""
     overrides = dict(dtype=section.dtype, param_dtype=section.param_dtype, remat=section.remat)
     if section.pretrained is not None:
-        key, hf = "model.pretrained", json.loads((_pretrained_dir(section.pretrained) / "config.json").read_text())
+        key, hf = "model.pretrained", json.loads((pretrained_dir(section.pretrained) / "config.json").read_text())
     elif section.config_json is not None:
         path = pathlib.Path(section.config_json)
         if not path.is_file():
@@ -100,7 +100,7 @@ def load_model(section: ModelSection, mesh: Mesh):
 
     cfg = model_config(section)
     if section.pretrained is not None:
-        return load_pretrained(_pretrained_dir(section.pretrained), mesh=mesh, dtype=section.dtype,
+        return load_pretrained(pretrained_dir(section.pretrained), mesh=mesh, dtype=section.dtype,
                                param_dtype=section.param_dtype, remat=section.remat)
     return create_model(cfg, mesh=mesh, rngs_seed=section.init_seed)
 
@@ -114,4 +114,4 @@ def load_tokenizer(section: ModelSection):
         raise ConfigError("model.tokenizer is required when the model is not pretrained (a dir, 'smollm2' or 'qwen')")
     if name == "qwen":
         return qwen_tokenizer()
-    return load_dir(_pretrained_dir(name) if name == "smollm2" else name)
+    return load_dir(pretrained_dir(name) if name == "smollm2" else name)

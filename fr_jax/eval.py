@@ -1,0 +1,109 @@
+"""CLI: python -m fr_jax.eval --config FILE.yaml [--split test] [--mode direct] [--model DIR] [--n N --k K ...]
+
+Evaluates a policy on a held-out split through the same rollout server and sandbox as GRPO training (the config's
+`grpo:` section: data, prompt, rollout, sandbox, eval): pass@1, and pass@k from n samples per task with the
+unbiased estimator, on the split's hidden tests. `--mode` picks what the policy writes (fr_jax.rl.modes.MODES).
+
+The weights: --model DIR (an HF directory), else the run's export <run_dir>/hf, else model.pretrained. With
+grpo.rollout.launch none the server at grpo.rollout.url is asked to load them (/update_weights_from_disk).
+The report is printed and written to <run_dir>/eval/<split>.json (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import pathlib
+import sys
+
+from fr_jax.config import Config, ConfigError, load_config
+from fr_jax.models.tokenizer import TOKENIZER_FILES, load_tokenizer
+from fr_jax.rl.components import build_mode, eval_params, load_prompts
+from fr_jax.rl.evaluation import EvalReport, evaluate
+from fr_jax.rl.modes import MODES
+from fr_jax.rl.rollout_batch import EVAL_CALL, sampling_seeds
+from fr_jax.rl.services import rollout_service, sandbox_service
+from fr_jax.trainer.runtime import load_tokenizer as config_tokenizer
+from fr_jax.trainer.runtime import pretrained_dir
+
+EVAL_VERSION = "eval"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m fr_jax.eval", description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True, help="YAML config with a grpo: section")
+    p.add_argument("--split", default=None, help="the split to evaluate (default: grpo.data.eval_split)")
+    p.add_argument("--mode", choices=MODES, default=None, help="what the policy writes (default: grpo.mode)")
+    p.add_argument("--model", default=None, help="HF model directory (default: <run_dir>/hf, else model.pretrained)")
+    p.add_argument("--n", type=int, default=None, help="samples per task (default: grpo.eval.n)")
+    p.add_argument("--k", type=int, nargs="+", default=None, help="report pass@k for these k (default: grpo.eval.k)")
+    p.add_argument("--temperature", type=float, default=None, help="default: grpo.eval.temperature (0: greedy)")
+    p.add_argument("--limit", type=int, default=None, help="the first tasks of the split only")
+    p.add_argument("--out", default=None, help="report JSON path (default: <run_dir>/eval/<split>.json)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
+    return p.parse_args(argv)
+
+
+def _flag_overrides(args: argparse.Namespace) -> list[str]:
+    """CLI flags as config overrides, so the config's own checks (e.g. n > 1 needs a temperature) apply to them."""
+    pairs = [("grpo.data.eval_split", args.split), ("grpo.mode", args.mode), ("grpo.eval.n", args.n),
+             ("grpo.eval.k", args.k), ("grpo.eval.temperature", args.temperature), ("grpo.data.eval_limit", args.limit)]
+    return [f"{key}={json.dumps(value)}" for key, value in pairs if value is not None]
+
+
+def model_dir(cfg: Config, given: str | None) -> pathlib.Path:
+    if given is not None:
+        path = pathlib.Path(given)
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"--model {given}: not an HF model directory (no config.json)")
+        return path
+    export = pathlib.Path(cfg.run_dir) / "hf"
+    if (export / "config.json").is_file():
+        return export
+    if cfg.model.pretrained is not None:
+        return pretrained_dir(cfg.model.pretrained)
+    raise ConfigError(f"nothing to evaluate: no --model, no export at {export}, and model.pretrained is not set")
+
+
+def run_eval(cfg: Config, weights: pathlib.Path, *, given_model: bool) -> EvalReport:
+    grpo = cfg.grpo
+    has_tokenizer = any((weights / name).is_file() for name in TOKENIZER_FILES)
+    tokenizer = load_tokenizer(weights) if has_tokenizer else config_tokenizer(cfg.model)
+    mode = build_mode(grpo, tokenizer)
+    split = grpo.data.eval_split
+    tasks, prompts = load_prompts(grpo, split, mode, tokenizer, limit=grpo.data.eval_limit)
+    log_dir = pathlib.Path(cfg.run_dir) / "logs"
+    with sandbox_service(grpo.sandbox, log_dir=log_dir) as sandbox_url, \
+            rollout_service(grpo.rollout, weights, weight_version=EVAL_VERSION, seed=cfg.train.seed,
+                            log_dir=log_dir) as client:
+        if grpo.rollout.launch == "none" and given_model:
+            client.update_weights_from_disk(weights, weight_version=EVAL_VERSION)
+        seeds = (sampling_seeds(cfg.train.seed, 0, EVAL_CALL, count=len(tasks) * grpo.eval.n)
+                 if grpo.eval.temperature else None)
+        return evaluate(client, sandbox_url, mode, tasks, prompts, split=split, n=grpo.eval.n, ks=grpo.eval.k,
+                        params=eval_params(grpo), seeds=seeds)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(args.config, [*args.overrides, *_flag_overrides(args)])
+        if cfg.grpo is None:
+            raise ConfigError("evaluation reads the config's grpo: section (data, prompt, rollout, sandbox, eval)")
+        weights = model_dir(cfg, args.model)
+        report = run_eval(cfg, weights, given_model=args.model is not None)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    out = pathlib.Path(args.out) if args.out else pathlib.Path(cfg.run_dir) / "eval" / f"{report.split}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"model": str(weights), **report.to_json()}, indent=2) + "\n")
+    print(report.line())
+    print(f"report: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""Held-out evaluation through the same rollout server and sandbox as training: pass@k on the hidden tests.
+
+n samples per task; a sample is correct when it passes every hidden test. pass@k is the unbiased estimator of
+Chen et al. (fr_jax.rl.reward.pass_at_k) averaged over tasks; with n = 1 and greedy decoding pass@1 is the plain
+fraction of tasks solved. The mean multi-purpose reward and each of its terms are reported beside it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from fr_jax.data.tasks import Task
+from fr_jax.rl.modes import Mode, score_completions
+from fr_jax.rl.reward import pass_at_k
+from fr_jax.rl.rollout_batch import generate_groups
+from fr_jax.rollout import RolloutClient
+from fr_jax.rollout.protocol import SamplingParams
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalReport:
+    split: str
+    n: int
+    pass_at_k: dict[int, float]
+    reward: dict[str, float]  # mean of each reward term and of the total
+    test_pass_rate: float  # mean fraction of hidden tests passed per sample
+    well_formed: float  # fraction of samples with a runnable answer
+    per_task: dict[str, int]  # task id -> correct samples (of n)
+    seconds: float
+
+    def scalars(self, prefix: str = "eval") -> dict[str, float]:
+        out = {f"{prefix}/pass_at_{k}": v for k, v in self.pass_at_k.items()}
+        out.update({f"{prefix}/reward/{k}": v for k, v in self.reward.items()})
+        out[f"{prefix}/test_pass_rate"] = self.test_pass_rate
+        out[f"{prefix}/well_formed"] = self.well_formed
+        return out
+
+    def to_json(self) -> dict:
+        return {**dataclasses.asdict(self), "tasks": len(self.per_task),
+                "pass_at_k": {f"pass@{k}": v for k, v in self.pass_at_k.items()}}
+
+    def line(self) -> str:
+        figures = ", ".join(f"pass@{k} {v:.3f}" for k, v in self.pass_at_k.items())
+        return (f"{self.split}: {len(self.per_task)} tasks x {self.n} samples: {figures}, reward "
+                f"{self.reward['total']:.3f}, tests passed {self.test_pass_rate:.3f}, "
+                f"well-formed {self.well_formed:.3f}")
+
+
+def evaluate(client: RolloutClient, sandbox_url: str, mode: Mode, tasks: Sequence[Task],
+             prompts: Sequence[Sequence[int]], *, split: str, n: int, ks: Sequence[int], params: SamplingParams,
+             seeds: Sequence[int] | None) -> EvalReport:
+    started = time.perf_counter()
+    groups = generate_groups(client, prompts, params, n, seeds)
+    flat_tasks = [task for task in tasks for _ in range(n)]
+    scores = score_completions(sandbox_url, mode, flat_tasks, [r.text for g in groups for r in g], hidden=True)
+    correct = np.array([s.passed_all for s in scores]).reshape(len(tasks), n).sum(axis=1)
+    terms = [s.reward.as_dict() for s in scores]
+    return EvalReport(
+        split=split, n=n,
+        pass_at_k={k: float(np.mean([pass_at_k(n, int(c), k) for c in correct])) for k in ks},
+        reward={key: float(np.mean([t[key] for t in terms])) for key in terms[0]},
+        test_pass_rate=float(np.mean([s.pass_rate for s in scores])),
+        well_formed=float(np.mean([s.well_formed for s in scores])),
+        per_task={task.task_id: int(c) for task, c in zip(tasks, correct)},
+        seconds=time.perf_counter() - started)
