@@ -262,11 +262,28 @@ class GRPOEvalSection(_Section):
         return self
 
 
+class GRPOWorkflowSection(_Section):
+    """grpo.mode: workflow (fr_jax.flow.task): the policy writes a workflow, the sandbox runs it, its operators call
+    the worker LLM named `worker` on the sandbox's allowlist. Used by no other mode."""
+
+    worker: str = "local"
+    # an OpenAI-compatible base URL (.../v1) that a sandbox launched here allowlists as `worker`, or "rollout": the
+    # rollout server itself (the policy is then its own worker)
+    worker_url: str | None = None
+    worker_model: str | None = None  # the `model` field sent to the worker (default: the name)
+    max_tokens: int = Field(512, ge=1)  # per worker call
+    temperature: float = Field(0.0, ge=0, le=2)  # of the worker: 0 keeps the reward of a design deterministic
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_operator_calls: int = Field(20, ge=1)  # budgets of one workflow run; the first call past one ends it
+    max_worker_tokens: int = Field(32_000, ge=1)
+    wall_s: float = Field(120.0, gt=0)
+
+
 class GRPOSection(_Section):
     """GRPO with the multi-purpose reward. train.steps counts rounds (rollout batches); train.batch_size counts
     rows (samples) per optimizer step, so a round makes ppo_epochs x prompts_per_step x n / batch_size steps."""
 
-    mode: str = "direct"  # what the policy writes (fr_jax.rl.modes.MODES)
+    mode: str = "direct"  # what the policy writes: direct, or workflow (fr_jax.rl.components.MODE_BUILDERS)
     data: GRPODataSection = GRPODataSection()
     prompt: GRPOPromptSection = GRPOPromptSection()
     rollout: GRPORolloutSection = GRPORolloutSection()
@@ -280,6 +297,14 @@ class GRPOSection(_Section):
     overlong_buffer: int = Field(0, ge=0)  # DAPO overlong penalty over the last this-many tokens (0: off)
     samples_every: int = Field(5, ge=0)  # rounds between sample prompts/completions in TensorBoard (0: never)
     samples_shown: int = Field(2, ge=1)
+    workflow: GRPOWorkflowSection = GRPOWorkflowSection()
+
+    @model_validator(mode="after")
+    def _workflow_worker(self):
+        if self.mode == "workflow" and self.sandbox.launch == "local" and self.workflow.worker_url is None:
+            raise ValueError("grpo.workflow.worker_url is required with grpo.mode 'workflow' and grpo.sandbox.launch "
+                             "'local': the sandbox launched here must allowlist the worker (a URL, or 'rollout')")
+        return self
 
 
 class PlanSection(_Section):
@@ -389,8 +414,9 @@ def parse_config(tree: dict, model: type[BaseModel] = Config) -> Config:
         raise ConfigError(_format_errors(err, model)) from None
 
 
-def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> Config:
-    """Read a YAML config, apply overrides, validate. Errors name the key and what is allowed."""
+def load_config(path: str | os.PathLike, overrides: list[str] = (), model: type[BaseModel] = Config) -> Config:
+    """Read a YAML config, apply overrides, validate (as `model`: another CLI's config tree may use the same
+    machinery). Errors name the key and what is allowed."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -400,4 +426,4 @@ def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> Config:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    return parse_config(apply_overrides(tree, list(overrides)))
+    return parse_config(apply_overrides(tree, list(overrides)), model)

@@ -1,8 +1,11 @@
-"""CLI: python -m fr_jax.eval --config FILE.yaml [--split test] [--mode direct] [--model DIR] [--n N --k K ...]
+"""CLI: python -m fr_jax.eval --config FILE.yaml [--split test] [--mode direct|workflow] [--model DIR] [--n N --k K]
 
 Evaluates a policy on a held-out split through the same rollout server and sandbox as GRPO training (the config's
 `grpo:` section: data, prompt, rollout, sandbox, eval): pass@1, and pass@k from n samples per task with the
-unbiased estimator, on the split's hidden tests. `--mode` picks what the policy writes (fr_jax.rl.modes.MODES).
+unbiased estimator, on the split's hidden tests. `--mode` picks what the policy writes: `direct`, the solution;
+`workflow`, a FlowReasoner workflow whose operators call the worker LLM (grpo.workflow). A workflow evaluation also
+asks that worker to answer each query directly, with the same per-call budget, and reports both side by side with
+the mean worker calls and tokens per query.
 
 The weights: --model DIR (an HF directory), else the run's export <run_dir>/hf, else model.pretrained. With
 grpo.rollout.launch none the server at grpo.rollout.url is asked to load them (/update_weights_from_disk).
@@ -18,10 +21,10 @@ import pathlib
 import sys
 
 from fr_jax.config import Config, ConfigError, load_config
+from fr_jax.flow.task import WorkflowMode, direct_worker_report  # importing it registers grpo.mode: workflow
 from fr_jax.models.tokenizer import TOKENIZER_FILES, load_tokenizer
-from fr_jax.rl.components import build_mode, eval_params, load_prompts
+from fr_jax.rl.components import MODE_BUILDERS, build_mode, eval_params, load_prompts
 from fr_jax.rl.evaluation import EvalReport, evaluate
-from fr_jax.rl.modes import MODES
 from fr_jax.rl.rollout_batch import EVAL_CALL, sampling_seeds
 from fr_jax.rl.services import rollout_service, sandbox_service
 from fr_jax.trainer.runtime import load_tokenizer as config_tokenizer
@@ -34,7 +37,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m fr_jax.eval", description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True, help="YAML config with a grpo: section")
     p.add_argument("--split", default=None, help="the split to evaluate (default: grpo.data.eval_split)")
-    p.add_argument("--mode", choices=MODES, default=None, help="what the policy writes (default: grpo.mode)")
+    p.add_argument("--mode", choices=sorted(MODE_BUILDERS), default=None,
+                   help="what the policy writes (default: grpo.mode)")
     p.add_argument("--model", default=None, help="HF model directory (default: <run_dir>/hf, else model.pretrained)")
     p.add_argument("--n", type=int, default=None, help="samples per task (default: grpo.eval.n)")
     p.add_argument("--k", type=int, nargs="+", default=None, help="report pass@k for these k (default: grpo.eval.k)")
@@ -66,7 +70,9 @@ def model_dir(cfg: Config, given: str | None) -> pathlib.Path:
     raise ConfigError(f"nothing to evaluate: no --model, no export at {export}, and model.pretrained is not set")
 
 
-def run_eval(cfg: Config, weights: pathlib.Path, *, given_model: bool) -> EvalReport:
+def run_eval(cfg: Config, weights: pathlib.Path, *, given_model: bool) -> tuple[EvalReport, EvalReport | None]:
+    """The policy's report, and for a workflow policy that of its worker prompted directly (None without a
+    grpo.workflow.worker_url to ask it at)."""
     grpo = cfg.grpo
     has_tokenizer = any((weights / name).is_file() for name in TOKENIZER_FILES)
     tokenizer = load_tokenizer(weights) if has_tokenizer else config_tokenizer(cfg.model)
@@ -74,15 +80,32 @@ def run_eval(cfg: Config, weights: pathlib.Path, *, given_model: bool) -> EvalRe
     split = grpo.data.eval_split
     tasks, prompts = load_prompts(grpo, split, mode, tokenizer, limit=grpo.data.eval_limit)
     log_dir = pathlib.Path(cfg.run_dir) / "logs"
-    with sandbox_service(grpo.sandbox, log_dir=log_dir) as sandbox_url, \
-            rollout_service(grpo.rollout, weights, weight_version=EVAL_VERSION, seed=cfg.train.seed,
-                            log_dir=log_dir) as client:
+    with rollout_service(grpo.rollout, weights, weight_version=EVAL_VERSION, seed=cfg.train.seed,
+                         log_dir=log_dir) as client, \
+            sandbox_service(grpo.sandbox, log_dir=log_dir,
+                            workers=mode.sandbox_workers(client.base_url)) as sandbox_url:
         if grpo.rollout.launch == "none" and given_model:
             client.update_weights_from_disk(weights, weight_version=EVAL_VERSION)
         seeds = (sampling_seeds(cfg.train.seed, 0, EVAL_CALL, count=len(tasks) * grpo.eval.n)
                  if grpo.eval.temperature else None)
-        return evaluate(client, sandbox_url, mode, tasks, prompts, split=split, n=grpo.eval.n, ks=grpo.eval.k,
-                        params=eval_params(grpo), seeds=seeds)
+        report = evaluate(client, sandbox_url, mode, tasks, prompts, split=split, n=grpo.eval.n, ks=grpo.eval.k,
+                          params=eval_params(grpo), seeds=seeds)
+        worker_url = mode.resolved_worker_url(client.base_url) if isinstance(mode, WorkflowMode) else None
+        if worker_url is None:
+            return report, None
+        baseline = direct_worker_report(grpo, tokenizer, tasks, worker_url=worker_url, sandbox_url=sandbox_url,
+                                        split=split, seeds=seeds)
+        return report, baseline
+
+
+def side_by_side(report: EvalReport, baseline: EvalReport) -> str:
+    """The worker prompted directly vs the meta-agent's workflows, on the same queries."""
+    ks = list(report.pass_at_k)
+    header = f"{'':28}" + "".join(f"{f'pass@{k}':>9}" for k in ks) + f"{'worker calls/query':>20}{'tokens/query':>14}"
+    rows = [f"{name:<28}" + "".join(f"{r.pass_at_k[k]:9.3f}" for k in ks) + f"{r.worker_calls:20.2f}"
+            f"{r.worker_tokens:14.0f}" for name, r in (("worker prompted directly", baseline),
+                                                       ("meta-agent workflows", report))]
+    return "\n".join([f"{report.split}: {len(report.per_task)} queries x {report.n} samples", header, *rows])
 
 
 def main(argv=None) -> int:
@@ -93,14 +116,21 @@ def main(argv=None) -> int:
         if cfg.grpo is None:
             raise ConfigError("evaluation reads the config's grpo: section (data, prompt, rollout, sandbox, eval)")
         weights = model_dir(cfg, args.model)
-        report = run_eval(cfg, weights, given_model=args.model is not None)
+        report, baseline = run_eval(cfg, weights, given_model=args.model is not None)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
     out = pathlib.Path(args.out) if args.out else pathlib.Path(cfg.run_dir) / "eval" / f"{report.split}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": str(weights), **report.to_json()}, indent=2) + "\n")
+    document = {"model": str(weights), "mode": cfg.grpo.mode, **report.to_json()}
+    if baseline is not None:
+        document["direct_worker"] = baseline.to_json()
+    out.write_text(json.dumps(document, indent=2) + "\n")
     print(report.line())
+    if baseline is not None:
+        print(side_by_side(report, baseline))
+    elif cfg.grpo.mode == "workflow":
+        print("(set grpo.workflow.worker_url to also evaluate the worker prompted directly)")
     print(f"report: {out}")
     return 0
 

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+import fr_jax.flow.task  # noqa: F401 - registers grpo.mode: workflow
 from fr_jax.config import ConfigError, load_config
 from fr_jax.rl.loop import run_grpo
 from fr_jax.trainer.runtime import Runtime, start_runtime

@@ -1,7 +1,12 @@
-"""`python -m sandbox_service --host 127.0.0.1 --port 8080 [--workers N] [--max-queue M]`.
+"""`python -m sandbox_service --host 127.0.0.1 --port 8080 [--workers N] [--max-queue M] [--worker NAME=URL ...]`.
 
 Proves the jail holds with a harmless probe before it listens, and refuses to start without isolation unless
 given --insecure. SIGTERM/SIGINT drain: no new runs, in-flight runs get --drain-timeout seconds.
+
+Workflows (POST /workflow/run) may call only the worker LLMs allowlisted at start-up, by name:
+  --worker local=http://127.0.0.1:30000/v1,model=smollm2 --worker big=https://api.example.com/v1,api_key_env=KEY
+  --workers-file workers.json   # {"local": {"url": "http://127.0.0.1:30000/v1", "model": "...", "api_key_env": "..."}}
+Without these flags the allowlist comes from $SANDBOX_WORKERS ("name=URL[,model=M];...") and $SANDBOX_WORKERS_FILE.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import uvicorn
 from sandbox_service.app import Service, ServiceSettings, create_app
 from sandbox_service.cgroups import Cgroups
 from sandbox_service.jail import IsolationError, JailConfig, claim_uid_block, probe_isolation
+from sandbox_service.workflow import WORKERS_ENV, WORKERS_FILE_ENV, load_workers, workers_from_env
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,6 +47,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--bwrap", default="bwrap", help="the bubblewrap binary")
     p.add_argument("--ro-bind", action="append", default=[], metavar="PATH",
                    help="extra host path to show read-only in the jail (e.g. a python outside /usr)")
+    p.add_argument("--worker", action="append", default=[], metavar="NAME=URL[,model=M][,api_key_env=VAR]",
+                   help="a worker LLM (OpenAI-compatible base URL ending in /v1) that workflows may call by NAME; "
+                        "repeatable")
+    p.add_argument("--workers-file", type=Path, metavar="FILE",
+                   help="JSON allowlist {name: {url, model?, api_key_env?}}; combines with --worker")
     p.add_argument("--insecure", action="store_true", help="run WITHOUT isolation if the jail cannot be set up")
     p.add_argument("--log-level", default="info")
     return p
@@ -64,6 +75,15 @@ def main(argv: list[str] | None = None) -> int:
     log = logging.getLogger("sandbox_service")
     if args.workers < 1 or args.max_queue < 0:
         print("--workers must be >= 1 and --max-queue >= 0", file=sys.stderr)
+        return 2
+    try:
+        if args.worker or args.workers_file:
+            workers = load_workers(args.worker, args.workers_file)
+        else:
+            workers = workers_from_env()
+    except ValueError as e:
+        print(f"sandbox_service: bad worker allowlist (--worker/--workers-file, or ${WORKERS_ENV}/"
+              f"${WORKERS_FILE_ENV}): {e}", file=sys.stderr)
         return 2
     cgroups, cgroup_report = Cgroups.detect()
     try:
@@ -96,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.port_file:
         args.port_file.write_text(json.dumps({"url": url, "pid": os.getpid()}))
     log.info("listening on %s with %d workers, queue %d", url, args.workers, args.max_queue)
-    server = _DrainingServer(uvicorn.Config(create_app(service), log_level=args.log_level, access_log=False,
+    log.info("workflow worker allowlist: %s", ", ".join(f"{w.name}={w.url}" for w in workers.values()) or "(empty: "
+             "POST /workflow/run answers worker_not_allowed)")
+    server = _DrainingServer(uvicorn.Config(create_app(service, workers), log_level=args.log_level, access_log=False,
                                             timeout_graceful_shutdown=int(args.drain_timeout) + 10), service)
     server.run(sockets=[sock])
     return 0

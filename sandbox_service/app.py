@@ -14,7 +14,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
@@ -29,7 +29,7 @@ from sandbox_service.jail import Isolation, Jail, JailConfig, Limits, RunOutcome
 from sandbox_service.metrics import Metrics
 from sandbox_service.schemas import (CODE_FILE, CommandResult, EvaluateBatchRequest, EvaluateBatchResponse,
                                      EvaluateRequest, EvaluateResponse, RunCodeRequest, RunCodeResponse)
-from sandbox_service.workflow import workflow_router
+from sandbox_service.workflow import WorkerEndpoint, workflow_router
 
 _log = logging.getLogger(__name__)
 
@@ -234,7 +234,9 @@ async def _send_json(send, status: int, content: dict) -> None:
 _ENDPOINTS = ("/run_code", "/evaluate", "/evaluate/batch", "/health", "/metrics")
 
 
-def create_app(service: Service) -> FastAPI:
+def create_app(service: Service, workers: Mapping[str, WorkerEndpoint] | None = None) -> FastAPI:
+    """The service's routes; `workers` is the workflow allowlist (None: from $SANDBOX_WORKERS[_FILE])."""
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         service.loop = asyncio.get_running_loop()
@@ -279,7 +281,7 @@ def create_app(service: Service) -> FastAPI:
         results = await asyncio.gather(*(service.evaluate_one(item) for item in request.items))
         return EvaluateBatchResponse(results=list(results))
 
-    app.include_router(workflow_router(service))
+    app.include_router(workflow_router(service, workers))
 
     @app.get("/health")
     async def health() -> JSONResponse:

@@ -11,7 +11,8 @@ Budgets: operator calls and worker tokens are checked as calls arrive; the first
 wall time is the jail's timer (timeout). A finished workflow's solution is then scored on the query's public and
 hidden tests (the /evaluate machinery), with per-test feedback.
 
-Workers are configured by the environment the service starts with (specs as for --worker):
+Workers are configured at start-up by `python -m sandbox_service --worker NAME=URL[,model=M] --workers-file F`,
+or, without those flags, by the environment the service starts with (specs as for --worker):
   SANDBOX_WORKERS="local=http://127.0.0.1:30000/v1,model=smollm2;big=http://10.0.0.5:8000/v1"
   SANDBOX_WORKERS_FILE=workers.json     # {"local": {"url": "http://127.0.0.1:30000/v1", "model": "...",
                                         #            "api_key_env": "OPENAI_API_KEY"}, ...}

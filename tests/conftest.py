@@ -54,3 +54,32 @@ def api(sandbox):
 
     with httpx.Client(base_url=sandbox.url, timeout=120) as client:
         yield client
+
+
+# Put in the workflow sandbox's environment: graphs must never see it.
+WORKFLOW_SECRET = f"fr-flow-secret-{secrets.token_hex(8)}"
+
+
+@pytest.fixture(scope="session")
+def workflow_worker(smollm2_dir):
+    """ONE real worker LLM for the workflow tests: fr_jax.serve on SmolLM2 (the context fits a design prompt, so
+    the flow tests can also use it as the designer)."""
+    from fr_jax.rl.services import server_env
+    from fr_jax.rollout.launch import launch_local
+
+    # the machine's one CPU device: the 8 fake devices the tests get would make it a slow 8-way tensor-parallel decode
+    with launch_local(smollm2_dir, context_length=2048, max_running_requests=8, random_seed=0,
+                      env=server_env()) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def workflow_sandbox(workflow_worker):
+    """ONE real sandbox_service whose allowlist has the worker as `local` (and `dead`: allowlisted, nothing there)."""
+    from fr_jax.rl.sandbox_client import LocalSandbox
+
+    # its own jail uids: the `sandbox` fixture's service uses the default base
+    args = ["--uid-base", "61300", "--worker", f"local={workflow_worker.url}/v1",
+            "--worker", "dead=http://127.0.0.1:9/v1"]
+    with LocalSandbox(workers=4, env={**os.environ, "FLOW_TEST_SECRET": WORKFLOW_SECRET}, extra_args=args) as service:
+        yield service

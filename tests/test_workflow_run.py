@@ -7,19 +7,16 @@ counts, token counts and traces come from real worker calls. Hostile graphs each
 
 import asyncio
 import json
-import os
-import secrets
 
 import httpx
 import pytest
 
 from fr_jax.flow import SEED_GRAPH, SEED_PROMPT
-from fr_jax.rl.sandbox_client import AssertTests, HumanEvalTests, LocalSandbox, SandboxClient
-from fr_jax.rollout.launch import launch_local
+from fr_jax.rl.sandbox_client import AssertTests, HumanEvalTests, SandboxClient
 from sandbox_service.operators import (OPERATORS, OperatorError, bind_arguments, chosen_solution, describe_operators,
                                        extract_code, operators_text)
+from conftest import WORKFLOW_SECRET as SECRET
 
-SECRET = f"fr-flow-secret-{secrets.token_hex(8)}"
 MAX_TOKENS = 32
 KNOWN_GOOD = "def add(a, b):\n    return a + b\n"
 KNOWN_BAD = "def add(a, b):\n    return a - b\n"
@@ -36,22 +33,14 @@ HEADER = f"KNOWN_GOOD = {KNOWN_GOOD!r}\nKNOWN_BAD = {KNOWN_BAD!r}\nEXPLAIN = {EX
 
 
 @pytest.fixture(scope="module")
-def worker(smollm2_dir):
-    # one CPU device: the 8 fake devices conftest gives the tests would make it a slow 8-way tensor-parallel decode
-    flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f)
-    env = {**os.environ, "XLA_FLAGS": flags}
-    with launch_local(smollm2_dir, context_length=1024, max_running_requests=8, random_seed=0, env=env) as server:
-        yield server
+def worker(workflow_worker):
+    return workflow_worker
 
 
 @pytest.fixture(scope="module")
-def service(worker):
-    env = {**os.environ, "FLOW_TEST_SECRET": SECRET,
-           "SANDBOX_WORKERS": f"local={worker.url}/v1;dead=http://127.0.0.1:9/v1"}
-    # its own jail uids: another service in this session (the sandbox tests') uses the default base
-    with LocalSandbox(workers=3, env=env, extra_args=["--uid-base", "61300"]) as sandbox:
-        with httpx.Client(base_url=sandbox.url, timeout=300) as client:
-            yield client
+def service(workflow_sandbox):
+    with httpx.Client(base_url=workflow_sandbox.url, timeout=300) as client:
+        yield client
 
 
 def run(service, graph: str, prompt: str = "", *, worker: str = "local", budgets: dict | None = None) -> dict:

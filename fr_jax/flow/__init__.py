@@ -1,4 +1,6 @@
-"""FlowReasoner: the meta-agent's prompt and answer parsing (prompt.py); workflows run in sandbox_service."""
+"""FlowReasoner: the meta-agent's prompt and answer parsing (prompt.py), the workflow mode of GRPO and evaluation
+(task.py), the per-query refinement loop (optimize.py) and the SFT data it yields (data.py); workflows run in
+sandbox_service. See docs/flow.md."""
 
 from fr_jax.flow.prompt import (
     MAX_OPERATOR_CALLS,

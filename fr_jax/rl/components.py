@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
+from typing import Any
 
 from fr_jax.config import ConfigError, GRPOSection
 from fr_jax.data.tasks import Task, load_tasks
 from fr_jax.rl.grpo import GRPOLossConfig
-from fr_jax.rl.modes import MODES, DirectCode, Mode
+from fr_jax.rl.modes import DirectCode, Mode
 from fr_jax.rl.reward import RewardConfig
 from fr_jax.rl.rollout_batch import encode_prompt
 from fr_jax.rl.task_file import load_task_file
@@ -38,15 +40,29 @@ def loss_config(grpo: GRPOSection) -> GRPOLossConfig:
     return from_section(GRPOLossConfig, values, "grpo.loss")
 
 
-def build_mode(grpo: GRPOSection, tokenizer) -> Mode:
-    if grpo.mode not in MODES:
-        raise ConfigError(f"grpo.mode={grpo.mode!r}: known modes are {list(MODES)}")
+def _direct_code(grpo: GRPOSection, tokenizer) -> Mode:
     return DirectCode(
         reward=from_section(RewardConfig, grpo.reward, "grpo.reward"),
         count_tokens=lambda code: len(tokenizer.encode(code, add_special_tokens=False)),
         instruction=grpo.prompt.instruction, system=grpo.prompt.system,
         show_public_tests=grpo.prompt.show_public_tests, timeout_s=grpo.sandbox.timeout_s,
         memory_limit_mb=grpo.sandbox.memory_limit_mb, retries=grpo.sandbox.max_retries)
+
+
+# grpo.mode -> the builder of that mode from the grpo: section and the policy's tokenizer. Modes of higher floors
+# register here (fr_jax.flow.task registers "workflow"; the CLIs import it), since rl must not import them.
+MODE_BUILDERS: dict[str, Callable[[GRPOSection, Any], Mode]] = {"direct": _direct_code}
+
+
+def register_mode(name: str, builder: Callable[[GRPOSection, Any], Mode]) -> None:
+    MODE_BUILDERS[name] = builder
+
+
+def build_mode(grpo: GRPOSection, tokenizer) -> Mode:
+    if grpo.mode not in MODE_BUILDERS:
+        raise ConfigError(f"grpo.mode={grpo.mode!r}: known modes are {sorted(MODE_BUILDERS)} (`workflow` is there "
+                          "once fr_jax.flow.task is imported, as python -m fr_jax.train and fr_jax.eval do)")
+    return MODE_BUILDERS[grpo.mode](grpo, tokenizer)
 
 
 def _reference_lines(task: Task) -> int | None:

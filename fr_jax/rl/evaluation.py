@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from fr_jax.data.tasks import Task
-from fr_jax.rl.modes import Mode, score_completions
+from fr_jax.rl.modes import Mode, Score, score_completions, worker_usage
 from fr_jax.rl.reward import pass_at_k
 from fr_jax.rl.rollout_batch import generate_groups
 from fr_jax.rollout import RolloutClient
@@ -31,12 +31,16 @@ class EvalReport:
     well_formed: float  # fraction of samples with a runnable answer
     per_task: dict[str, int]  # task id -> correct samples (of n)
     seconds: float
+    worker_calls: float | None = None  # mean worker-LLM calls per answer (None: the mode runs no worker)
+    worker_tokens: float | None = None
 
     def scalars(self, prefix: str = "eval") -> dict[str, float]:
         out = {f"{prefix}/pass_at_{k}": v for k, v in self.pass_at_k.items()}
         out.update({f"{prefix}/reward/{k}": v for k, v in self.reward.items()})
         out[f"{prefix}/test_pass_rate"] = self.test_pass_rate
         out[f"{prefix}/well_formed"] = self.well_formed
+        if self.worker_calls is not None:
+            out[f"{prefix}/worker_calls"], out[f"{prefix}/worker_tokens"] = self.worker_calls, self.worker_tokens
         return out
 
     def to_json(self) -> dict:
@@ -47,7 +51,9 @@ class EvalReport:
         figures = ", ".join(f"pass@{k} {v:.3f}" for k, v in self.pass_at_k.items())
         return (f"{self.split}: {len(self.per_task)} tasks x {self.n} samples: {figures}, reward "
                 f"{self.reward['total']:.3f}, tests passed {self.test_pass_rate:.3f}, "
-                f"well-formed {self.well_formed:.3f}")
+                f"well-formed {self.well_formed:.3f}" + (
+                    f", worker {self.worker_calls:.2f} calls / {self.worker_tokens:.0f} tokens per answer"
+                    if self.worker_calls is not None else ""))
 
 
 def evaluate(client: RolloutClient, sandbox_url: str, mode: Mode, tasks: Sequence[Task],
@@ -57,6 +63,12 @@ def evaluate(client: RolloutClient, sandbox_url: str, mode: Mode, tasks: Sequenc
     groups = generate_groups(client, prompts, params, n, seeds)
     flat_tasks = [task for task in tasks for _ in range(n)]
     scores = score_completions(sandbox_url, mode, flat_tasks, [r.text for g in groups for r in g], hidden=True)
+    return summarize(tasks, scores, split=split, n=n, ks=ks, seconds=time.perf_counter() - started)
+
+
+def summarize(tasks: Sequence[Task], scores: Sequence[Score], *, split: str, n: int, ks: Sequence[int],
+              seconds: float) -> EvalReport:
+    """The report of n scored samples per task (scores task-major: the n of tasks[0] first)."""
     correct = np.array([s.passed_all for s in scores]).reshape(len(tasks), n).sum(axis=1)
     terms = [s.reward.as_dict() for s in scores]
     return EvalReport(
@@ -65,5 +77,5 @@ def evaluate(client: RolloutClient, sandbox_url: str, mode: Mode, tasks: Sequenc
         reward={key: float(np.mean([t[key] for t in terms])) for key in terms[0]},
         test_pass_rate=float(np.mean([s.pass_rate for s in scores])),
         well_formed=float(np.mean([s.well_formed for s in scores])),
-        per_task={task.task_id: int(c) for task, c in zip(tasks, correct)},
-        seconds=time.perf_counter() - started)
+        per_task={task.task_id: int(c) for task, c in zip(tasks, correct)}, seconds=seconds,
+        **worker_usage(scores))

@@ -47,7 +47,7 @@ from fr_jax.models.qwen import abstract_model
 from fr_jax.rl.components import build_mode, eval_params, load_prompts, loss_config, rollout_params
 from fr_jax.rl.evaluation import EvalReport, evaluate
 from fr_jax.rl.grpo import group_advantages, merge_metrics, needs_reference, overlong_penalty
-from fr_jax.rl.modes import Score, score_completions
+from fr_jax.rl.modes import Score, score_completions, worker_usage
 from fr_jax.rl.rollout_batch import EVAL_CALL, Layout, TaskStream, generate_groups, pack_rollouts, sampling_seeds
 from fr_jax.rl.services import rollout_service, sandbox_service
 from fr_jax.rl.update import LogprobPass, grpo_loss_fn, ppo_update, summarize_updates
@@ -263,6 +263,9 @@ class GRPORun:
         out["pass_rate"] = float(np.mean([s.pass_rate for s in scores]))
         out["all_pass_rate"] = float(np.mean([s.passed_all for s in scores]))
         out["well_formed"] = float(np.mean([s.well_formed for s in scores]))
+        usage = worker_usage(scores)
+        if usage:  # a mode whose answers run a worker LLM
+            out["worker/calls"], out["worker/tokens"] = usage["worker_calls"], usage["worker_tokens"]
         lengths = [len(r.output_ids) for r in rollouts]
         out["response/length_mean"], out["response/length_max"] = float(np.mean(lengths)), float(max(lengths))
         out["response/truncated_frac"] = float(np.mean([r.finish_reason == "length" for r in rollouts]))
@@ -331,9 +334,10 @@ class GRPORun:
             yield None, None
             return
         log_dir = self.rt.run_dir / "logs"
-        with sandbox_service(self.grpo.sandbox, log_dir=log_dir) as sandbox_url, \
-                rollout_service(self.grpo.rollout, self.sync_dir, weight_version=version, seed=self.train.seed,
-                                log_dir=log_dir) as client:
+        with rollout_service(self.grpo.rollout, self.sync_dir, weight_version=version, seed=self.train.seed,
+                             log_dir=log_dir) as client, \
+                sandbox_service(self.grpo.sandbox, log_dir=log_dir,
+                                workers=self.mode.sandbox_workers(client.base_url)) as sandbox_url:
             yield client, sandbox_url
 
     def _train(self, state, version: str, start: int, client, sandbox_url, writer: MetricsWriter,

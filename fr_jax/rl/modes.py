@@ -2,9 +2,11 @@
 
 A mode has two jobs. `messages(task)` writes the chat the policy answers. `score(sandbox, tasks, completions)` runs
 what the completions produced in the sandbox and turns the execution feedback into the multi-purpose reward
-(fr_jax.rl.reward), one `Score` per completion. The loop and `python -m fr_jax.eval --mode ...` know modes only
-through these two methods, so FlowReasoner's workflow mode (the policy writes a Workflow that calls a worker LLM)
-plugs in beside `DirectCode` (the policy writes the solution itself) without touching either.
+(fr_jax.rl.reward), one `Score` per completion (with the worker-LLM calls and tokens it cost, for a mode that runs
+one). `sandbox_workers(rollout_url)` names the worker LLMs a sandbox launched for the mode must allowlist. The loop
+and `python -m fr_jax.eval --mode ...` know modes only through these methods, so FlowReasoner's workflow mode
+(fr_jax.flow.task: the policy writes a Workflow that calls a worker LLM) plugs in beside `DirectCode` (the policy
+writes the solution itself) without touching either; it registers in fr_jax.rl.components.MODE_BUILDERS.
 
 Which tests score what: a training reward runs the task's *hidden* tests by default (every MBPP assert, HumanEval's
 check()). They belong to training tasks, which are never evaluated on, and using all of them gives partial credit
@@ -43,6 +45,8 @@ class Score:
     well_formed: bool
     passed: int
     total: int
+    worker_calls: int | None = None  # what running the answer cost in worker-LLM calls and tokens (None: no worker)
+    worker_tokens: int | None = None
 
     @property
     def pass_rate(self) -> float:
@@ -51,6 +55,14 @@ class Score:
     @property
     def passed_all(self) -> bool:
         return self.total > 0 and self.passed == self.total
+
+
+def worker_usage(scores: Sequence[Score]) -> dict[str, float]:
+    """Mean worker-LLM calls and tokens per answer, when every score has them ({} otherwise)."""
+    if not scores or any(s.worker_calls is None or s.worker_tokens is None for s in scores):
+        return {}
+    return {"worker_calls": sum(s.worker_calls for s in scores) / len(scores),
+            "worker_tokens": sum(s.worker_tokens for s in scores) / len(scores)}
 
 
 class Mode(Protocol):
@@ -62,6 +74,9 @@ class Mode(Protocol):
     async def score(self, sandbox: SandboxClient, tasks: Sequence[Task], completions: Sequence[str], *,
                     hidden: bool) -> list[Score]:
         """One Score per completion; tasks[i] is the task completions[i] answers."""
+
+    def sandbox_workers(self, rollout_url: str) -> list[str]:
+        """Worker LLMs (`name=URL[,model=M]`) that a sandbox launched for this mode must allowlist."""
 
 
 def suite_item(suite: TestSuite, entry_point: str, solution: str, *, timeout_s: float,
@@ -126,6 +141,9 @@ class DirectCode:
         self.memory_limit_mb = memory_limit_mb
         self.retries = retries
 
+    def sandbox_workers(self, rollout_url: str) -> list[str]:
+        return []
+
     def messages(self, task: Task) -> list[dict[str, str]]:
         parts = [task.prompt.strip()]
         if self.show_public_tests and task.public_tests.cases:
@@ -157,9 +175,6 @@ class DirectCode:
                                           code_tokens=self.count_tokens(codes[i]), config=self.reward)
             scores[i] = Score(reward, True, ev.num_passed, total)
         return scores
-
-
-MODES = ("direct",)  # FlowReasoner's workflow mode joins here (fr_jax.flow)
 
 
 def score_completions(sandbox_url: str, mode: Mode, tasks: Sequence[Task], completions: Sequence[str], *,

@@ -15,7 +15,7 @@ import logging
 import os
 import pathlib
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from fr_jax.config import GRPORolloutSection, GRPOSandboxSection
 from fr_jax.rl.sandbox_client import LocalSandbox, SandboxClient, SandboxUnavailable
@@ -57,14 +57,18 @@ def rollout_service(section: GRPORolloutSection, model_dir, *, weight_version: s
 
 
 @contextlib.contextmanager
-def sandbox_service(section: GRPOSandboxSection, *, log_dir: pathlib.Path) -> Iterator[str]:
-    """The sandbox's URL, healthy."""
+def sandbox_service(section: GRPOSandboxSection, *, log_dir: pathlib.Path,
+                    workers: Sequence[str] = ()) -> Iterator[str]:
+    """The sandbox's URL, healthy. A launched sandbox allowlists `workers` (`name=URL[,model=M]`, the worker LLMs
+    that workflows may call); a running one has its own allowlist."""
     log_dir.mkdir(parents=True, exist_ok=True)
     if section.launch == "none":
         asyncio.run(_check_sandbox(section.url))
         yield section.url
         return
-    with LocalSandbox(workers=section.workers, insecure=section.insecure, log_path=log_dir / "sandbox.log") as local:
+    allowlist = [flag for spec in workers for flag in ("--worker", spec)]
+    with LocalSandbox(workers=section.workers, insecure=section.insecure, log_path=log_dir / "sandbox.log",
+                      extra_args=allowlist) as local:
         _log.info("sandbox_service at %s (log %s)", local.url, log_dir / "sandbox.log")
         yield local.url
 
