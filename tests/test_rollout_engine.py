@@ -143,7 +143,8 @@ def test_stop_tokens_strings_and_lengths(tiny, tokenizer, prompt_ids):
 def test_tensor_parallel_decode_matches_one_device(tiny, tiny_dir, tokenizer, prompt_ids):
     mesh = make_mesh(1, 1, 2, devices=jax.devices()[:2])
     _, sharded = make_engine(tiny_dir, mesh, tokenizer)
-    assert sharded.state["layers"]["q_proj"].get_value().sharding.spec[2] == "tensor"
+    layers = sharded.state["layers"]         # one Block per layer: [embed, heads, head_dim] each, heads split
+    assert [layers[i]["q_proj"].get_value().sharding.spec[1] for i in range(len(layers))] == ["tensor"] * len(layers)
     ours = greedy(sharded, prompt_ids)
     reference = greedy(tiny[1], prompt_ids)
     for a, b in zip(ours, reference):

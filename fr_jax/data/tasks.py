@@ -41,10 +41,11 @@ from __future__ import annotations
 import ast
 import dataclasses
 import functools
-import json
 import pathlib
 import re
 import warnings
+
+from fr_jax.data.jsonl import read_jsonl
 
 HUMANEVAL, MBPP, MBPP_SANITIZED, AFLOW_MBPP, BIGCODEBENCH = (
     "humaneval",
@@ -139,20 +140,6 @@ def _numeric_id(task: Task) -> int:
     return int(task.task_id.rsplit("/", 1)[1])
 
 
-def _read_jsonl(path: pathlib.Path) -> list[dict]:
-    if not path.is_file():
-        raise FileNotFoundError(f"task data file not found: {path}")
-    records = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{line_no}: not valid JSON ({err})") from err
-    return records
-
-
 def _field(record: dict, key: str, path: pathlib.Path):
     if key not in record:
         raise KeyError(f"{path}: record {record.get('task_id', record.get('problem_id', '?'))} has no field {key!r}")
@@ -164,9 +151,9 @@ def _field(record: dict, key: str, path: pathlib.Path):
 
 def _humaneval(data_dir: pathlib.Path, split: str) -> list[Task]:
     path = data_dir / "HumanEval.jsonl"
-    records = _read_jsonl(path)
+    records = read_jsonl(path)
     if split != "all":
-        wanted = {_field(r, "task_id", path) for r in _read_jsonl(data_dir / "aflow" / f"humaneval_{split}.jsonl")}
+        wanted = {_field(r, "task_id", path) for r in read_jsonl(data_dir / "aflow" / f"humaneval_{split}.jsonl")}
         records = [r for r in records if r["task_id"] in wanted]
         missing = wanted - {r["task_id"] for r in records}
         if missing:
@@ -193,7 +180,7 @@ def _humaneval(data_dir: pathlib.Path, split: str) -> list[Task]:
 def _humaneval_public_tests(path: pathlib.Path) -> dict[str, list[str]]:
     """AFlow's public asserts per task, without the known-wrong ones (which must still be there to be dropped)
     and without blank ones (an empty program would always pass)."""
-    public = {_field(r, "problem_id", path): list(_field(r, "test", path)) for r in _read_jsonl(path)}
+    public = {_field(r, "problem_id", path): list(_field(r, "test", path)) for r in read_jsonl(path)}
     for task_id, wrong in _HUMANEVAL_WRONG_PUBLIC_TESTS.items():
         absent = [t for t in wrong if t not in public.get(task_id, ())]
         if absent:
@@ -274,7 +261,7 @@ def _mbpp_official(data_dir: pathlib.Path, split: str, *, sanitized: bool) -> li
             prelude="\n".join(_field(r, "test_imports", path)) if sanitized else "",
             setup="" if sanitized else _field(r, "test_setup_code", path),
         )
-        for r in _read_jsonl(path)
+        for r in read_jsonl(path)
         if _in_split(_field(r, "task_id", path), split)
     ]
 
@@ -282,10 +269,10 @@ def _mbpp_official(data_dir: pathlib.Path, split: str, *, sanitized: bool) -> li
 def _aflow_mbpp(data_dir: pathlib.Path, split: str) -> list[Task]:
     splits = ("test", "validate") if split == "all" else (split,)
     paths = [data_dir / "aflow" / f"mbpp_{s}.jsonl" for s in splits]
-    sanitized_code = {r["task_id"]: r["code"] for r in _read_jsonl(data_dir / "mbpp_sanitized.jsonl")}
+    sanitized_code = {r["task_id"]: r["code"] for r in read_jsonl(data_dir / "mbpp_sanitized.jsonl")}
     tasks = []
     for path in paths:
-        for r in _read_jsonl(path):
+        for r in read_jsonl(path):
             task_id = _field(r, "task_id", path)
             tasks.append(
                 _mbpp_task(

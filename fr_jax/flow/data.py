@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
-import pathlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 from fr_jax.flow.prompt import parse_design
 
@@ -112,24 +110,3 @@ def sft_records(queries: Iterable[dict], keep: RecordFilter) -> tuple[list[dict]
             kept = [best]
         records += [_record(query, round_) for round_ in kept]
     return records, dict(dropped)
-
-
-def read_jsonl(path: str | pathlib.Path) -> list[dict]:
-    """The objects of a JSONL file; a broken line raises naming it."""
-    out = []
-    with pathlib.Path(path).open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{line_no}: not valid JSON ({err}); remove the line to go on") from None
-    return out
-
-
-def write_jsonl(path: str | pathlib.Path, objects: Sequence[dict]) -> None:
-    """Write all lines to a temporary file, then rename it over `path`: a reader never sees half a file."""
-    path = pathlib.Path(path)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text("".join(json.dumps(o, ensure_ascii=False) + "\n" for o in objects), encoding="utf-8")
-    partial.replace(path)

@@ -51,7 +51,8 @@ import fr_jax
 from fr_jax.config import ConfigError, default_data_dir, load_config
 from fr_jax.data.tasks import Task, load_tasks
 from fr_jax.flow.chat import ChatClient
-from fr_jax.flow.data import RecordFilter, read_jsonl, sft_records, write_jsonl
+from fr_jax.data.jsonl import read_jsonl, write_jsonl
+from fr_jax.flow.data import RecordFilter, sft_records
 from fr_jax.flow.prompt import (MAX_OPERATOR_CALLS, SEED_GRAPH, SEED_MODIFICATION, SEED_PROMPT, Experience,
                                 ParentDesign, ParsedDesign, build_design_prompt, parse_design)
 from fr_jax.flow.task import FLOW_SYSTEM_PROMPT, WorkflowRunSettings, is_design_failure, run_design, run_pass_rate

@@ -30,7 +30,7 @@ from fr_jax.flow.chat import ChatClient
 from fr_jax.flow.prompt import ParsedDesign, build_design_prompt, parse_design
 from fr_jax.rl.components import build_mode, from_section, register_mode
 from fr_jax.rl.evaluation import EvalReport, summarize
-from fr_jax.rl.modes import SandboxFailure, Score
+from fr_jax.rl.modes import SandboxFailure, Score, humaneval_check
 from fr_jax.rl.reward import RewardConfig, count_operator_calls, multi_purpose_reward
 from fr_jax.rl.sandbox_client import AssertTests, LocalSandbox, SandboxClient, Tests, WorkflowRun
 
@@ -71,9 +71,7 @@ def suite_tests(suite: TestSuite, entry_point: str) -> Tests | None:
         return None
     imports = (suite.prelude,) if suite.prelude else ()
     if suite.format == "humaneval":
-        if len(suite.cases) != 1 or suite.setup:
-            raise ValueError("a humaneval suite holds one check() program and no setup code")
-        return AssertTests([f"{suite.cases[0]}\n\ncheck({entry_point})"], imports=imports)
+        return AssertTests([f"{humaneval_check(suite)}\n\ncheck({entry_point})"], imports=imports)
     return AssertTests(list(suite.cases), setup_code=suite.setup, imports=imports)
 
 

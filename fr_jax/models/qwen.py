@@ -10,14 +10,18 @@ Contract (MODEL_API.md), as implemented here:
   [cache_index, cache_index + T); query t of row b sees slot s iff kv_mask[b, s] and s <= cache_index + t.
 - `create_model(cfg, mesh=..., rngs_seed=0)`: random init, each parameter created directly with its sharding.
 - `param_shardings(model, mesh)`: an nnx.State of NamedSharding, from each parameter's logical axes.
-Additions: the cache is [layers, B, max_len, kv_heads, head_dim] in the compute dtype (`cache_index` may be a traced
-int32); `Decoder.hidden_states(...)` returns the last hidden states before the final norm; `abstract_model(cfg)` is
-the Decoder with ShapeDtypeStruct leaves; `logical_axes(model)` gives every parameter's logical axis names.
+Additions: the cache holds one [B, kv_heads, max_len, head_dim] array per layer in the compute dtype (`cache_index`
+may be a traced int32); `Decoder.hidden_states(...)` returns the last hidden states before the final norm, and
+`Decoder.logits(hidden)` turns (some of) them into logits; `Decoder.unstacked()` is a copy with one Block per
+layer, for decoding; `abstract_model(cfg)` is the Decoder with ShapeDtypeStruct leaves; `logical_axes(model)`
+gives every parameter's logical axis names.
 
 Parameters carry their logical axis names in the `out_sharding` metadata (flax's own field, so nnx tooling sees
 them); fr_jax.parallel.rules turns them into mesh shardings. Flax's eager sharding is off for them because flax
 would read the logical names as mesh axes. Layers are created stacked with nnx.vmap (a leading "layers" axis)
-and run with nnx.scan, so a 48-layer model compiles one layer.
+and run with nnx.scan, so a 48-layer model compiles one layer. Decoding instead runs the layers one after the other
+(MaxText's scan_layers=False for inference): a decode step is bound by reading weights, and a scan over stacked
+weights copies each layer's slice at every step.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from fr_jax.models.config import ModelConfig, rope_inverse_frequencies
 from fr_jax.parallel.rules import constrain, named_sharding
 
 _NEG_INF = -1e30  # a fully masked row (padding) then softmaxes to finite uniform weights, never NaN
-_CACHE_AXES = ("layers", "cache_batch", "cache_length", "cache_kv_heads", "cache_head_dim")
+CACHE_AXES = ("cache_batch", "cache_kv_heads", "cache_length", "cache_head_dim")
 _REMAT_POLICIES = {
     "full": None,  # save nothing, recompute the whole layer
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep projections, recompute attention
@@ -43,8 +47,12 @@ _REMAT_POLICIES = {
 
 
 class KVCache(NamedTuple):
-    k: jax.Array  # [layers, B, max_len, kv_heads, head_dim]
-    v: jax.Array
+    """Keys and values, one [B, kv_heads, max_len, head_dim] array per layer. Separate arrays are updated in place
+    by a decode step; slicing one stacked array would copy the layer's slice. Heads before length, so attention
+    reads each head's keys as one contiguous matrix."""
+
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
 
 
 def _param(rngs: nnx.Rngs, init, shape, axes, dtype) -> nnx.Param:
@@ -84,22 +92,21 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Grouped-query attention without repeating K/V: q [B,T,H,D], k/v [B,S,K,D], mask [B,T,S] -> [B,T,H,D].
+    """Grouped-query attention without repeating K/V: q [B,T,H,D], k/v [B,K,S,D], mask [B,T,S] -> [B,T,H,D].
 
     Query heads h = kv_head * group + g (transformers' repeat_kv order). Each KV head's queries are laid out as
     one [T*group, D] matrix, so both products are plain batched matmuls whose gradients XLA computes without
     transposing score-sized arrays. Scores and softmax in float32.
     """
     b, t, h, d = q.shape
-    s, kv_heads = k.shape[1], k.shape[2]
+    kv_heads, s = k.shape[1], k.shape[2]
     group = h // kv_heads
     q = q * jnp.asarray(d ** -0.5, q.dtype)
     q = q.reshape(b, t, kv_heads, group, d).transpose(0, 2, 1, 3, 4).reshape(b, kv_heads, t * group, d)
-    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     scores = jnp.einsum("bkmd,bksd->bkms", q, k, preferred_element_type=jnp.float32)
     scores = jnp.where(mask[:, None, :, None, :], scores.reshape(b, kv_heads, t, group, s), _NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kv_heads, t * group, s)
-    out = jnp.einsum("bkms,bksd->bkmd", probs, v)
+    out = jnp.einsum("bkms,bksd->bkmd", probs, v, preferred_element_type=jnp.float32).astype(v.dtype)
     return out.reshape(b, kv_heads, t, group, d).transpose(0, 2, 1, 3, 4).reshape(b, t, h, d)
 
 
@@ -107,11 +114,12 @@ def dense(x: jax.Array, w: jax.Array, in_dims: int = 1) -> jax.Array:
     """x [..., *in] @ w [*in, *out] as one 2-D matmul over flattened tokens.
 
     With the tokens flattened, the weight gradient contracts a single dimension and XLA computes it without
-    transposing the activations (a batched [B, T, ...] contraction costs a transpose per projection).
+    transposing the activations (a batched [B, T, ...] contraction costs a transpose per projection). Products
+    accumulate in float32 whatever the compute dtype.
     """
     fan_in = math.prod(w.shape[:in_dims])
     lead = x.shape[:x.ndim - in_dims]
-    y = x.reshape(-1, fan_in) @ w.reshape(fan_in, -1)
+    y = jnp.dot(x.reshape(-1, fan_in), w.reshape(fan_in, -1), preferred_element_type=jnp.float32).astype(x.dtype)
     return y.reshape(*lead, *w.shape[in_dims:])
 
 
@@ -174,7 +182,7 @@ class Block(nnx.Module):
 
     def __call__(self, x, cos, sin, mask):
         q, k, v = self.qkv(x, cos, sin)
-        return self.finish(x, attention(q, k, v, mask))
+        return self.finish(x, attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask))
 
 
 def _maybe_remat(fn, remat: str):
@@ -203,10 +211,12 @@ class Decoder(nnx.Module):
         x = jnp.take(self.embed[...], input_ids, axis=0).astype(self.cfg.dtype)
         return constrain(x, ("batch", "length", "act_embed"))
 
-    def _logits(self, x: jax.Array) -> jax.Array:
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """float32 logits [B, T, V] of hidden states [B, T, D] (final norm, then the output head): callers that
+        need only some positions (the GRPO update: the responses) pass just those."""
         cfg = self.cfg
-        b, t, d = x.shape
-        x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps).reshape(b * t, d)  # 2-D: see `dense`
+        b, t, d = hidden.shape
+        x = rms_norm(hidden, self.final_norm[...], cfg.rms_norm_eps).reshape(b * t, d)  # 2-D: see `dense`
         if cfg.tie_word_embeddings:
             logits = jnp.einsum("nd,vd->nv", x, self.embed[...].astype(cfg.dtype), preferred_element_type=jnp.float32)
         else:
@@ -233,38 +243,57 @@ class Decoder(nnx.Module):
         return run(self.layers, self._embed(input_ids))
 
     def __call__(self, input_ids: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
-        return self._logits(self.hidden_states(input_ids, positions, segment_ids))
+        return self.logits(self.hidden_states(input_ids, positions, segment_ids))
+
+    def blocks(self) -> list[Block]:
+        """The layers one by one: the separate Blocks of an `unstacked` copy, or slices of the stacked weights."""
+        if isinstance(self.layers, nnx.List):
+            return list(self.layers)
+        graphdef, state = nnx.split(self.layers)
+        return [nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state))
+                for i in range(self.cfg.num_hidden_layers)]
+
+    def unstacked(self) -> Decoder:
+        """A copy (sharing every array but the layers') with one Block per layer, each parameter its own array and
+        its logical axes without "layers": what decoding wants (module docstring). Not for training or saving."""
+        graphdef, state = nnx.split(self)
+        copy = nnx.merge(graphdef, state)
+        blocks = self.blocks()
+        for block in blocks:
+            for _, var in nnx.iter_graph(block):
+                if isinstance(var, nnx.Param):
+                    var.set_metadata(out_sharding=var.get_metadata()["out_sharding"][1:])
+        copy.layers = nnx.List(blocks)
+        return copy
 
     def init_cache(self, batch_size: int, max_len: int) -> KVCache:
         cfg = self.cfg
-        shape = (cfg.num_hidden_layers, batch_size, max_len, cfg.num_key_value_heads, cfg.head_dim)
-        return KVCache(*(constrain(jnp.zeros(shape, cfg.dtype), _CACHE_AXES) for _ in range(2)))
+        shape = (batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        return KVCache(*(tuple(constrain(jnp.zeros(shape, cfg.dtype), CACHE_AXES)
+                               for _ in range(cfg.num_hidden_layers)) for _ in range(2)))
 
     def decode(self, input_ids: jax.Array, positions: jax.Array, cache: KVCache, cache_index: jax.Array,
                kv_mask: jax.Array) -> tuple[jax.Array, KVCache]:
         cfg = self.cfg
         t = input_ids.shape[1]
-        max_len = cache.k.shape[2]
+        max_len = cache.k[0].shape[2]
         cache_index = jnp.asarray(cache_index, jnp.int32)
         cos, sin = rotary(cfg, positions, cfg.dtype)
         query_slot = cache_index + jnp.arange(t, dtype=jnp.int32)
         mask = kv_mask[:, None, :] & (jnp.arange(max_len, dtype=jnp.int32)[None, None, :] <= query_slot[None, :, None])
-
-        @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry, transform_metadata={nnx.PARTITION_NAME: "layers"})
-        def run(block: Block, carry):
-            # the whole cache rides in the carry and is updated in place at [layer, :, cache_index:]
-            x, cache_k, cache_v, layer = carry
+        x = self._embed(input_ids)
+        new_k, new_v = [], []
+        for block, layer_k, layer_v in zip(self.blocks(), cache.k, cache.v, strict=True):
             q, k, v = block.qkv(x, cos, sin)
-            start = (layer, 0, cache_index, 0, 0)
-            cache_k = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), start)
-            cache_v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), start)
-            layer_k = constrain(cache_k[layer], _CACHE_AXES[1:])
-            layer_v = constrain(cache_v[layer], _CACHE_AXES[1:])
+            start = (0, 0, cache_index, 0)
+            layer_k = constrain(jax.lax.dynamic_update_slice(layer_k, k.transpose(0, 2, 1, 3).astype(layer_k.dtype),
+                                                             start), CACHE_AXES)
+            layer_v = constrain(jax.lax.dynamic_update_slice(layer_v, v.transpose(0, 2, 1, 3).astype(layer_v.dtype),
+                                                             start), CACHE_AXES)
             x = block.finish(x, attention(q, layer_k, layer_v, mask))
-            return x, cache_k, cache_v, layer + 1
-
-        x, cache_k, cache_v, _ = run(self.layers, (self._embed(input_ids), cache.k, cache.v, jnp.int32(0)))
-        return self._logits(x), KVCache(constrain(cache_k, _CACHE_AXES), constrain(cache_v, _CACHE_AXES))
+            new_k.append(layer_k)
+            new_v.append(layer_v)
+        return self.logits(x), KVCache(tuple(new_k), tuple(new_v))
 
 
 def logical_axes(model: nnx.Module) -> nnx.State:

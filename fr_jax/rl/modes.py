@@ -79,16 +79,21 @@ class Mode(Protocol):
         """Worker LLMs (`name=URL[,model=M]`) that a sandbox launched for this mode must allowlist."""
 
 
+def humaneval_check(suite: TestSuite) -> str:
+    """The one check() program of a humaneval-format suite (all-or-nothing: it counts as one test)."""
+    if len(suite.cases) != 1 or suite.setup:
+        raise ValueError(f"a humaneval suite holds one check() program and no setup, got {len(suite.cases)} "
+                         f"cases and setup {suite.setup!r}")
+    return suite.cases[0]
+
+
 def suite_item(suite: TestSuite, entry_point: str, solution: str, *, timeout_s: float,
                memory_limit_mb: int) -> EvalItem:
     """The sandbox request that runs `solution` against one test suite, as Task.test_programs lays it out:
     prelude, solution, setup, then each case (HumanEval's check() counts as one all-or-nothing test)."""
     if suite.format == "humaneval":
-        if len(suite.cases) != 1 or suite.setup:
-            raise ValueError(f"a humaneval suite holds one check() program and no setup, got {len(suite.cases)} "
-                             f"cases and setup {suite.setup!r}")
         code = f"{suite.prelude}\n\n{solution}" if suite.prelude else solution
-        tests = HumanEvalTests(suite.cases[0], entry_point, split_asserts=False)
+        tests = HumanEvalTests(humaneval_check(suite), entry_point, split_asserts=False)
     else:
         code = solution
         tests = AssertTests(list(suite.cases), setup_code=suite.setup, imports=[suite.prelude] if suite.prelude else [])

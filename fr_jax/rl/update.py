@@ -32,7 +32,7 @@ def response_logits(model: nnx.Module, batch: Batch, temperature: float) -> jax.
     hidden = model.hidden_states(batch["input_ids"], batch["positions"], batch["segment_ids"])
     width = batch["targets"].shape[-1]
     start = hidden.shape[1] - width - 1
-    return model._logits(hidden[:, start:start + width]).astype(jnp.float32) / temperature
+    return model.logits(hidden[:, start:start + width]).astype(jnp.float32) / temperature
 
 
 def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:

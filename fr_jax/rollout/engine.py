@@ -10,6 +10,8 @@ How a batch runs:
   decoded text between chunks. Without them a batch is one prefill call and one decode call.
 - Batch rows, unique prompts, prompt length and new-token budget are rounded up to powers of two, so the number of
   compilations stays bounded; each compile is logged with its shapes and time.
+- The engine keeps the Decoder `unstacked` (one array per layer and parameter): decode steps read every weight
+  once per token, and slicing stacked weights would copy them every step.
 - Everything runs under the mesh of the parameters (tensor-parallel decode when the mesh has a tensor axis):
   inputs are placed with fr_jax.parallel.rules' logical axes and the KV cache follows the model's own constraints.
 
@@ -36,13 +38,12 @@ import numpy as np
 from flax import nnx
 
 from fr_jax.models.config import ModelConfig
-from fr_jax.models.qwen import Decoder, KVCache
+from fr_jax.models.qwen import CACHE_AXES, Decoder, KVCache
 from fr_jax.parallel.rules import constrain, named_sharding
 from fr_jax.rollout.sampling import sample_tokens
 
 _log = logging.getLogger(__name__)
 
-_CACHE_AXES = ("layers", "cache_batch", "cache_length", "cache_kv_heads", "cache_head_dim")
 RUNNING, STOP_TOKEN, LENGTH, STOP_STRING = 0, 1, 2, 3
 
 
@@ -158,7 +159,8 @@ class Engine:
                  weight_version: str = "default"):
         self.cfg: ModelConfig = model.cfg
         self.mesh = mesh
-        self.graphdef, self.state = nnx.split(model)
+        self._served = self._param_specs(model)
+        self.graphdef, self.state = nnx.split(model.unstacked())
         self.weight_version = weight_version
         self.eos_token_ids = tuple(int(t) for t in eos_token_ids)
         self.detokenize = detokenize
@@ -177,18 +179,21 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------ weights
 
-    def swap_state(self, state: nnx.State, weight_version: str | None = None) -> None:
-        """Serve new parameters (between batches); their structure, shapes and dtypes must equal the current ones."""
-        old = dict(nnx.to_flat_state(self.state))
-        new = dict(nnx.to_flat_state(state))
-        if old.keys() != new.keys():
-            missing, extra = sorted(map(str, old.keys() - new.keys())), sorted(map(str, new.keys() - old.keys()))
+    @staticmethod
+    def _param_specs(model: Decoder) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        return {".".join(map(str, path)): (var.get_value().shape, var.get_value().dtype)
+                for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+    def swap_state(self, model: Decoder, weight_version: str | None = None) -> None:
+        """Serve `model`'s parameters (between batches); their names, shapes and dtypes must equal the current ones."""
+        new = self._param_specs(model)
+        if new.keys() != self._served.keys():
+            missing, extra = sorted(self._served.keys() - new.keys()), sorted(new.keys() - self._served.keys())
             raise ValueError(f"new parameters do not match the served model: missing {missing}, unexpected {extra}")
-        for path, var in old.items():
-            a, b = var.get_value(), new[path].get_value()
-            if a.shape != b.shape or a.dtype != b.dtype:
-                name = ".".join(map(str, path))
-                raise ValueError(f"parameter {name}: served {a.dtype}{list(a.shape)}, new {b.dtype}{list(b.shape)}")
+        for name, (shape, dtype) in self._served.items():
+            if new[name] != (shape, dtype):
+                raise ValueError(f"parameter {name}: served {dtype}{list(shape)}, new {new[name][1]}{list(new[name][0])}")
+        state = nnx.split(model.unstacked())[1]
         with self._lock:
             self.state = state
             if weight_version is not None:
@@ -208,10 +213,10 @@ class Engine:
         """Each row's cache: its prompt's prefix K/V (gathered: samples share one prefill) plus room for new tokens."""
         rows = row_source.shape[0]
 
-        def grow(x):
-            shape = (x.shape[0], rows, x.shape[2] + new_tokens) + x.shape[3:]
-            full = jnp.zeros(shape, x.dtype).at[:, :, : x.shape[2]].set(jnp.take(x, row_source, axis=1))
-            return constrain(full, _CACHE_AXES)
+        def grow(x):  # [unique, kv_heads, P - 1, head_dim] -> [rows, kv_heads, P - 1 + new_tokens, head_dim]
+            shape = (rows, x.shape[1], x.shape[2] + new_tokens, x.shape[3])
+            full = jnp.zeros(shape, x.dtype).at[:, :, : x.shape[2]].set(jnp.take(x, row_source, axis=0))
+            return constrain(full, CACHE_AXES)
 
         return DecodeState(
             cache=jax.tree.map(grow, prefix),

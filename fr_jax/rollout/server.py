@@ -32,11 +32,11 @@ from collections.abc import Sequence
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from flax import nnx
 
 import fr_jax
 from fr_jax.models.config import ModelConfig
 from fr_jax.models.hf import load_pretrained
+from fr_jax.models.qwen import Decoder
 from fr_jax.models.tokenizer import load_tokenizer
 from fr_jax.rollout.engine import Completion, Engine, GenerationRequest, SamplingOptions
 from fr_jax.rollout.protocol import (ChatCompletionRequest, CompletionRequest, GenerateReqInput, SamplingParams,
@@ -253,7 +253,7 @@ class RolloutServer:
 
     # ----------------------------------------------------------------------------------- weight update
 
-    def _load_state(self, model_path: str) -> nnx.State:
+    def _load_model(self, model_path: str) -> Decoder:
         cfg = self.engine.cfg
         try:
             new_cfg = ModelConfig.from_pretrained(model_path, param_dtype=cfg.param_dtype, dtype=cfg.dtype,
@@ -270,7 +270,7 @@ class RolloutServer:
                                     remat=cfg.remat)
         except (FileNotFoundError, KeyError, ValueError) as error:
             raise BadRequest(f"cannot load the checkpoint at {model_path}: {error}") from error
-        return nnx.split(model)[1]
+        return model
 
     async def update_weights_from_disk(self, req: UpdateWeightFromDiskReqInput) -> tuple[bool, str]:
         if req.load_format not in LOAD_FORMATS:
@@ -278,9 +278,9 @@ class RolloutServer:
         started = time.perf_counter()
         async with self._update_lock:
             try:
-                state = await asyncio.to_thread(self._load_state, req.model_path)
+                model = await asyncio.to_thread(self._load_model, req.model_path)
                 # waits for the running batch; its samples keep the version that generated them
-                await asyncio.to_thread(self.engine.swap_state, state, req.weight_version)
+                await asyncio.to_thread(self.engine.swap_state, model, req.weight_version)
             except ValueError as error:  # a refused checkpoint (BadRequest) or mismatched parameters
                 return False, str(error)
             self.model_path = req.model_path
