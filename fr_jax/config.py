@@ -62,6 +62,9 @@ class ModelSection(_Section):
     dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype
     param_dtype: Literal["float32", "bfloat16"] = "float32"  # stored (master) parameter dtype
     remat: Literal["none", "full", "dots"] = "none"
+    # query rows per attention block when training: a block's [rows, seq] scores are recomputed for the backward
+    # pass instead of kept, so attention memory grows with seq x chunk, not seq^2 (0: one block; set it for 16k)
+    attention_chunk: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _one_source(self):

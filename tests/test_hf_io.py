@@ -41,6 +41,8 @@ def _batch():
 def test_round_trip_with_transformers(model_type, mesh, tmp_path):
     """transformers save (sharded) -> fr_jax load -> same logits; fr_jax save (sharded) -> transformers load -> same."""
     hf = tiny_hf_model(model_type, seed=3)
+    hf.generation_config.eos_token_id = 7           # generation settings, which the export must keep
+    hf.generation_config.bos_token_id = 5
     hf.save_pretrained(tmp_path / "from_hf", max_shard_size="100KB")
     assert (tmp_path / "from_hf" / SAFE_INDEX).is_file()
     ids, mask = _batch()
@@ -51,13 +53,14 @@ def test_round_trip_with_transformers(model_type, mesh, tmp_path):
     ours = fr_logits(model, mesh, ids, positions, mask.astype(np.int32))
     assert np.abs(ours - reference)[mask].max() <= 1e-4
 
-    save_pretrained(model, tmp_path / "ours", max_shard_size="100KB")
+    save_pretrained(model, tmp_path / "ours", max_shard_size="100KB", source_dir=tmp_path / "from_hf")
     index = json.loads((tmp_path / "ours" / SAFE_INDEX).read_text())
     shard_files = sorted(p.name for p in (tmp_path / "ours").glob("model-*.safetensors"))
     assert len(shard_files) > 1 and sorted(set(index["weight_map"].values())) == shard_files
     assert not (tmp_path / "ours" / SAFE_SINGLE).exists()
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours", attn_implementation="eager").eval()
     assert type(reloaded) is type(hf)
+    assert (reloaded.generation_config.eos_token_id, reloaded.generation_config.bos_token_id) == (7, 5)
     expected = hf.state_dict()
     for name, tensor in reloaded.state_dict().items():
         assert tensor.dtype == expected[name].dtype and bool((tensor == expected[name]).all()), name

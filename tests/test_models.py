@@ -15,7 +15,7 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
 
 from fr_jax.models.config import ModelConfig, rope_inverse_frequencies
 from fr_jax.models.hf import load_pretrained
-from fr_jax.models.qwen import create_model, logical_axes, param_shardings
+from fr_jax.models.qwen import create_model, logical_axes, param_shardings, training_attention
 from fr_jax.parallel.mesh import make_mesh
 
 MODEL_TYPES = tuple(TINY_CONFIGS)
@@ -105,8 +105,11 @@ def test_cached_decode_equals_full_forward(model_type, layers, references, meshe
     assert cache.k[0].shape == (4, cfg.num_key_value_heads, total, cfg.head_dim)
 
 
-def test_remat_policies_give_the_same_gradients(references, meshes):
-    mesh = meshes["1dev"]
+@pytest.mark.parametrize("mesh_name", ["1dev", "8dev"])
+def test_remat_and_attention_chunks_give_the_same_gradients(mesh_name, references, meshes):
+    """Every remat policy and attention chunking (4 divides the 12 tokens; 5 does not: one block) gives the loss
+    and gradients of the plain forward, on a batch with padding and packed segments."""
+    mesh = meshes[mesh_name]
     ids, positions, segments = (jnp.asarray(a, jnp.int32) for a in _mixed_batch())
 
     @nnx.jit
@@ -119,18 +122,40 @@ def test_remat_policies_give_the_same_gradients(references, meshes):
         return nnx.value_and_grad(loss)(model)
 
     results = {}
-    for remat in ("none", "full", "dots"):
-        model = load_pretrained(references["qwen3"][1], mesh=mesh, remat=remat)
-        assert model.cfg.remat == remat
+    for remat, chunk in (("none", 0), ("full", 0), ("dots", 0), ("none", 4), ("full", 4), ("none", 5)):
+        model = load_pretrained(references["qwen3"][1], mesh=mesh, remat=remat, attention_chunk=chunk)
+        assert (model.cfg.remat, model.cfg.attention_chunk) == (remat, chunk)
         with jax.set_mesh(mesh):
             loss, grads = loss_and_grads(model)
-        results[remat] = (float(loss), jax.tree.leaves(nnx.to_pure_dict(grads)))
-    base_loss, base_grads = results["none"]
+        results[remat, chunk] = (float(loss), jax.tree.leaves(nnx.to_pure_dict(grads)))
+    base_loss, base_grads = results.pop(("none", 0))
     assert any(np.abs(g).max() > 0 for g in base_grads)
-    for remat in ("full", "dots"):
-        loss, grads = results[remat]
-        assert loss == pytest.approx(base_loss, abs=1e-6)
-        assert max(float(np.abs(a - b).max()) for a, b in zip(grads, base_grads)) <= 1e-6
+    for setting, (loss, grads) in results.items():
+        assert loss == pytest.approx(base_loss, abs=1e-6), setting
+        assert max(float(np.abs(a - b).max()) for a, b in zip(grads, base_grads)) <= 1e-6, setting
+
+
+def test_attention_chunks_bound_the_backward_memory():
+    """The point of chunking: the compiled backward pass of 512-token attention needs far less scratch memory
+    when queries go 64 rows at a time (no [T, T] scores kept), with the same values and gradients."""
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.standard_normal((1, 512, 4, 16), np.float32))
+    k, v = (jnp.asarray(rng.standard_normal((1, 512, 2, 16), np.float32)) for _ in range(2))
+    segments = jnp.asarray(np.repeat([[1, 2]], 256, axis=1), jnp.int32)        # two packed sequences
+
+    def grads(chunk):
+        loss = lambda q, k, v: jnp.sum(training_attention(q, k, v, segments, chunk) ** 2)
+        fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+        return fn(q, k, v), fn.lower(q, k, v).compile().memory_analysis().temp_size_in_bytes
+
+    (full_loss, full_grads), full_bytes = grads(0)
+    (chunked_loss, chunked_grads), chunked_bytes = grads(64)
+    assert float(chunked_loss) == pytest.approx(float(full_loss), rel=1e-5)
+    for a, b in zip(chunked_grads, full_grads):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    scores_bytes = 4 * 512 * 512 * 4                                            # one [H, T, T] float32 array
+    assert full_bytes >= scores_bytes
+    assert chunked_bytes < full_bytes / 3, (chunked_bytes, full_bytes)
 
 
 def test_compute_and_param_dtypes(references, meshes):

@@ -9,7 +9,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from fr_jax.config import parse_config, read_yaml
 from fr_jax.models.tokenizer import load_tokenizer
 from fr_jax.trainer.metrics import read_metrics
-from fr_jax.trainer.runtime import start_runtime
+from fr_jax.trainer.runtime import pretrained_dir, start_runtime
 from fr_jax.trainer.sft import run_sft
 
 STEPS = 2
@@ -47,4 +47,9 @@ def test_sft_on_mbpp_lowers_held_out_loss(tmp_path, shared_data):
     config = json.loads((export / "config.json").read_text())
     assert config["model_type"] == "llama" and config["num_hidden_layers"] == 30
     assert transformers.AutoConfig.from_pretrained(export).hidden_size == 576
+    source = pretrained_dir("smollm2")                  # the generation settings carry over: generation stops
+    original = json.loads((source / "config.json").read_text())
+    assert [config.get(k) for k in ("bos_token_id", "eos_token_id")] == [original["bos_token_id"],
+                                                                        original["eos_token_id"]]
+    assert original["eos_token_id"] is not None
     assert load_tokenizer(export).apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)

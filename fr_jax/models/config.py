@@ -45,6 +45,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"
     remat: str = "none"
+    attention_chunk: int = 0  # query rows per attention block in the training forward; 0: all rows at once
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -54,6 +55,8 @@ class ModelConfig:
                 raise ValueError(f"{field}={getattr(self, field)!r}: expected one of {DTYPES}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat={self.remat!r}: expected one of {REMAT_POLICIES}")
+        if self.attention_chunk < 0:
+            raise ValueError(f"attention_chunk={self.attention_chunk}: expected 0 (off) or a positive row count")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                              f"num_key_value_heads={self.num_key_value_heads}")

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import pathlib
+import shutil
 import re
 
 import jax
@@ -215,11 +216,23 @@ def _gather(x: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def save_pretrained(model: Decoder, out_dir, *, max_shard_size="2GB") -> None:
+GENERATION_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def _generation_ids(source_dir) -> dict:
+    if source_dir is None:
+        return {}
+    source = json.loads((pathlib.Path(source_dir) / "config.json").read_text())
+    return {key: source[key] for key in GENERATION_KEYS if source.get(key) is not None}
+
+
+def save_pretrained(model: Decoder, out_dir, *, max_shard_size="2GB", source_dir=None) -> None:
     """Write config.json and safetensors shards of at most `max_shard_size` (a bigger single tensor gets its own).
 
     Every process must call this (sharded parameters are gathered collectively); only process 0 writes.
-    Tensors are written in the model's param_dtype.
+    Tensors are written in the model's param_dtype. With `source_dir` (the checkpoint the model was loaded from),
+    its generation settings carry over: the special token ids of its config.json and its generation_config.json,
+    so that the export stops generating where the original does (transformers and SGLang read them from there).
     """
     cfg = model.cfg
     out_dir = pathlib.Path(out_dir)
@@ -250,7 +263,10 @@ def save_pretrained(model: Decoder, out_dir, *, max_shard_size="2GB") -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         for stale in list(out_dir.glob("model*.safetensors")) + [out_dir / SAFE_INDEX]:
             stale.unlink(missing_ok=True)  # an older save with another sharding must not shadow this one
-        (out_dir / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2) + "\n")
+        (out_dir / "config.json").write_text(json.dumps({**cfg.to_hf(), **_generation_ids(source_dir)}, indent=2)
+                                             + "\n")
+        if source_dir is not None and (pathlib.Path(source_dir) / "generation_config.json").is_file():
+            shutil.copyfile(pathlib.Path(source_dir) / "generation_config.json", out_dir / "generation_config.json")
     progress = tqdm(total=len(plan), desc=f"saving {out_dir.name}", unit="tensor", disable=None if writer else True)
     for file_name, shard in zip(names, shards):
         tensors = {}

@@ -110,6 +110,34 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
     return out.reshape(b, kv_heads, t, group, d).transpose(0, 2, 1, 3, 4).reshape(b, t, h, d)
 
 
+def training_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, chunk: int) -> jax.Array:
+    """Causal attention within segments (segment 0 is padding) for q [B,T,H,D], k/v [B,T,K,D] -> [B,T,H,D].
+
+    With 0 < chunk < T and T a multiple of chunk, the queries go `chunk` rows at a time and each block is
+    rematerialised: the backward pass keeps no [T, T] scores or mask, only its inputs, and recomputes one block's
+    [chunk, T] at a time. Same products, so the same result (to rounding) as one block.
+    """
+    t = q.shape[1]
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    key_positions = jnp.arange(t)
+    key_ok = segment_ids != 0
+
+    def rows(q_rows, row_positions, row_segments):
+        mask = ((row_positions[:, None] >= key_positions[None, :])[None]
+                & (row_segments[:, :, None] == segment_ids[:, None, :]) & key_ok[:, None, :])
+        return attention(q_rows, k, v, mask)
+
+    if not 0 < chunk < t or t % chunk:
+        return rows(q, key_positions, segment_ids)
+    blocks = t // chunk
+
+    def split(x, axis):  # the blocks become a leading axis to map over
+        return jnp.moveaxis(x.reshape(*x.shape[:axis], blocks, chunk, *x.shape[axis + 1:]), axis, 0)
+
+    out = jax.lax.map(jax.checkpoint(lambda a: rows(*a)), (split(q, 1), split(key_positions, 0), split(segment_ids, 1)))
+    return jnp.moveaxis(out, 0, 1).reshape(q.shape)
+
+
 def dense(x: jax.Array, w: jax.Array, in_dims: int = 1) -> jax.Array:
     """x [..., *in] @ w [*in, *out] as one 2-D matmul over flattened tokens.
 
@@ -180,10 +208,6 @@ class Block(nnx.Module):
         x = x + dense(hidden, self._w("down_proj"))
         return constrain(x, ("batch", "length", "act_embed"))
 
-    def __call__(self, x, cos, sin, mask):
-        q, k, v = self.qkv(x, cos, sin)
-        return self.finish(x, attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask))
-
 
 def _maybe_remat(fn, remat: str):
     if remat == "none":
@@ -227,12 +251,10 @@ class Decoder(nnx.Module):
         """The final-layer hidden states [B, T, D] before the last norm (for losses that chunk the vocab)."""
         cfg = self.cfg
         cos, sin = rotary(cfg, positions, cfg.dtype)
-        t = input_ids.shape[1]
-        causal = jnp.tril(jnp.ones((t, t), bool))
-        mask = causal[None] & (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] != 0)
 
         def layer(block: Block, x):
-            return block(x, cos, sin, mask)
+            q, k, v = block.qkv(x, cos, sin)
+            return block.finish(x, training_attention(q, k, v, segment_ids, cfg.attention_chunk))
 
         layer = _maybe_remat(layer, cfg.remat)
 

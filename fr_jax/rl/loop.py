@@ -55,7 +55,7 @@ from fr_jax.rollout import Rollout, RolloutClient, RolloutError, sync_weights
 from fr_jax.trainer.checkpoint import Checkpointer
 from fr_jax.trainer.metrics import MetricsWriter
 from fr_jax.trainer.optim import build_optimizer
-from fr_jax.trainer.runtime import Runtime, load_model, load_tokenizer, model_config
+from fr_jax.trainer.runtime import Runtime, export_hf, load_model, load_tokenizer, model_config
 from fr_jax.trainer.step import TrainStep
 
 _log = logging.getLogger(__name__)
@@ -318,10 +318,7 @@ class GRPORun:
             if self._sync_dir_is_temp:
                 shutil.rmtree(self.sync_dir, ignore_errors=True)
         if self.train.export_hf:
-            save_pretrained(self.step_fn.model(state.params), self.rt.run_dir / "hf")
-            if main:
-                self.tokenizer.save_pretrained(self.rt.run_dir / "hf")
-            summary["export_dir"] = str(self.rt.run_dir / "hf")
+            summary["export_dir"] = str(export_hf(self.rt, self.step_fn.model(state.params), self.tokenizer))
         summary["wall_s"] = time.perf_counter() - started_at
         if main:
             print(final_report(summary), flush=True)

@@ -75,9 +75,15 @@ def pretrained_dir(name: str) -> pathlib.Path:
     return path
 
 
+def _compute_choices(section: ModelSection) -> dict:
+    """The section's choices of how to compute (not what): dtypes, remat, attention chunking."""
+    return dict(dtype=section.dtype, param_dtype=section.param_dtype, remat=section.remat,
+                attention_chunk=section.attention_chunk)
+
+
 def model_config(section: ModelSection) -> ModelConfig:
-    """The architecture the section names, with its dtype/param_dtype/remat choices applied."""
-    overrides = dict(dtype=section.dtype, param_dtype=section.param_dtype, remat=section.remat)
+    """The architecture the section names, with its compute choices applied."""
+    overrides = _compute_choices(section)
     if section.pretrained is not None:
         key, hf = "model.pretrained", json.loads((pretrained_dir(section.pretrained) / "config.json").read_text())
     elif section.config_json is not None:
@@ -100,8 +106,7 @@ def load_model(section: ModelSection, mesh: Mesh):
 
     cfg = model_config(section)
     if section.pretrained is not None:
-        return load_pretrained(pretrained_dir(section.pretrained), mesh=mesh, dtype=section.dtype,
-                               param_dtype=section.param_dtype, remat=section.remat)
+        return load_pretrained(pretrained_dir(section.pretrained), mesh=mesh, **_compute_choices(section))
     return create_model(cfg, mesh=mesh, rngs_seed=section.init_seed)
 
 
@@ -115,3 +120,16 @@ def load_tokenizer(section: ModelSection):
     if name == "qwen":
         return qwen_tokenizer()
     return load_dir(pretrained_dir(name) if name == "smollm2" else name)
+
+
+def export_hf(rt: Runtime, model, tokenizer) -> pathlib.Path:
+    """<run_dir>/hf: the model as an HF checkpoint with the tokenizer and, for a pretrained model, its generation
+    settings (special token ids, generation_config.json). Every process calls it (saving gathers shards)."""
+    from fr_jax.models.hf import save_pretrained
+
+    out = rt.run_dir / "hf"
+    section = rt.cfg.model
+    save_pretrained(model, out, source_dir=pretrained_dir(section.pretrained) if section.pretrained else None)
+    if rt.is_main:
+        tokenizer.save_pretrained(out)
+    return out

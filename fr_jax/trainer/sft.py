@@ -12,12 +12,11 @@ from flax import nnx
 
 from fr_jax.config import Config, ConfigError
 from fr_jax.data.sft import build_sft_data
-from fr_jax.models.hf import save_pretrained
 from fr_jax.models.qwen import abstract_model
 from fr_jax.trainer.checkpoint import Checkpointer
 from fr_jax.trainer.metrics import MetricsWriter, Throughput, measure_peak_flops
 from fr_jax.trainer.optim import build_optimizer
-from fr_jax.trainer.runtime import Runtime, load_model, load_tokenizer, model_config
+from fr_jax.trainer.runtime import Runtime, export_hf, load_model, load_tokenizer, model_config
 from fr_jax.trainer.step import Batch, TrainStep
 
 _log = logging.getLogger(__name__)
@@ -110,9 +109,6 @@ def run_sft(rt: Runtime) -> dict[str, Any]:
     ckpt.close()
     writer.close()
     if train.export_hf:
-        save_pretrained(step_fn.model(state.params), rt.run_dir / "hf")
-        if rt.is_main:
-            tokenizer.save_pretrained(rt.run_dir / "hf")
-        summary["export_dir"] = str(rt.run_dir / "hf")
+        summary["export_dir"] = str(export_hf(rt, step_fn.model(state.params), tokenizer))
     _log.info("SFT done: %s", summary)
     return summary
