@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import subprocess
+import sys
 import time
 
 import httpx
@@ -102,6 +104,36 @@ def test_retries_on_429_until_everything_is_served():
         results, stats = asyncio.run(go())
         assert [r.stdout for r in results] == [f"{i}\n" for i in range(5)]
         assert stats["retries_429"] >= 1
+
+
+def test_a_killed_parent_leaves_no_service_behind(tmp_path):
+    """SIGKILL the process that started a LocalSandbox (a trainer killed by its scheduler): the kernel stops the
+    service too (setpriv --pdeathsig), instead of leaving it running with its port and jails."""
+    script = ("import sys, time\nfrom fr_jax.rl.sandbox_client import LocalSandbox\n"
+              "service = LocalSandbox(workers=1)\nservice.start()\n"
+              "print(service.process.pid, service.url, flush=True)\ntime.sleep(600)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        pid, url = parent.stdout.readline().split()
+        assert httpx.get(f"{url}/health").json()["status"] == "ok"
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 30
+    while _alive(int(pid)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(int(pid)), "the sandbox service outlived its killed parent"
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{url}/health")
+
+
+def _alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie, already dead and waiting for init to reap it, counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def test_local_sandbox_starts_and_stops_cleanly():

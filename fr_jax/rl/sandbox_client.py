@@ -14,15 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import logging
 import os
 import random
-import signal
-import subprocess
 import sys
 import tempfile
-import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -30,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from fr_jax.rollout.launch import ServerProcess
 
 _log = logging.getLogger(__name__)
 
@@ -339,24 +337,30 @@ class SandboxClient:
 class LocalSandbox:
     """Runs `python -m sandbox_service` on a free loopback port for the lifetime of a `with` block.
 
-    The service binds port 0 itself and reports the port through a file, so there is no race for the port.
+    The service binds port 0 itself and reports the port through a file, so there is no race for the port. It is
+    started and stopped by fr_jax.rollout.launch.ServerProcess (its own process group; stopped with its parent).
     Its log goes to `log_path` (a temp file by default) and is quoted when start-up fails.
     """
 
     def __init__(self, *, workers: int | None = None, max_queue: int | None = None, insecure: bool = False,
                  python: str = sys.executable, extra_args: Sequence[str] = (), startup_timeout_s: float = 60.0,
                  env: Mapping[str, str] | None = None, log_path: str | os.PathLike | None = None):
-        self.args = ["--host", "127.0.0.1", "--port", "0"]
-        self.args += ["--workers", str(workers)] if workers is not None else []
-        self.args += ["--max-queue", str(max_queue)] if max_queue is not None else []
-        self.args += ["--insecure"] if insecure else []
-        self.args += list(extra_args)
-        self.python, self.startup_timeout_s = python, startup_timeout_s
-        self.env = dict(os.environ if env is None else env)
+        args = ["--host", "127.0.0.1", "--port", "0"]
+        args += ["--workers", str(workers)] if workers is not None else []
+        args += ["--max-queue", str(max_queue)] if max_queue is not None else []
+        args += ["--insecure"] if insecure else []
         self._tmp = tempfile.TemporaryDirectory(prefix="local_sandbox-")
+        port_file = Path(self._tmp.name) / "port.json"
         self.log_path = Path(log_path) if log_path is not None else Path(self._tmp.name) / "service.log"
-        self.process: subprocess.Popen | None = None
+        self.server = ServerProcess([python, "-m", "sandbox_service", "--port-file", str(port_file), *args,
+                                     *extra_args], host="127.0.0.1", port_file=port_file,
+                                    env=dict(os.environ if env is None else env), log_path=self.log_path,
+                                    startup_timeout=startup_timeout_s, name="sandbox_service")
         self.url: str | None = None
+
+    @property
+    def process(self):
+        return self.server.process
 
     def __enter__(self) -> LocalSandbox:
         self.start()
@@ -370,55 +374,17 @@ class LocalSandbox:
             raise SandboxUnavailable("LocalSandbox is not started")
         return SandboxClient(self.url, **kwargs)
 
-    def log_tail(self, chars: int = 4000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-chars:]
-        except OSError:
-            return ""
-
     def start(self) -> str:
-        port_file = Path(self._tmp.name) / "port.json"
-        command = [self.python, "-m", "sandbox_service", "--port-file", str(port_file), *self.args]
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                            stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + self.startup_timeout_s
-        while not port_file.exists() or not port_file.read_text():
-            self._check_alive(deadline)
-            time.sleep(0.05)
-        self.url = json.loads(port_file.read_text())["url"]
-        while True:
-            self._check_alive(deadline)
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2.0).status_code == 200:
-                    return self.url
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-
-    def _check_alive(self, deadline: float) -> None:
-        code = self.process.poll()
-        if code is not None:
-            raise SandboxUnavailable(f"sandbox_service exited with code {code} during start-up:\n{self.log_tail()}")
-        if time.monotonic() > deadline:
-            self.stop()
-            raise SandboxUnavailable(f"sandbox_service did not become healthy within {self.startup_timeout_s} s:\n"
-                                     f"{self.log_tail()}")
+        try:
+            self.url = self.server.start().url
+        except (RuntimeError, TimeoutError) as error:
+            raise SandboxUnavailable(f"sandbox_service did not start: {error}") from None
+        return self.url
 
     def stop(self, timeout_s: float = 40.0) -> int | None:
         """SIGTERM (the service drains in-flight runs), then SIGKILL after `timeout_s`. Returns the exit code."""
-        if self.process is None:
-            return None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                _log.warning("sandbox_service did not stop within %.0f s; killing it", timeout_s)
-                self.process.kill()
-                self.process.wait()
-        code, self.process, self.url = self.process.returncode, None, None
-        return code
+        self.url = None
+        return self.server.stop(timeout_s)
 
 
 # -- workflows (POST /workflow/run) ---------------------------------------------------------------------

@@ -5,23 +5,27 @@ Two servers, one interface (`ServerProcess`: .url, .stop(), a context manager), 
   deterministic-inference flags configurable;
 - "local": fr_jax's own engine, `python -m fr_jax.serve --model ...` on a free loopback port (CPU/TPU, or any
   machine without SGLang).
+`ServerProcess` is also how fr_jax starts the sandbox service (fr_jax.rl.sandbox_client.LocalSandbox).
 The child runs in its own process group with its output in a log file; a child that dies or never gets healthy
-raises with the tail of that log. Servers still running when the interpreter exits are stopped.
+raises with the tail of that log. Servers still running when the interpreter exits are stopped, and the kernel
+stops them when the interpreter is killed (`setpriv --pdeathsig`): a SIGKILLed trainer leaves no server behind.
 """
 
 from __future__ import annotations
 
 import atexit
+import json
 import logging
 import os
 import pathlib
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import httpx
@@ -37,18 +41,36 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-class ServerProcess:
-    """A server command run as a child process; `start()` returns once GET /health answers 200."""
+def bound_to_parent(command: Sequence[str]) -> list[str]:
+    """`command` under `setpriv --pdeathsig SIGTERM`: the kernel sends it SIGTERM when the thread that started it
+    dies (start servers from the main thread). Without setpriv (util-linux) the command is unchanged."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        _log.warning("setpriv not found: %s will outlive this process if it is killed", command[0])
+        return list(command)
+    return [setpriv, "--pdeathsig", "SIGTERM", "--", *command]
 
-    def __init__(self, command: Sequence[str], *, host: str, port: int, env: dict[str, str] | None = None,
+
+class ServerProcess:
+    """A server command run as a child process; `start()` returns once GET /health answers 200.
+
+    The port is either given (`port`) or chosen by the server itself, which then writes {"url": ...} to
+    `port_file` (no race for a free port).
+    """
+
+    def __init__(self, command: Sequence[str], *, host: str, port: int | None = None,
+                 port_file: str | os.PathLike | None = None, env: Mapping[str, str] | None = None,
                  log_path: str | os.PathLike | None = None, startup_timeout: float = 600.0, name: str = "server"):
+        if (port is None) == (port_file is None):
+            raise ValueError("give exactly one of port and port_file")
         self.command = list(command)
         self.host, self.port = host, port
-        self.env = env
+        self.port_file = pathlib.Path(port_file) if port_file is not None else None
+        self.env = dict(env) if env is not None else None
         self.name = name
         self.startup_timeout = startup_timeout
         self.log_path = pathlib.Path(log_path) if log_path else pathlib.Path(
-            tempfile.mkstemp(prefix=f"fr_jax-{name}-{port}-", suffix=".log")[1])
+            tempfile.mkstemp(prefix=f"fr_jax-{name}-", suffix=".log")[1])
         self.process: subprocess.Popen | None = None
 
     @property
@@ -59,11 +81,11 @@ class ServerProcess:
         _log.info("starting %s: %s (log %s)", self.name, " ".join(self.command), self.log_path)
         started = time.perf_counter()
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                            start_new_session=True)
+            self.process = subprocess.Popen(bound_to_parent(self.command), stdout=log, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL, env=self.env, start_new_session=True)
         _RUNNING.add(self)
         try:
-            self._wait_healthy()
+            self._wait_healthy(time.monotonic() + self.startup_timeout)
         except BaseException:
             self.stop()
             raise
@@ -76,40 +98,52 @@ class ServerProcess:
         except FileNotFoundError:
             return "(no log)"
 
-    def _wait_healthy(self) -> None:
-        deadline = time.monotonic() + self.startup_timeout
+    def _check_alive(self, deadline: float, waiting_for: str) -> None:
+        code = self.process.poll()
+        if code is not None:
+            raise RuntimeError(f"{self.name} exited with code {code} before it was healthy; "
+                               f"last lines of {self.log_path}:\n{self.log_tail()}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{self.name} did not {waiting_for} within {self.startup_timeout:.0f}s; "
+                               f"last lines of {self.log_path}:\n{self.log_tail()}")
+
+    def _wait_healthy(self, deadline: float) -> None:
+        if self.port_file is not None:
+            while not (self.port_file.is_file() and self.port_file.read_text()):
+                self._check_alive(deadline, f"write its port to {self.port_file}")
+                time.sleep(0.05)
+            url = httpx.URL(json.loads(self.port_file.read_text())["url"])
+            self.host, self.port = url.host, url.port
         with httpx.Client(timeout=5.0) as client:
             while True:
-                code = self.process.poll()
-                if code is not None:
-                    raise RuntimeError(f"{self.name} exited with code {code} before it was healthy; "
-                                       f"last lines of {self.log_path}:\n{self.log_tail()}")
+                self._check_alive(deadline, f"answer {self.url}/health")
                 try:
                     if client.get(f"{self.url}/health").status_code == 200:
                         return
                 except httpx.TransportError:
                     pass
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{self.name} was not healthy at {self.url} within {self.startup_timeout:.0f}s;"
-                                       f" last lines of {self.log_path}:\n{self.log_tail()}")
-                time.sleep(0.5)
+                time.sleep(0.1)
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """SIGTERM the whole process group, then SIGKILL whatever is left after `timeout` seconds."""
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM the server (it shuts down cleanly: drains, stops its own children), SIGKILL it after `timeout`
+        seconds, then SIGKILL whatever is left in its process group. Returns its exit code."""
         _RUNNING.discard(self)
-        if self.process is None or self.process.poll() is not None:
-            return
-        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
             try:
-                os.killpg(self.process.pid, sig)
-            except ProcessLookupError:
-                return
-            try:
-                self.process.wait(wait)
-                break
+                self.process.wait(timeout)
             except subprocess.TimeoutExpired:
-                _log.warning("%s did not exit %.0fs after %s", self.name, wait, sig.name)
+                _log.warning("%s did not exit %.0fs after SIGTERM; killing it", self.name, timeout)
+                self.process.kill()
+                self.process.wait()
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)   # stragglers the server left behind
+        except (ProcessLookupError, PermissionError):
+            pass
         _log.info("%s stopped (exit code %s)", self.name, self.process.returncode)
+        return self.process.returncode
 
     def __enter__(self) -> ServerProcess:
         return self if self.process is not None else self.start()
