@@ -233,14 +233,12 @@ class Engine:
         keys = jax.vmap(lambda s, j: jax.random.fold_in(jax.random.key(s), j))(rows.seeds, rows.samples)
         finish0 = jnp.where(rows.max_new <= 0, LENGTH, carry.finish)
 
-        # the parameters ride in the loop carry: nnx modules must be rebuilt from values of the loop's own trace
-        def cond(loop):
-            c = loop[1]
+        model = nnx.merge(self.graphdef, state)   # closed over: the loop carries only what changes
+
+        def cond(c):
             return (c.step < step_limit) & jnp.any(c.finish == RUNNING)
 
-        def body(loop):
-            params, c = loop
-            model = nnx.merge(self.graphdef, params)
+        def body(c):
             positions = (rows.first_position + c.step)[:, None]
             logits, cache = model.decode(c.current[:, None], positions, c.cache, prefix_len + c.step, rows.kv_mask)
             step_keys = jax.vmap(lambda k: jax.random.fold_in(k, c.step))(keys)
@@ -251,13 +249,13 @@ class Engine:
             stopped = jnp.any(tokens[:, None] == rows.stop_ids, axis=-1)
             finish = jnp.where(running & stopped, STOP_TOKEN,
                                jnp.where(running & (lengths >= rows.max_new), LENGTH, c.finish))
-            return params, DecodeState(
+            return DecodeState(
                 cache=cache,
                 tokens=jax.lax.dynamic_update_slice(c.tokens, tokens[:, None], (0, c.step)),
                 logprobs=jax.lax.dynamic_update_slice(c.logprobs, logprobs[:, None], (0, c.step)),
                 current=tokens, lengths=lengths, finish=finish, step=c.step + 1)
 
-        return jax.lax.while_loop(cond, body, (state, carry._replace(finish=finish0)))[1]
+        return jax.lax.while_loop(cond, body, carry._replace(finish=finish0))
 
     # --------------------------------------------------------------------------------------- host side
 
