@@ -49,9 +49,9 @@ from tqdm import tqdm
 
 import fr_jax
 from fr_jax.config import ConfigError, default_data_dir, load_config
+from fr_jax.data.jsonl import read_jsonl, write_jsonl
 from fr_jax.data.tasks import Task, load_tasks
 from fr_jax.flow.chat import ChatClient
-from fr_jax.data.jsonl import read_jsonl, write_jsonl
 from fr_jax.flow.data import RecordFilter, sft_records
 from fr_jax.flow.prompt import (MAX_OPERATOR_CALLS, SEED_GRAPH, SEED_MODIFICATION, SEED_PROMPT, Experience,
                                 ParentDesign, ParsedDesign, build_design_prompt, parse_design)
