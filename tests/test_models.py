@@ -83,7 +83,11 @@ def test_cached_decode_equals_full_forward(model_type, layers, references, meshe
         mask[row, prompt_len - length:] = True
     positions = left_padded_positions(mask)
     full = fr_logits(stacked, mesh, ids, positions, mask.astype(np.int32))
-    model = stacked.unstacked() if layers == "unstacked" else stacked
+    model = stacked
+    if layers == "unstacked":                  # consumed: each stacked weight is freed once sliced
+        model = stacked.unstacked(consume=True)
+        assert all(a.is_deleted() for a in jax.tree.leaves(nnx.state(stacked.layers)))
+        assert not any(a.is_deleted() for a in jax.tree.leaves(nnx.state(model)))
 
     step = nnx.jit(lambda m, *a: m.decode(*a), donate_argnums=(3,))
     as_jax = (lambda a: jnp.asarray(a, jnp.int32))

@@ -275,17 +275,24 @@ class Decoder(nnx.Module):
         return [nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state))
                 for i in range(self.cfg.num_hidden_layers)]
 
-    def unstacked(self) -> Decoder:
+    def unstacked(self, *, consume: bool = False) -> Decoder:
         """A copy (sharing every array but the layers') with one Block per layer, each parameter its own array and
-        its logical axes without "layers": what decoding wants (module docstring). Not for training or saving."""
+        its logical axes without "layers": what decoding wants (module docstring). Not for training or saving.
+
+        consume=True frees each stacked parameter as soon as it is sliced, so that unstacking needs one parameter
+        of extra memory, not a second copy of the layers; this model is then unusable.
+        """
         graphdef, state = nnx.split(self)
         copy = nnx.merge(graphdef, state)
-        blocks = self.blocks()
-        for block in blocks:
-            for _, var in nnx.iter_graph(block):
-                if isinstance(var, nnx.Param):
-                    var.set_metadata(out_sharding=var.get_metadata()["out_sharding"][1:])
-        copy.layers = nnx.List(blocks)
+        layer_graphdef, stacked = nnx.split(self.layers)
+        per_layer = [[] for _ in range(self.cfg.num_hidden_layers)]
+        for path, var in nnx.to_flat_state(stacked):
+            value, axes = var.get_value(), var.get_metadata()["out_sharding"]
+            for layer, items in enumerate(per_layer):
+                items.append((path, var.replace(value[layer], out_sharding=axes[1:])))
+            if consume:
+                value.delete()
+        copy.layers = nnx.List([nnx.merge(layer_graphdef, nnx.from_flat_state(items)) for items in per_layer])
         return copy
 
     def init_cache(self, batch_size: int, max_len: int) -> KVCache:

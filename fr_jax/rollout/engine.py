@@ -185,7 +185,9 @@ class Engine:
                 for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
     def swap_state(self, model: Decoder, weight_version: str | None = None) -> None:
-        """Serve `model`'s parameters (between batches); their names, shapes and dtypes must equal the current ones."""
+        """Serve `model`'s parameters (between batches); their names, shapes and dtypes must equal the current ones.
+        The engine takes `model`'s arrays over (they are unstacked in place: `model` is unusable afterwards), so
+        a swap holds two copies of the weights at most, the served ones and the new ones."""
         new = self._param_specs(model)
         if new.keys() != self._served.keys():
             missing, extra = sorted(self._served.keys() - new.keys()), sorted(new.keys() - self._served.keys())
@@ -193,7 +195,7 @@ class Engine:
         for name, (shape, dtype) in self._served.items():
             if new[name] != (shape, dtype):
                 raise ValueError(f"parameter {name}: served {dtype}{list(shape)}, new {new[name][1]}{list(new[name][0])}")
-        state = nnx.split(model.unstacked())[1]
+        state = nnx.split(model.unstacked(consume=True))[1]
         with self._lock:
             self.state = state
             if weight_version is not None:
