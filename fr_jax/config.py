@@ -36,6 +36,13 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, strict=True)
 
 
+def check_external_url(section, prefix: str):
+    """A service the run does not start (launch: none) needs its url, and a service it starts has none."""
+    if (section.launch == "none") != (section.url is not None):
+        raise ValueError(f"{prefix}.url is required with {prefix}.launch 'none', and only then")
+    return section
+
+
 class _YamlLoader(yaml.SafeLoader):
     """SafeLoader that also reads 1e-5 (no dot) as a float, as YAML 1.2 and every user expect."""
 
@@ -226,9 +233,7 @@ class GRPORolloutSection(_Section):
 
     @model_validator(mode="after")
     def _url(self):
-        if (self.launch == "none") != (self.url is not None):
-            raise ValueError("grpo.rollout.url is required with grpo.rollout.launch 'none', and only then")
-        return self
+        return check_external_url(self, "grpo.rollout")
 
 
 class GRPOSandboxSection(_Section):
@@ -243,9 +248,7 @@ class GRPOSandboxSection(_Section):
 
     @model_validator(mode="after")
     def _url(self):
-        if (self.launch == "none") != (self.url is not None):
-            raise ValueError("grpo.sandbox.url is required with grpo.sandbox.launch 'none', and only then")
-        return self
+        return check_external_url(self, "grpo.sandbox")
 
 
 class GRPOEvalSection(_Section):

@@ -48,7 +48,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm import tqdm
 
 import fr_jax
-from fr_jax.config import ConfigError, default_data_dir, load_config
+from fr_jax.config import ConfigError, check_external_url, default_data_dir, load_config
 from fr_jax.data.jsonl import read_jsonl, write_jsonl
 from fr_jax.data.tasks import Task, load_tasks
 from fr_jax.flow.chat import ChatClient
@@ -238,9 +238,7 @@ class SandboxSection(_Section):
 
     @model_validator(mode="after")
     def _url(self):
-        if (self.launch == "none") != (self.url is not None):
-            raise ValueError("sandbox.url is required with sandbox.launch: none, and only then")
-        return self
+        return check_external_url(self, "sandbox")
 
 
 class FilterSection(_Section):

@@ -14,8 +14,8 @@ import json
 import logging
 import math
 import pathlib
-import shutil
 import re
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -219,11 +219,16 @@ def _gather(x: jax.Array) -> np.ndarray:
 GENERATION_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
-def _generation_ids(source_dir) -> dict:
-    if source_dir is None:
-        return {}
-    source = json.loads((pathlib.Path(source_dir) / "config.json").read_text())
-    return {key: source[key] for key in GENERATION_KEYS if source.get(key) is not None}
+def _write_config(cfg, out_dir: pathlib.Path, source_dir) -> None:
+    """config.json, plus the source checkpoint's special token ids and generation_config.json when it has them."""
+    hf = cfg.to_hf()
+    if source_dir is not None:
+        source_dir = pathlib.Path(source_dir)
+        source = json.loads((source_dir / "config.json").read_text())
+        hf.update({key: source[key] for key in GENERATION_KEYS if source.get(key) is not None})
+        if (source_dir / "generation_config.json").is_file():
+            shutil.copyfile(source_dir / "generation_config.json", out_dir / "generation_config.json")
+    (out_dir / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
 
 
 def save_pretrained(model: Decoder, out_dir, *, max_shard_size="2GB", source_dir=None) -> None:
@@ -263,10 +268,7 @@ def save_pretrained(model: Decoder, out_dir, *, max_shard_size="2GB", source_dir
         out_dir.mkdir(parents=True, exist_ok=True)
         for stale in list(out_dir.glob("model*.safetensors")) + [out_dir / SAFE_INDEX]:
             stale.unlink(missing_ok=True)  # an older save with another sharding must not shadow this one
-        (out_dir / "config.json").write_text(json.dumps({**cfg.to_hf(), **_generation_ids(source_dir)}, indent=2)
-                                             + "\n")
-        if source_dir is not None and (pathlib.Path(source_dir) / "generation_config.json").is_file():
-            shutil.copyfile(pathlib.Path(source_dir) / "generation_config.json", out_dir / "generation_config.json")
+        _write_config(cfg, out_dir, source_dir)
     progress = tqdm(total=len(plan), desc=f"saving {out_dir.name}", unit="tensor", disable=None if writer else True)
     for file_name, shard in zip(names, shards):
         tensors = {}
