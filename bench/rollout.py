@@ -26,7 +26,7 @@ import jax  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from fr_jax.config import default_data_dir  # noqa: E402
+from fr_jax.data.tasks import default_data_dir  # noqa: E402
 from fr_jax.models.gguf import smollm2_hf_dir  # noqa: E402
 from fr_jax.models.hf import load_pretrained  # noqa: E402
 from fr_jax.models.tokenizer import load_tokenizer  # noqa: E402

@@ -15,7 +15,6 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEVICE_HBM_GIB = {  # per-chip memory, for fr_jax.plan's "does it fit" verdict
     "tpu-v4": 32, "tpu-v5e": 16, "tpu-v5p": 95, "tpu-v6e": 32,
     "a100-40g": 40, "a100-80g": 80, "h100": 80, "h200": 141, "b200": 180, "cpu": 24,
@@ -24,11 +23,6 @@ DEVICE_HBM_GIB = {  # per-chip memory, for fr_jax.plan's "does it fit" verdict
 
 class ConfigError(ValueError):
     """A config the run cannot use; the message names the offending key."""
-
-
-def default_data_dir() -> pathlib.Path:
-    """The shared data folder: $FR_JAX_SHARED_DATA, else ../shared/data next to the repo."""
-    return pathlib.Path(os.environ.get("FR_JAX_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 
 
 class _Section(BaseModel):
@@ -157,7 +151,7 @@ class SFTDataSection(_Section):
     source: Literal["jsonl", "mbpp"] = "jsonl"
     train_file: str | None = None  # JSONL (source=jsonl)
     eval_file: str | None = None  # JSONL held-out split (source=jsonl); null: no evaluation
-    data_dir: str | None = None  # source=mbpp: folder with mbpp.jsonl; default ../shared/data next to the repo
+    data_dir: str | None = None  # source=mbpp: folder with mbpp.jsonl; default: the data fr_jax ships ($FR_JAX_DATA)
     max_seq_len: int = Field(..., ge=8)  # packed row length in tokens
     on_malformed: Literal["skip", "stop"] = "stop"
     too_long: Literal["skip", "truncate"] = "skip"  # a conversation longer than max_seq_len
@@ -173,9 +167,6 @@ class SFTDataSection(_Section):
             raise ValueError("sft.data.train_file/eval_file are not used with sft.data.source 'mbpp' (it uses data_dir)")
         return self
 
-    def resolved_data_dir(self) -> pathlib.Path:
-        return pathlib.Path(self.data_dir) if self.data_dir else default_data_dir()
-
 
 class SFTSection(_Section):
     data: SFTDataSection
@@ -186,7 +177,7 @@ class GRPODataSection(_Section):
 
     dataset: str = "mbpp"  # mbpp | mbpp-sanitized | aflow-mbpp | humaneval | jsonl
     file: str | None = None  # dataset jsonl: one task per line, each with a "split"
-    data_dir: str | None = None  # the data sets' folder; default ../shared/data next to the repo
+    data_dir: str | None = None  # the data sets' folder; default: the data fr_jax ships ($FR_JAX_DATA)
     train_split: str = "train"
     eval_split: str = "validation"  # held out: pass@1 before and after training
     max_prompt_tokens: int = Field(512, ge=8)  # tasks whose prompt (chat template applied) is longer are skipped
@@ -200,9 +191,6 @@ class GRPODataSection(_Section):
         if (self.dataset == "jsonl") != (self.file is not None):
             raise ValueError("grpo.data.file is required with grpo.data.dataset 'jsonl', and only then")
         return self
-
-    def resolved_data_dir(self) -> pathlib.Path:
-        return pathlib.Path(self.data_dir) if self.data_dir else default_data_dir()
 
 
 class GRPOPromptSection(_Section):

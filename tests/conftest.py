@@ -1,4 +1,4 @@
-"""Test-wide setup: 8 fake CPU devices for real sharded meshes, and the shared data folder."""
+"""Test-wide setup: 8 fake CPU devices for real sharded meshes, and session-wide servers and models."""
 
 import os
 import pathlib
@@ -9,14 +9,14 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest  # noqa: E402
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-SHARED_DATA = pathlib.Path(os.environ.get("FR_JAX_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> pathlib.Path:
-    assert SHARED_DATA.is_dir(), f"shared data folder not found at {SHARED_DATA} (set FR_JAX_SHARED_DATA)"
-    return SHARED_DATA
+def benchmark_dir() -> pathlib.Path:
+    """The benchmark files fr_jax ships (or $FR_JAX_DATA)."""
+    from fr_jax.data.tasks import default_data_dir
+
+    return default_data_dir()
 
 
 @pytest.fixture(scope="session")

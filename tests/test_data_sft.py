@@ -8,7 +8,6 @@ import pytest
 
 from fr_jax.config import SFTDataSection
 from fr_jax.data.sft import (
-    MBPP_SPLITS,
     PackedBatches,
     ReadReport,
     build_sft_data,
@@ -100,28 +99,27 @@ def test_too_long_records_are_skipped_or_truncated(smollm2_tokenizer, tmp_path):
     assert len(kept) == 2 and trunc.truncated == 1 and len(kept[1]["inputs"]) == 64
 
 
-def test_mbpp_chat_records(shared_data):
-    train = mbpp_chat_records(shared_data, "train")
-    lo, hi = MBPP_SPLITS["train"]
-    assert len(train) == hi - lo + 1 == 374
-    assert all(lo <= r["task_id"] <= hi for r in train)
+def test_mbpp_chat_records():
+    train = mbpp_chat_records(split="train")
+    assert len(train) == 374
+    assert all(601 <= r["task_id"] <= 974 for r in train)
     first = train[0]["messages"]
     assert [m["role"] for m in first] == ["user", "assistant"]
     assert "assert " in first[0]["content"] and first[1]["content"].startswith("```python\n")
     assert "\r" not in first[1]["content"]
-    assert len(mbpp_chat_records(shared_data, "validation")) == 90
+    assert len(mbpp_chat_records(split="validation")) == 90
 
 
-def _data(tokenizer, shared_data, **kw):
-    cfg = SFTDataSection(source="mbpp", data_dir=str(shared_data), max_seq_len=256, packing_bins=8,
+def _data(tokenizer, **kw):
+    cfg = SFTDataSection(source="mbpp", max_seq_len=256, packing_bins=8,
                          **{k: v for k, v in kw.items() if k in ("shards", "shuffle_seed")})
     args = dict(batch_size=8, micro_batches=2, eval_batches=1, process_index=0, process_count=1)
     args.update({k: v for k, v in kw.items() if k in ("process_index", "process_count")})
     return build_sft_data(cfg, tokenizer, **args)
 
 
-def test_packed_batches_layout_and_masks(smollm2_tokenizer, shared_data):
-    data = _data(smollm2_tokenizer, shared_data)
+def test_packed_batches_layout_and_masks(smollm2_tokenizer):
+    data = _data(smollm2_tokenizer)
     batches = [next(data.train) for _ in range(4)]
     assert {k: v.shape for k, v in batches[0].items()} == {k: (2, 4, 256) for k in batches[0]}
     assert max(b["segment_ids"].max() for b in batches) >= 2  # conversations share rows
@@ -137,9 +135,9 @@ def test_packed_batches_layout_and_masks(smollm2_tokenizer, shared_data):
     assert len(data.eval_batches) == 1 and data.eval_batches[0]["loss_mask"].sum() > 0
 
 
-def test_shuffle_is_seeded_and_state_restores(smollm2_tokenizer, shared_data):
-    a, b = _data(smollm2_tokenizer, shared_data), _data(smollm2_tokenizer, shared_data)
-    c = _data(smollm2_tokenizer, shared_data, shuffle_seed=1)
+def test_shuffle_is_seeded_and_state_restores(smollm2_tokenizer):
+    a, b = _data(smollm2_tokenizer), _data(smollm2_tokenizer)
+    c = _data(smollm2_tokenizer, shuffle_seed=1)
     first_a, first_b, first_c = next(a.train), next(b.train), next(c.train)
     np.testing.assert_array_equal(first_a["input_ids"], first_b["input_ids"])
     assert not np.array_equal(first_a["input_ids"], first_c["input_ids"])
@@ -152,10 +150,10 @@ def test_shuffle_is_seeded_and_state_restores(smollm2_tokenizer, shared_data):
             np.testing.assert_array_equal(got[k], want[k])
 
 
-def test_process_shards_assemble_the_single_process_batch(smollm2_tokenizer, shared_data):
+def test_process_shards_assemble_the_single_process_batch(smollm2_tokenizer):
     """With shards fixed, process p of 2 holds its rows of the same global batch one process builds alone."""
-    whole = _data(smollm2_tokenizer, shared_data, shards=2)
-    parts = [_data(smollm2_tokenizer, shared_data, shards=2, process_index=p, process_count=2) for p in range(2)]
+    whole = _data(smollm2_tokenizer, shards=2)
+    parts = [_data(smollm2_tokenizer, shards=2, process_index=p, process_count=2) for p in range(2)]
     for _ in range(2):
         batch = next(whole.train)
         local = [next(p.train) for p in parts]
@@ -169,10 +167,10 @@ def test_process_shards_assemble_the_single_process_batch(smollm2_tokenizer, sha
         whole.train.set_state([parts[0].train.get_state()])
 
 
-def test_bad_shard_and_batch_settings_are_refused(smollm2_tokenizer, shared_data):
+def test_bad_shard_and_batch_settings_are_refused(smollm2_tokenizer):
     with pytest.raises(ValueError, match="sft.data.shards=3 is not a multiple of the process count 2"):
-        _data(smollm2_tokenizer, shared_data, shards=3, process_count=2)
+        _data(smollm2_tokenizer, shards=3, process_count=2)
     with pytest.raises(ValueError, match="must be divisible by sft.data.shards x train.micro_batches"):
-        _data(smollm2_tokenizer, shared_data, shards=8)
+        _data(smollm2_tokenizer, shards=8)
     with pytest.raises(ValueError, match="have no usable records"):
         PackedBatches({0: []}, rows_per_shard=2, micro_batches=1, seq_len=16, packing_bins=2, seed=0)

@@ -135,11 +135,11 @@ def test_task_file_errors_name_the_line(tmp_path):
         load_task_file(path, "train")
 
 
-def test_reference_solutions_pass_and_stubs_fail_in_the_real_sandbox(shared_data):
+def test_reference_solutions_pass_and_stubs_fail_in_the_real_sandbox(benchmark_dir):
     """The sandbox requests built from tasks keep Task.test_programs' layout: MBPP with test imports and setup code,
     HumanEval's hidden check() and public asserts with helpers defined in the prompt (HumanEval/32's poly)."""
     wanted = {"Mbpp/367", "Mbpp/927", "Mbpp/602", "HumanEval/32", "HumanEval/38"}
-    tasks = [t for name in ("mbpp", "humaneval") for t in load_tasks(name, "all", data_dir=shared_data)
+    tasks = [t for name in ("mbpp", "humaneval") for t in load_tasks(name, "all", data_dir=benchmark_dir)
              if t.task_id in wanted]
     items, expected = [], []
     for task in tasks:

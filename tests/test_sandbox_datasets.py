@@ -21,8 +21,8 @@ async def _evaluate_all(sandbox, items: list[EvalItem]):
         return await client.evaluate_batch(items)
 
 
-def test_humaneval_canonical_solutions_pass_and_wrong_ones_fail(sandbox, shared_data):
-    problems = _load(shared_data / "HumanEval.jsonl")
+def test_humaneval_canonical_solutions_pass_and_wrong_ones_fail(sandbox, benchmark_dir):
+    problems = _load(benchmark_dir / "HumanEval.jsonl")
     assert len(problems) == 164
     tests = [HumanEvalTests(p["test"], p["entry_point"]) for p in problems]
     right = [EvalItem(p["prompt"] + p["canonical_solution"], t) for p, t in zip(problems, tests)]
@@ -45,8 +45,8 @@ def _passes_plain(problem: dict) -> bool:
         return False
 
 
-def test_mbpp_reference_solutions_that_pass_plainly_pass_in_the_sandbox(sandbox, shared_data):
-    problems = _load(shared_data / "mbpp.jsonl")
+def test_mbpp_reference_solutions_that_pass_plainly_pass_in_the_sandbox(sandbox, benchmark_dir):
+    problems = _load(benchmark_dir / "mbpp.jsonl")
     with ThreadPoolExecutor(2) as pool:
         plain = list(pool.map(_passes_plain, problems))
     assert sum(plain) >= 950, "the reference data should almost all pass plainly"

@@ -1,6 +1,8 @@
-"""Task loaders over the real shared data (fr_jax/data/tasks.py)."""
+"""Task loaders over the benchmark data fr_jax ships (fr_jax/data/tasks.py)."""
 
+import ast
 import json
+import pathlib
 import re
 import shutil
 import subprocess
@@ -17,6 +19,8 @@ EXPECTED_COUNTS = {
     "mbpp": {"prompt": 10, "test": 500, "validation": 90, "train": 374, "all": 974},
     "mbpp-sanitized": {"prompt": 7, "test": 257, "validation": 43, "train": 120, "all": 427},
     "aflow-mbpp": {"test": 341, "validate": 86, "all": 427},
+    "bigcodebench": {"train": 765, "validate": 75, "test": 300, "all": 1140},
+    "bigcodebench-instruct": {"train": 765, "validate": 75, "test": 300, "all": 1140},
 }
 
 # Runs (key, program) pairs, each in a fresh namespace, and prints the keys whose program raised. The programs
@@ -29,6 +33,9 @@ for key, program in json.load(sys.stdin):
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             exec(compile(program, key, "exec"), {"__name__": "__main__"})
+    except SystemExit as stop:  # a unittest program exits 0 when every test passed
+        if stop.code not in (0, None):
+            failed.append(key)
     except BaseException:
         failed.append(key)
 print(json.dumps(failed))
@@ -53,42 +60,47 @@ def _failing_cases(programs: list[tuple[str, str]], workers: int = 2) -> set[str
 
 
 @pytest.fixture(scope="module")
-def all_tasks(shared_data):
-    return {name: load_tasks(name, "all", data_dir=shared_data) for name in DATASETS}
+def all_tasks(benchmark_dir):
+    return {name: load_tasks(name, "all", data_dir=benchmark_dir) for name in DATASETS}
+
+
+@pytest.fixture(scope="module")
+def bigcodebench():
+    return load_tasks("bigcodebench", "all")
 
 
 @pytest.mark.parametrize(
     "name, split, count", [(n, s, c) for n, splits in EXPECTED_COUNTS.items() for s, c in splits.items()]
 )
-def test_split_sizes(shared_data, name, split, count):
-    assert len(load_tasks(name, split, data_dir=shared_data)) == count
+def test_split_sizes(benchmark_dir, name, split, count):
+    assert len(load_tasks(name, split, data_dir=benchmark_dir)) == count
 
 
 @pytest.mark.parametrize("name", DATASETS)
-def test_splits_partition_the_whole_set_exactly(shared_data, all_tasks, name):
-    parts = [{t.task_id for t in load_tasks(name, s, data_dir=shared_data)} for s in tasks.SPLITS[name] if s != "all"]
+def test_splits_partition_the_whole_set_exactly(benchmark_dir, all_tasks, name):
+    parts = [{t.task_id for t in load_tasks(name, s, data_dir=benchmark_dir)} for s in tasks.SPLITS[name] if s != "all"]
     assert sum(len(p) for p in parts) == len(set().union(*parts))  # pairwise disjoint
     assert set().union(*parts) == {t.task_id for t in all_tasks[name]}
     assert len({t.task_id for t in all_tasks[name]}) == len(all_tasks[name])
 
 
 @pytest.mark.parametrize("name", ["mbpp", "mbpp-sanitized"])
-def test_mbpp_splits_follow_the_official_id_ranges(shared_data, name):
+def test_mbpp_splits_follow_the_official_id_ranges(benchmark_dir, name):
     for split, ids in tasks.MBPP_ID_RANGES.items():
-        got = [int(t.task_id.split("/")[1]) for t in load_tasks(name, split, data_dir=shared_data)]
+        got = [int(t.task_id.split("/")[1]) for t in load_tasks(name, split, data_dir=benchmark_dir)]
         assert got and all(i in ids for i in got) and got == sorted(got)
 
 
-def test_humaneval_splits_are_aflows_files(shared_data):
-    validate = {json.loads(line)["task_id"] for line in open(shared_data / "aflow" / "humaneval_validate.jsonl")}
-    assert {t.task_id for t in load_tasks("humaneval", "validate", data_dir=shared_data)} == validate
+def test_humaneval_splits_are_aflows_files(benchmark_dir):
+    validate = {json.loads(line)["task_id"] for line in open(benchmark_dir / "aflow" / "humaneval_validate.jsonl")}
+    assert {t.task_id for t in load_tasks("humaneval", "validate", data_dir=benchmark_dir)} == validate
 
 
-def test_loading_is_deterministic_and_limit_takes_a_prefix(shared_data, all_tasks):
-    again = load_tasks("aflow-mbpp", "all", data_dir=shared_data)
+def test_loading_is_deterministic_and_limit_takes_a_prefix(benchmark_dir, all_tasks):
+    again = load_tasks("aflow-mbpp", "all", data_dir=benchmark_dir)
     assert again == all_tasks["aflow-mbpp"]
-    assert load_tasks("aflow-mbpp", "all", data_dir=shared_data, limit=5) == again[:5]
-    assert load_tasks("humaneval", "test", data_dir=shared_data, limit=0) == []
+    assert load_tasks("aflow-mbpp", "all", data_dir=benchmark_dir, limit=5) == again[:5]
+    assert load_tasks("humaneval", "test", data_dir=benchmark_dir, limit=0) == []
 
 
 @pytest.mark.parametrize("name", ["mbpp", "mbpp-sanitized", "aflow-mbpp"])
@@ -164,24 +176,32 @@ def test_reference_solutions_pass_and_stubs_fail(all_tasks):
 # ------------------------------------------------------------------------------------------- bad input
 
 
-def test_unknown_name_and_split_list_the_allowed_ones(shared_data):
+def test_unknown_name_and_split_list_the_allowed_ones(benchmark_dir):
     with pytest.raises(ValueError, match=r"unknown task set 'apps'.*'humaneval'.*'mbpp'"):
-        load_tasks("apps", "test", data_dir=shared_data)
+        load_tasks("apps", "test", data_dir=benchmark_dir)
     with pytest.raises(ValueError, match=r"unknown split 'train' for 'humaneval'.*'test', 'validate', 'all'"):
-        load_tasks("humaneval", "train", data_dir=shared_data)
+        load_tasks("humaneval", "train", data_dir=benchmark_dir)
     with pytest.raises(ValueError, match="limit"):
-        load_tasks("humaneval", "test", data_dir=shared_data, limit=-1)
+        load_tasks("humaneval", "test", data_dir=benchmark_dir, limit=-1)
 
 
-def test_bigcodebench_names_the_file_it_would_read(shared_data):
-    with pytest.raises(FileNotFoundError, match=r"BigCodeBench\.jsonl"):
-        load_tasks("bigcodebench", "test", data_dir=shared_data)
+def test_bigcodebench_names_the_file_it_would_read(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"bigcodebench/BigCodeBench\.jsonl\.gz"):
+        load_tasks("bigcodebench", "test", data_dir=tmp_path)
 
 
-def test_missing_and_broken_data_files_are_named(tmp_path, shared_data):
+def test_data_dir_defaults_to_the_shipped_files_or_fr_jax_data(monkeypatch, tmp_path):
+    assert tasks.default_data_dir() == tasks.BENCHMARK_DIR
+    assert tasks.BENCHMARK_DIR.is_relative_to(pathlib.Path(tasks.__file__).parent)
+    monkeypatch.setenv("FR_JAX_DATA", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "HumanEval.jsonl")):
+        load_tasks("humaneval", "all")
+
+
+def test_missing_and_broken_data_files_are_named(tmp_path, benchmark_dir):
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "mbpp.jsonl")):
         load_tasks("mbpp", "all", data_dir=tmp_path)
-    lines = (shared_data / "mbpp.jsonl").read_text().splitlines()
+    lines = (benchmark_dir / "mbpp.jsonl").read_text().splitlines()
     (tmp_path / "mbpp.jsonl").write_text("\n".join([lines[0], "{not json", *lines[2:]]) + "\n")
     with pytest.raises(ValueError, match=r"mbpp\.jsonl:2: not valid JSON"):
         load_tasks("mbpp", "all", data_dir=tmp_path)
@@ -192,10 +212,60 @@ def test_missing_and_broken_data_files_are_named(tmp_path, shared_data):
         load_tasks("mbpp", "all", data_dir=tmp_path)
 
 
-def test_changed_humaneval_public_tests_are_reported(tmp_path, shared_data):
-    shutil.copytree(shared_data, tmp_path / "data")
+def test_changed_humaneval_public_tests_are_reported(tmp_path, benchmark_dir):
+    shutil.copytree(benchmark_dir, tmp_path / "data")
     public = tmp_path / "data" / "aflow" / "humaneval_public_test.jsonl"
     public.chmod(0o644)
     public.write_text(public.read_text().replace("== 15.0", "== 8.0"))  # someone fixed HumanEval/47's example
     with pytest.raises(ValueError, match="known-wrong public tests of HumanEval/47 not found"):
         load_tasks("humaneval", "all", data_dir=tmp_path / "data")
+
+
+# ---------------------------------------------------------------------------------------------- BigCodeBench
+
+
+def test_bigcodebench_prompt_styles_and_fields(bigcodebench):
+    instruct = {t.task_id: t for t in load_tasks("bigcodebench-instruct", "all")}
+    for t in bigcodebench:
+        other = instruct[t.task_id]
+        assert t.entry_point == "task_func" and "def task_func" in t.prompt
+        assert other.prompt != t.prompt and other.hidden_tests == t.hidden_tests
+        assert t.hidden_tests.format == t.public_tests.format == "unittest"
+        assert t.reference_solution.startswith(t.prompt)
+    assert sum(1 for t in bigcodebench if not t.requires) == 327  # the standard-library-only tasks
+    assert {"pandas", "numpy", "matplotlib"} <= {lib for t in bigcodebench for lib in t.requires}
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the tests' regex strings
+def test_bigcodebench_public_test_is_the_first_test_method(bigcodebench):
+    def methods(module: str) -> list[str]:
+        (cases,) = [n for n in ast.parse(module).body if isinstance(n, ast.ClassDef) and n.name == "TestCases"]
+        return [n.name for n in cases.body if isinstance(n, ast.FunctionDef)]
+
+    for t in bigcodebench:
+        hidden, public = methods(t.hidden_tests.cases[0]), methods(t.public_tests.cases[0])
+        first = next(m for m in hidden if m.startswith("test"))
+        assert [m for m in public if m.startswith("test")] == [first], t.task_id
+        assert [m for m in public if not m.startswith("test")] == [m for m in hidden if not m.startswith("test")]
+
+
+def test_bigcodebench_splits_are_fixed(bigcodebench):
+    test_ids = [t.task_id for t in load_tasks("bigcodebench", "test")]
+    assert test_ids == [t.task_id for t in load_tasks("bigcodebench", "test")]  # no hidden randomness
+    assert test_ids[:3] == sorted(test_ids, key=lambda i: int(i.split("/")[1]))[:3]
+
+
+# standard-library tasks whose canonical solution needs no network, display or slow work (a fixed sample)
+BCB_SAMPLE = ("BigCodeBench/1", "BigCodeBench/7", "BigCodeBench/14", "BigCodeBench/19", "BigCodeBench/24")
+
+
+def test_bigcodebench_references_pass_and_stubs_fail(bigcodebench):
+    by_id = {t.task_id: t for t in bigcodebench}
+    sample = [by_id[i] for i in BCB_SAMPLE]
+    assert all(not t.requires for t in sample)
+    reference = [(f"{t.task_id}:{hidden}", t.test_programs(t.reference_solution, hidden=hidden)[0])
+                 for t in sample for hidden in (False, True)]
+    assert _failing_cases(reference) == set()
+    stubs = [(t.task_id, t.test_programs("def task_func(*args, **kwargs):\n    return None\n", hidden=True)[0])
+             for t in sample]
+    assert _failing_cases(stubs) == set(BCB_SAMPLE)

@@ -15,7 +15,7 @@ from fr_jax.trainer.sft import run_sft
 STEPS = 2
 
 
-def test_sft_on_mbpp_lowers_held_out_loss(tmp_path, shared_data):
+def test_sft_on_mbpp_lowers_held_out_loss(tmp_path, benchmark_dir):
     cfg = parse_config({
         "stage": "sft",
         "run_dir": str(tmp_path / "run"),
@@ -25,7 +25,7 @@ def test_sft_on_mbpp_lowers_held_out_loss(tmp_path, shared_data):
         "train": {"steps": STEPS, "batch_size": 4, "micro_batches": 1, "eval_batches": 1},
         "checkpoint": {"every_steps": STEPS, "keep": 1},
         "monitor": {"tensorboard": True, "progress_bar": False, "peak_tflops_per_device": 1.0},
-        "sft": {"data": {"source": "mbpp", "data_dir": str(shared_data), "max_seq_len": 128, "too_long": "truncate",
+        "sft": {"data": {"source": "mbpp", "max_seq_len": 128, "too_long": "truncate",
                          "packing_bins": 8}},
     })
     summary = run_sft(start_runtime(cfg))

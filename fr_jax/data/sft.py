@@ -26,11 +26,11 @@ import jinja2
 import numpy as np
 from tqdm import tqdm
 
+from fr_jax.data.tasks import MBPP_ID_RANGES, default_data_dir
+
 _log = logging.getLogger(__name__)
 
 ROLES = ("system", "user", "assistant")
-# MBPP task_id ranges of the standard splits (google-research README; the HF dataset uses the same).
-MBPP_SPLITS = {"prompt": (1, 10), "test": (11, 510), "validation": (511, 600), "train": (601, 974)}
 BATCH_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
 
 
@@ -95,18 +95,17 @@ def read_chat_jsonl(path: str | os.PathLike, *, on_malformed: str = "stop",
     return records
 
 
-def mbpp_chat_records(data_dir: str | os.PathLike, split: str = "train") -> list[dict]:
+def mbpp_chat_records(data_dir: str | os.PathLike | None = None, split: str = "train") -> list[dict]:
     """MBPP reference solutions of one split as single-turn chats: the task and its tests -> the code."""
-    if split not in MBPP_SPLITS:
-        raise ValueError(f"MBPP split {split!r}; known: {sorted(MBPP_SPLITS)}")
-    path = pathlib.Path(data_dir) / "mbpp.jsonl"
+    if split not in MBPP_ID_RANGES:
+        raise ValueError(f"MBPP split {split!r}; known: {sorted(MBPP_ID_RANGES)}")
+    path = pathlib.Path(data_dir if data_dir is not None else default_data_dir()) / "mbpp.jsonl"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found (set sft.data.data_dir or FR_JAX_SHARED_DATA)")
-    lo, hi = MBPP_SPLITS[split]
+        raise FileNotFoundError(f"{path} not found (sft.data.data_dir, or $FR_JAX_DATA, names the data folder)")
     chats = []
     for line in path.read_text().splitlines():
         task = json.loads(line)
-        if not lo <= task["task_id"] <= hi:
+        if task["task_id"] not in MBPP_ID_RANGES[split]:
             continue
         tests = "\n".join(task["test_list"])
         code = task["code"].replace("\r\n", "\n").strip()
@@ -278,7 +277,7 @@ class SFTData:
 def load_records(data_cfg, split: str, report: ReadReport) -> list[ChatRecord]:
     """Chat records of the train or eval split as the config describes them ([] for a missing eval split)."""
     if data_cfg.source == "mbpp":
-        chats = mbpp_chat_records(data_cfg.resolved_data_dir(), "train" if split == "train" else "validation")
+        chats = mbpp_chat_records(data_cfg.data_dir, "train" if split == "train" else "validation")
         return [ChatRecord(check_messages(c), f"mbpp task {c['task_id']}") for c in chats]
     path = data_cfg.train_file if split == "train" else data_cfg.eval_file
     if path is None:

@@ -1,4 +1,5 @@
-"""Coding queries with public and hidden tests: HumanEval, MBPP (full and sanitized) and AFlow's MBPP split.
+"""Coding queries with public and hidden tests: HumanEval, MBPP (full and sanitized), AFlow's MBPP split and
+BigCodeBench, read from the benchmark files fr_jax ships (fr_jax/data/benchmarks, provenance in its README.md).
 
 Every query becomes a `Task`: the prompt the meta-agent (or a plain coder) sees, the function it must define
 (`entry_point`), the *public* tests (the Test operator and per-query validation may run them) and the *hidden*
@@ -16,7 +17,10 @@ Data sets and splits (deterministic: fixed files and id ranges, no randomness; t
   train (120); all (427).
 - "aflow-mbpp": aflow/mbpp_{test,validate}.jsonl, AFlow's split of the sanitized set as used by FlowReasoner:
   test (341), validate (86); all (427).
-- "bigcodebench": not in the shared data; raises FileNotFoundError naming the file it would read.
+- "bigcodebench" (the "complete" prompt: imports, signature and docstring) and "bigcodebench-instruct" (the
+  natural-language prompt): bigcodebench/BigCodeBench.jsonl.gz, 1140 tasks. BigCodeBench has no official split;
+  the ids are shuffled once with random.Random(0) and cut into test (the first 300: FlowReasoner reports 300 test
+  queries), validate (the next 75: AFlow's 1:4 validation/test practice) and train (the other 765); all (1140).
 
 Public and hidden tests:
 - HumanEval: hidden = the original `check(candidate)` program, run as `check(entry_point)` (one all-or-nothing
@@ -32,6 +36,12 @@ Public and hidden tests:
   by an entry point shared by two tasks), so it is not read. Prompt = problem text + the reference's
   signature (AFlow's files already append it). `test_imports` go before the solution, `test_setup_code`
   (full MBPP 367 and 927) between the solution and each assert.
+- BigCodeBench: hidden = the task's `unittest.TestCase` module (format "unittest": each test method is one test);
+  public = the same module with only the first test method of TestCases (setUp, fixtures and helper classes kept).
+  The prelude is the code prompt's import lines, so a solution that forgets an import the prompt gave still
+  runs, as with HumanEval's prompt. `Task.requires` lists the task's third-party libraries (BigCodeBench's
+  `libs` less the standard library): 813 tasks need some, which the sandbox finds only in a python that has
+  them (scripts/setup.sh --bcb).
 - AFlow's copy of task 630 has a broken reference (`adjac`'s signature was rewritten); its reference solution
   is taken from mbpp_sanitized.jsonl instead (the tests are the same).
 """
@@ -41,18 +51,25 @@ from __future__ import annotations
 import ast
 import dataclasses
 import functools
+import gzip
+import json
+import os
 import pathlib
+import random
 import re
+import sys
 import warnings
 
 from fr_jax.data.jsonl import read_jsonl
 
-HUMANEVAL, MBPP, MBPP_SANITIZED, AFLOW_MBPP, BIGCODEBENCH = (
+BENCHMARK_DIR = pathlib.Path(__file__).resolve().parent / "benchmarks"  # package data
+HUMANEVAL, MBPP, MBPP_SANITIZED, AFLOW_MBPP, BIGCODEBENCH, BIGCODEBENCH_INSTRUCT = (
     "humaneval",
     "mbpp",
     "mbpp-sanitized",
     "aflow-mbpp",
     "bigcodebench",
+    "bigcodebench-instruct",
 )
 MBPP_ID_RANGES = {
     "prompt": range(1, 11),
@@ -65,8 +82,10 @@ SPLITS = {
     MBPP: (*MBPP_ID_RANGES, "all"),
     MBPP_SANITIZED: (*MBPP_ID_RANGES, "all"),
     AFLOW_MBPP: ("test", "validate", "all"),
-    BIGCODEBENCH: ("test", "all"),
+    BIGCODEBENCH: ("train", "validate", "test", "all"),
+    BIGCODEBENCH_INSTRUCT: ("train", "validate", "test", "all"),
 }
+BIGCODEBENCH_SPLIT_SIZES = {"test": 300, "validate": 75}  # train: the rest; see the module docstring
 # AFlow-copy tasks whose `code` does not run; their reference comes from mbpp_sanitized.jsonl.
 _AFLOW_MBPP_BROKEN_REFERENCES = frozenset({630})
 # AFlow public HumanEval asserts that the canonical solution fails (wrong docstring examples, or wrong extraction).
@@ -85,13 +104,24 @@ _HUMANEVAL_WRONG_PUBLIC_TESTS = {
 }
 
 
+# The end of a "unittest" program: BigCodeBench's harness runs the TestCases class; exit status 1 on any failure.
+_RUN_TEST_CASES = """
+
+import sys as _sys, unittest as _unittest
+_result = _unittest.TextTestRunner(verbosity=0).run(_unittest.TestLoader().loadTestsFromTestCase(TestCases))
+_sys.exit(0 if _result.wasSuccessful() else 1)
+"""
+
+
 @dataclasses.dataclass(frozen=True)
 class TestSuite:
     """Test cases of one visibility. Each case is run alone after `prelude`, the solution and `setup`."""
 
     __test__ = False  # not a pytest test class, despite the name
     cases: tuple[str, ...]
-    format: str = "asserts"  # "asserts": a case is assert statements; "humaneval": a case defines check(candidate)
+    # "asserts": a case is assert statements; "humaneval": a case defines check(candidate); "unittest": a case is a
+    # module with unittest.TestCase classes, each test method one test
+    format: str = "asserts"
     prelude: str = ""  # before the solution: imports/helpers the solution may rely on
     setup: str = ""  # after the solution, before each case: objects the tests use
 
@@ -105,32 +135,40 @@ class Task:
     public_tests: TestSuite
     hidden_tests: TestSuite
     reference_solution: str | None = None  # a complete program that passes every hidden test
+    requires: tuple[str, ...] = ()  # third-party libraries the tests need (BigCodeBench)
 
     def test_programs(self, solution: str, *, hidden: bool) -> tuple[str, ...]:
         """One program per case of the hidden (or public) suite; exit status 0 means that case passed."""
         suite = self.hidden_tests if hidden else self.public_tests
-        call = f"\n\ncheck({self.entry_point})\n" if suite.format == "humaneval" else "\n"
+        call = {"humaneval": f"\n\ncheck({self.entry_point})\n", "unittest": _RUN_TEST_CASES}.get(suite.format, "\n")
         return tuple(
             "\n\n".join(part for part in (suite.prelude, solution, suite.setup, case) if part) + call
             for case in suite.cases
         )
 
 
-def load_tasks(name: str, split: str, *, data_dir: str | pathlib.Path, limit: int | None = None) -> list[Task]:
-    """Tasks of one split, sorted by numeric id; `limit` keeps the first `limit`."""
+def default_data_dir() -> pathlib.Path:
+    """$FR_JAX_DATA if set, else the benchmark files installed with fr_jax."""
+    return pathlib.Path(os.environ.get("FR_JAX_DATA") or BENCHMARK_DIR)
+
+
+def load_tasks(name: str, split: str, *, data_dir: str | os.PathLike | None = None,
+               limit: int | None = None) -> list[Task]:
+    """Tasks of one split, sorted by numeric id; `limit` keeps the first `limit`. data_dir: default_data_dir()."""
     if name not in SPLITS:
         raise ValueError(f"unknown task set {name!r}; known: {sorted(SPLITS)}")
     if split not in SPLITS[name]:
         raise ValueError(f"unknown split {split!r} for {name!r}; known: {list(SPLITS[name])}")
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0 or None, got {limit}")
-    data_dir = pathlib.Path(data_dir)
+    data_dir = pathlib.Path(data_dir) if data_dir is not None else default_data_dir()
     loader = {
         HUMANEVAL: _humaneval,
         MBPP: functools.partial(_mbpp_official, sanitized=False),
         MBPP_SANITIZED: functools.partial(_mbpp_official, sanitized=True),
         AFLOW_MBPP: _aflow_mbpp,
-        BIGCODEBENCH: _bigcodebench,
+        BIGCODEBENCH: functools.partial(_bigcodebench, instruct=False),
+        BIGCODEBENCH_INSTRUCT: functools.partial(_bigcodebench, instruct=True),
     }[name]
     tasks = sorted(loader(data_dir, split), key=_numeric_id)
     return tasks if limit is None else tasks[:limit]
@@ -293,10 +331,64 @@ def _aflow_mbpp(data_dir: pathlib.Path, split: str) -> list[Task]:
 # ---------------------------------------------------------------------------------------- BigCodeBench
 
 
-def _bigcodebench(data_dir: pathlib.Path, split: str) -> list[Task]:
-    path = data_dir / "BigCodeBench.jsonl"
-    raise FileNotFoundError(
-        f"BigCodeBench is not available: load_tasks would read {path} (the BigCodeBench v0.1.4 release JSONL, "
-        f"FlowReasoner's 300-task test split), but it is not in the shared data (see {data_dir / 'README.md'}), "
-        "and no loader has been verified against it."
-    )
+def _bigcodebench_split(task_ids: list[str], split: str) -> set[str]:
+    if split == "all":
+        return set(task_ids)
+    order = sorted(task_ids, key=lambda t: int(t.rsplit("/", 1)[1]))
+    random.Random(0).shuffle(order)
+    test, validate = BIGCODEBENCH_SPLIT_SIZES["test"], BIGCODEBENCH_SPLIT_SIZES["validate"]
+    bounds = {"test": (0, test), "validate": (test, test + validate), "train": (test + validate, len(order))}
+    start, stop = bounds[split]
+    return set(order[start:stop])
+
+
+def _first_test_only(module: str, where: str) -> str:
+    """The test module with only the first test method of TestCases (the public test of a BigCodeBench task)."""
+    tree = _parse(module)
+    cases = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "TestCases"]
+    if len(cases) != 1:
+        raise ValueError(f"{where}: its test has no single `class TestCases`")
+    tests = [n for n in cases[0].body if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)
+             and n.name.startswith("test")]
+    if not tests:
+        raise ValueError(f"{where}: TestCases has no test method")
+    kept = [n for n in tests if n.name == tests[0].name][-1]  # a name defined twice: the later one is what runs
+    lines = module.splitlines(keepends=True)
+    for node in reversed([n for n in tests if n is not kept]):
+        first = min([node.lineno, *(d.lineno for d in node.decorator_list)]) - 1
+        del lines[first:node.end_lineno]
+    return "".join(lines)
+
+
+def _import_lines(code_prompt: str) -> str:
+    """The code prompt up to its `def task_func`: the imports and constants the task gives."""
+    head, sep, _ = code_prompt.partition("\ndef ")
+    return head.strip() if sep else ""
+
+
+def _bigcodebench(data_dir: pathlib.Path, split: str, *, instruct: bool) -> list[Task]:
+    path = data_dir / "bigcodebench" / "BigCodeBench.jsonl.gz"
+    if not path.is_file():
+        raise FileNotFoundError(f"BigCodeBench file not found: {path}")
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    wanted = _bigcodebench_split([_field(r, "task_id", path) for r in records], split)
+    tasks = []
+    for r in records:
+        if r["task_id"] not in wanted:
+            continue
+        where = f"{path}: {r['task_id']}"
+        complete, test = _field(r, "complete_prompt", path), _field(r, "test", path)
+        prelude = _import_lines(_field(r, "code_prompt", path))
+        libs = ast.literal_eval(_field(r, "libs", path))
+        tasks.append(Task(
+            task_id=r["task_id"],
+            dataset=BIGCODEBENCH_INSTRUCT if instruct else BIGCODEBENCH,
+            prompt=_field(r, "instruct_prompt", path) if instruct else complete,
+            entry_point=_field(r, "entry_point", path),
+            public_tests=TestSuite((_first_test_only(test, where),), format="unittest", prelude=prelude),
+            hidden_tests=TestSuite((test,), format="unittest", prelude=prelude),
+            reference_solution=complete + _field(r, "canonical_solution", path),
+            requires=tuple(sorted({lib for lib in libs if lib not in sys.stdlib_module_names})),
+        ))
+    return tasks

@@ -48,7 +48,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm import tqdm
 
 import fr_jax
-from fr_jax.config import ConfigError, check_external_url, default_data_dir, load_config
+from fr_jax.config import ConfigError, check_external_url, load_config
 from fr_jax.data.jsonl import read_jsonl, write_jsonl
 from fr_jax.data.tasks import Task, load_tasks
 from fr_jax.flow.chat import ChatClient
@@ -171,7 +171,7 @@ class TasksSection(_Section):
     dataset: str  # humaneval | mbpp | mbpp-sanitized | aflow-mbpp | jsonl (fr_jax.rl.task_file)
     split: str
     file: str | None = None  # dataset: jsonl
-    data_dir: str | None = None  # default: the shared data folder
+    data_dir: str | None = None  # default: the data fr_jax ships ($FR_JAX_DATA)
     limit: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
@@ -279,8 +279,7 @@ def load_config_tasks(section: TasksSection) -> list[Task]:
         if section.dataset == "jsonl":
             tasks = load_task_file(section.file, section.split)
         else:
-            data_dir = pathlib.Path(section.data_dir) if section.data_dir else default_data_dir()
-            tasks = load_tasks(section.dataset, section.split, data_dir=data_dir)
+            tasks = load_tasks(section.dataset, section.split, data_dir=section.data_dir)
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError(f"tasks ({section.dataset}, split {section.split!r}): {err}") from None
     without_public = [t.task_id for t in tasks if not t.public_tests.cases]

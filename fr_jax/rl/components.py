@@ -79,7 +79,7 @@ def load_prompts(grpo: GRPOSection, split: str, mode: Mode, tokenizer, *,
         if data.dataset == "jsonl":
             tasks = load_task_file(data.file, split)
         else:
-            tasks = load_tasks(data.dataset, split, data_dir=data.resolved_data_dir())
+            tasks = load_tasks(data.dataset, split, data_dir=data.data_dir)
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError(f"grpo.data ({data.dataset}, split {split!r}): {err}") from None
     loaded = len(tasks)
