@@ -50,9 +50,18 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="grpo_bench-") as tmp:
-        cfg = load_config(args.config, [f"run_dir={tmp}/run", f"train.steps={args.rounds}", "train.export_hf=false",
-                                        "grpo.data.eval_limit=2", "monitor.progress_bar=false",
-                                        f"checkpoint.every_steps={args.rounds + 1}", *args.overrides])
+        cfg = load_config(
+            args.config,
+            [
+                f"run_dir={tmp}/run",
+                f"train.steps={args.rounds}",
+                "train.export_hf=false",
+                "grpo.data.eval_limit=2",
+                "monitor.progress_bar=false",
+                f"checkpoint.every_steps={args.rounds + 1}",
+                *args.overrides,
+            ],
+        )
         started = time.perf_counter()
         run_grpo(start_runtime(cfg))
         total = time.perf_counter() - started
@@ -62,10 +71,14 @@ def main() -> None:
         baseline = raw_write_s_per_gb(sync_dir if sync_dir.is_dir() else pathlib.Path(tmp), last["sync/gigabytes"])
     phases = {name: last.get(f"time/{name}_s", 0.0) for name in PHASES}
     round_s = last["time/round_s"]
-    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; whole run {total:.0f} s "
-          f"({len(rounds)} rounds, first round {rounds[0]['time/round_s']:.1f} s with compiles)")
-    print(f"round {int(last['step'])}: {round_s:.1f} s, {int(cfg.grpo.rollout.prompts_per_step)} prompts x "
-          f"{cfg.grpo.rollout.n} samples, {last['response/length_mean']:.0f} tokens per answer on average")
+    print(
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; whole run {total:.0f} s "
+        f"({len(rounds)} rounds, first round {rounds[0]['time/round_s']:.1f} s with compiles)"
+    )
+    print(
+        f"round {int(last['step'])}: {round_s:.1f} s, {int(cfg.grpo.rollout.prompts_per_step)} prompts x "
+        f"{cfg.grpo.rollout.n} samples, {last['response/length_mean']:.0f} tokens per answer on average"
+    )
     for name, seconds in phases.items():
         print(f"  {name:8s} {seconds:7.2f} s  {seconds / round_s:6.1%} of the round")
     other = round_s - sum(phases.values())
@@ -73,8 +86,10 @@ def main() -> None:
     slowest = max(phases, key=phases.get)
     print(f"slowest: {slowest} ({phases[slowest] / round_s:.0%} of the round)")
     sync = last["sync/seconds_per_gb"]
-    print(f"weight sync: {last['sync/gigabytes']:.3f} GB at {sync:.2f} s/GB (write + server load) vs raw numpy write "
-          f"{baseline:.2f} s/GB: {sync / baseline:.1f}x the baseline")
+    print(
+        f"weight sync: {last['sync/gigabytes']:.3f} GB at {sync:.2f} s/GB (write + server load) vs raw numpy write "
+        f"{baseline:.2f} s/GB: {sync / baseline:.1f}x the baseline"
+    )
 
 
 if __name__ == "__main__":

@@ -32,20 +32,41 @@ from fr_jax.trainer.metrics import measure_peak_flops
 CONFIGS = {
     # SmolLM2-135M's config.json values (a Llama)
     "smollm2": lambda: transformers.LlamaConfig(
-        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-        num_key_value_heads=3, rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True,
-        max_position_embeddings=8192),
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        rms_norm_eps=1e-5,
+        rope_theta=100000.0,
+        tie_word_embeddings=True,
+        max_position_embeddings=8192,
+    ),
     "qwen-tiny": lambda: transformers.Qwen2Config(
-        vocab_size=8192, hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1e6, tie_word_embeddings=True,
-        max_position_embeddings=4096),
+        vocab_size=8192,
+        hidden_size=256,
+        intermediate_size=704,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-6,
+        rope_theta=1e6,
+        tie_word_embeddings=True,
+        max_position_embeddings=4096,
+    ),
 }
 
 
 def step_flops(cfg: ModelConfig, batch: int, seq: int) -> float:
     """Forward+backward FLOPs: 6 per matmul weight per token (LM head included) + attention counted as full T x T."""
-    d, h, kv, hd, f = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
-                       cfg.intermediate_size)
+    d, h, kv, hd, f = (
+        cfg.hidden_size,
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.head_dim,
+        cfg.intermediate_size,
+    )
     per_layer = d * h * hd * 2 + d * kv * hd * 2 + 3 * d * f
     matmul_params = cfg.num_hidden_layers * per_layer + d * cfg.vocab_size
     attention = 12 * cfg.num_hidden_layers * h * hd * seq
@@ -135,9 +156,11 @@ def main():
 
     torch.set_num_threads(os.cpu_count())
     peak = measure_peak_flops(jnp.float32, 2048, repeats=10)
-    print(f"devices: {jax.devices()[0].platform} x{jax.device_count()}, torch threads {torch.get_num_threads()}, "
-          f"load average {os.getloadavg()[0]:.1f}; measured fp32 matmul peak (jitted 2048^3, best of 10): "
-          f"{peak / 1e9:.1f} GFLOP/s")
+    print(
+        f"devices: {jax.devices()[0].platform} x{jax.device_count()}, torch threads {torch.get_num_threads()}, "
+        f"load average {os.getloadavg()[0]:.1f}; measured fp32 matmul peak (jitted 2048^3, best of 10): "
+        f"{peak / 1e9:.1f} GFLOP/s"
+    )
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
     rows = []
     for name in args.models.split(","):
@@ -162,17 +185,21 @@ def main():
             seconds = time_interleaved({"torch": torch_step, "jax": jax_step}, args.steps, args.warmup)
         torch_s, jax_s = seconds["torch"], seconds["jax"]
         what = "fwd+bwd+AdamW" if args.adamw else "fwd+bwd"
-        print(f"\n[{name}] {what}, batch {args.batch} x {args.seq}, fp32, "
-              f"{sum(p.numel() for p in hf_model.parameters()) / 1e6:.1f}M params, {flops / 1e9:.0f} GFLOP/step")
+        print(
+            f"\n[{name}] {what}, batch {args.batch} x {args.seq}, fp32, "
+            f"{sum(p.numel() for p in hf_model.parameters()) / 1e6:.1f}M params, {flops / 1e9:.0f} GFLOP/step"
+        )
         print(f"  first-step loss   torch {torch_losses[0]:.6f}   fr_jax {jax_losses[0]:.6f}  (same weights and batch)")
         for label, sec in (("transformers+torch", torch_s), ("fr_jax", jax_s)):
-            print(f"  {label:<19} {tokens / sec:9.1f} tokens/s  {sec * 1e3:8.1f} ms/step  "
-                  f"MFU {flops / sec / peak:6.1%}")
+            print(
+                f"  {label:<19} {tokens / sec:9.1f} tokens/s  {sec * 1e3:8.1f} ms/step  MFU {flops / sec / peak:6.1%}"
+            )
         print(f"  fr_jax compile+first step {compile_s:.1f} s")
         print(f"  ratio fr_jax / torch: {torch_s / jax_s:.2f}x")
         rows.append((name, torch_s / jax_s))
-    print(f"\nsummary (load average now {os.getloadavg()[0]:.1f}): "
-          + ", ".join(f"{n} {r:.2f}x torch" for n, r in rows))
+    print(
+        f"\nsummary (load average now {os.getloadavg()[0]:.1f}): " + ", ".join(f"{n} {r:.2f}x torch" for n, r in rows)
+    )
 
 
 if __name__ == "__main__":

@@ -57,14 +57,14 @@ def bench_engine(model_dir, ids, new_tokens, repeats, dtype) -> tuple[float, flo
     engine = Engine(model, mesh=mesh, max_batch_rows=len(ids))
     options = SamplingOptions(max_new_tokens=new_tokens, temperature=1.0, ignore_eos=True)
     requests = [GenerationRequest(tuple(p), options) for p in ids]
-    engine.generate(requests)                                   # compiles
+    engine.generate(requests)  # compiles
     return best_of(repeats, lambda: engine.generate(requests))
 
 
 def bench_transformers(model_dir, tokenizer, ids, new_tokens, repeats, threads, dtype) -> tuple[float, float]:
     torch.set_num_threads(threads)
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
-    model.generation_config.eos_token_id = None                 # ignore EOS, as the engine does
+    model.generation_config.eos_token_id = None  # ignore EOS, as the engine does
     width = max(map(len, ids))
     pad = tokenizer.pad_token_id
     input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in ids])
@@ -72,21 +72,33 @@ def bench_transformers(model_dir, tokenizer, ids, new_tokens, repeats, threads, 
 
     def run(n):
         with torch.no_grad():
-            out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                                 do_sample=True, temperature=1.0, top_k=0, top_p=1.0, pad_token_id=pad)
+            out = model.generate(
+                input_ids=input_ids,
+                attention_mask=mask,
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                pad_token_id=pad,
+            )
         assert out.shape[1] == width + n
 
-    run(2)                                                      # warm-up
+    run(2)  # warm-up
     return best_of(repeats, lambda: run(new_tokens))
 
 
 def bench_server(model_dir, ids, new_tokens, repeats, dtype) -> tuple[float, float]:
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
     params = {"max_new_tokens": new_tokens, "temperature": 1.0, "ignore_eos": True}
-    with launch_local(model_dir, env=env, mesh="1,1,1", max_running_requests=len(ids), dtype=dtype,
-                      param_dtype=dtype) as server, \
-            RolloutClient(server.url) as client:
-        client.generate(ids, params)                            # compiles
+    with (
+        launch_local(
+            model_dir, env=env, mesh="1,1,1", max_running_requests=len(ids), dtype=dtype, param_dtype=dtype
+        ) as server,
+        RolloutClient(server.url) as client,
+    ):
+        client.generate(ids, params)  # compiles
         return best_of(repeats, lambda: client.generate(ids, params))
 
 
@@ -96,28 +108,43 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="weights, activations and KV cache of both sides (matmuls accumulate in float32)")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="weights, activations and KV cache of both sides (matmuls accumulate in float32)",
+    )
     p.add_argument("--no-server", action="store_true", help="skip the HTTP server overhead measurement")
     p.add_argument("--no-transformers", action="store_true", help="skip the (slow) transformers baseline")
-    p.add_argument("--torch-threads", default=f"{os.cpu_count()},1",
-                   help="comma-separated torch intra-op thread counts, one baseline run each (default: all cores, 1)")
+    p.add_argument(
+        "--torch-threads",
+        default=f"{os.cpu_count()},1",
+        help="comma-separated torch intra-op thread counts, one baseline run each (default: all cores, 1)",
+    )
     args = p.parse_args()
 
     model_dir = smollm2_hf_dir()
     tokenizer = load_tokenizer(model_dir)
     ids = prompts(tokenizer, args.batch, args.prompt_tokens)
     tokens = args.batch * args.new_tokens
-    print(f"SmolLM2-135M {args.dtype}, batch {args.batch}, prompts {min(map(len, ids))}-{max(map(len, ids))} tokens, "
-          f"{args.new_tokens} new tokens, temperature 1; {os.cpu_count()} CPU cores; load average {os.getloadavg()}")
+    print(
+        f"SmolLM2-135M {args.dtype}, batch {args.batch}, prompts {min(map(len, ids))}-{max(map(len, ids))} tokens, "
+        f"{args.new_tokens} new tokens, temperature 1; {os.cpu_count()} CPU cores; load average {os.getloadavg()}"
+    )
 
     engine_s, engine_cpu = bench_engine(model_dir, ids, args.new_tokens, args.repeats, args.dtype)
-    print(f"fr_jax engine (in process)   {tokens / engine_s:8.1f} tok/s   ({engine_s:.2f}s wall, {engine_cpu:.2f}s CPU)")
-    for threads in ([] if args.no_transformers else [int(t) for t in args.torch_threads.split(",")]):
-        hf_s, hf_cpu = bench_transformers(model_dir, tokenizer, ids, args.new_tokens, args.repeats, threads,
-                                           args.dtype)
-        print(f"transformers, {threads} thread(s)     {tokens / hf_s:8.1f} tok/s   ({hf_s:.2f}s wall, {hf_cpu:.2f}s CPU)")
-        print(f"  engine / transformers      {hf_s / engine_s:8.2f}x wall (goal >= 3x), {hf_cpu / engine_cpu:.2f}x CPU time")
+    print(
+        f"fr_jax engine (in process)   {tokens / engine_s:8.1f} tok/s   ({engine_s:.2f}s wall, {engine_cpu:.2f}s CPU)"
+    )
+    for threads in [] if args.no_transformers else [int(t) for t in args.torch_threads.split(",")]:
+        hf_s, hf_cpu = bench_transformers(model_dir, tokenizer, ids, args.new_tokens, args.repeats, threads, args.dtype)
+        print(
+            f"transformers, {threads} thread(s)     {tokens / hf_s:8.1f} tok/s   ({hf_s:.2f}s wall, {hf_cpu:.2f}s CPU)"
+        )
+        print(
+            f"  engine / transformers      {hf_s / engine_s:8.2f}x wall (goal >= 3x), "
+            f"{hf_cpu / engine_cpu:.2f}x CPU time"
+        )
     if not args.no_server:
         server_s, _ = bench_server(model_dir, ids, args.new_tokens, args.repeats, args.dtype)
         print(f"fr_jax server over HTTP      {tokens / server_s:8.1f} tok/s   ({server_s:.2f}s wall)")

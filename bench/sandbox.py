@@ -26,7 +26,8 @@ from pathlib import Path
 import httpx
 from tqdm import tqdm
 
-from fr_jax.rl.sandbox_client import AssertTests, EvalItem, LocalSandbox
+from fr_jax.sandbox.client import AssertTests, EvalItem
+from fr_jax.sandbox.local import LocalSandbox
 
 PYTHON = "/usr/bin/python3"
 TRIVIAL = "print(1)"
@@ -73,12 +74,16 @@ def latency(url: str, runs: int, cpu: _CpuMeter) -> None:
             assert answer["run_result"]["stdout"] == "1\n", answer
     for name, q in (("p50", 0.5), ("p99", 0.99)):
         b, j = _percentile(bare, q), _percentile(jailed, q)
-        print(f"latency {name}: bare python3 -c {b:6.1f} ms | sandbox /run_code {j:6.1f} ms | "
-              f"added {j - b:6.1f} ms | ratio {j / b:4.2f}x" + ("   (goal: added <= 20 ms)" if name == "p50" else ""))
+        print(
+            f"latency {name}: bare python3 -c {b:6.1f} ms | sandbox /run_code {j:6.1f} ms | "
+            f"added {j - b:6.1f} ms | ratio {j / b:4.2f}x" + ("   (goal: added <= 20 ms)" if name == "p50" else "")
+        )
     if cpu.group:
         b, j = bare_cpu / runs, jailed_cpu / runs
-        print(f"CPU per run: bare python3 -c {b:6.1f} ms | sandbox /run_code {j:6.1f} ms | added {j - b:6.1f} ms | "
-              f"ratio {j / b:4.2f}x   (client, service, jail and program together)")
+        print(
+            f"CPU per run: bare python3 -c {b:6.1f} ms | sandbox /run_code {j:6.1f} ms | added {j - b:6.1f} ms | "
+            f"ratio {j / b:4.2f}x   (client, service, jail and program together)"
+        )
 
 
 async def _bare_rate(concurrency: int, runs: int) -> float:
@@ -107,15 +112,20 @@ def throughput(sandbox: LocalSandbox, runs: int) -> None:
     for concurrency in (2, 8, 32):
         bare = asyncio.run(_bare_rate(concurrency, runs))
         jailed = asyncio.run(_jailed_rate(sandbox, concurrency, runs))
-        print(f"throughput at concurrency {concurrency:2d}: sandbox {jailed:6.1f} runs/s | bare python3 -c {bare:6.1f} runs/s "
-              f"| ratio {jailed / bare:4.2f}   (goal: >= 30 runs/s on 2 cores)")
+        print(
+            f"throughput at concurrency {concurrency:2d}: sandbox {jailed:6.1f} runs/s | "
+            f"bare python3 -c {bare:6.1f} runs/s "
+            f"| ratio {jailed / bare:4.2f}   (goal: >= 30 runs/s on 2 cores)"
+        )
 
 
 async def _load(sandbox: LocalSandbox, requests: int, concurrency: int) -> None:
     # Request i passes 2 of 3 asserts when i is odd and all 3 when it is even: a mixed-up answer shows.
     def item(i: int) -> EvalItem:
-        return EvalItem(f"def f(x):\n    return x + {i % 2}", AssertTests(["assert f(1) >= 1", "assert f(2) == 2",
-                                                                          f"assert f({i}) >= {i}"]))
+        return EvalItem(
+            f"def f(x):\n    return x + {i % 2}",
+            AssertTests(["assert f(1) >= 1", "assert f(2) == 2", f"assert f({i}) >= {i}"]),
+        )
 
     expected = [3 if i % 2 == 0 else 2 for i in range(requests)]
     async with sandbox.client(max_concurrency=concurrency) as client:
@@ -132,10 +142,12 @@ async def _load(sandbox: LocalSandbox, requests: int, concurrency: int) -> None:
         progress.close()
     lost = sum(isinstance(p, BaseException) for p in passed)
     wrong = sum(p != e for p, e in zip(passed, expected) if not isinstance(p, BaseException))
-    print(f"load: {requests} /evaluate at {concurrency} concurrent: lost {lost}, wrong results {wrong}, "
-          f"HTTP 429 answered (and retried) {client.stats['retries_429']}, other retries "
-          f"{client.stats['retries_5xx'] + client.stats['retries_timeout'] + client.stats['retries_connect']}, "
-          f"wall {wall:.1f} s = {requests / wall:.1f} evaluations/s")
+    print(
+        f"load: {requests} /evaluate at {concurrency} concurrent: lost {lost}, wrong results {wrong}, "
+        f"HTTP 429 answered (and retried) {client.stats['retries_429']}, other retries "
+        f"{client.stats['retries_5xx'] + client.stats['retries_timeout'] + client.stats['retries_connect']}, "
+        f"wall {wall:.1f} s = {requests / wall:.1f} evaluations/s"
+    )
 
 
 def main() -> int:
@@ -143,13 +155,17 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=200, help="runs per latency and throughput measurement")
     parser.add_argument("--load", type=int, default=1000, help="/evaluate requests in the load test")
     parser.add_argument("--load-concurrency", type=int, default=32)
-    parser.add_argument("--load-max-queue", type=int, default=8, help="the load test's service queue (small: 429s happen)")
+    parser.add_argument(
+        "--load-max-queue", type=int, default=8, help="the load test's service queue (small: 429s happen)"
+    )
     args = parser.parse_args()
     cpu = _CpuMeter()  # joined before the service starts, so that its processes count too
     with LocalSandbox() as sandbox:
         workers = httpx.get(f"{sandbox.url}/health").json()["capacity"]["workers"]
-        print(f"sandbox_service with {workers} workers (the default: 2 per core) on {os.cpu_count()} cores; "
-              f"python {sys.version.split()[0]}; load average {os.getloadavg()[0]:.1f}")
+        print(
+            f"sandbox_service with {workers} workers (the default: 2 per core) on {os.cpu_count()} cores; "
+            f"python {sys.version.split()[0]}; load average {os.getloadavg()[0]:.1f}"
+        )
         latency(sandbox.url, args.runs, cpu)
     cpu.close()
     with LocalSandbox() as sandbox:

@@ -45,10 +45,18 @@ def jax_stepper(model_dir, ids: np.ndarray, total_steps: int) -> Callable[[], fl
     b, t = ids.shape
     mask = np.ones((b, t), np.float32)
     mask[:, -1] = 0  # the last token has no next token: same T - 1 predictions per row as transformers' labels
-    batch = step.put_local_batch({k: v[None] for k, v in {
-        "input_ids": ids, "targets": np.roll(ids, -1, axis=1), "loss_mask": mask,
-        "segment_ids": np.ones((b, t), np.int32), "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)),
-    }.items()})
+    batch = step.put_local_batch(
+        {
+            k: v[None]
+            for k, v in {
+                "input_ids": ids,
+                "targets": np.roll(ids, -1, axis=1),
+                "loss_mask": mask,
+                "segment_ids": np.ones((b, t), np.int32),
+                "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)),
+            }.items()
+        }
+    )
     holder = {"state": state}
 
     def one_step() -> float:
@@ -64,9 +72,12 @@ def torch_stepper(model_dir, ids: np.ndarray) -> Callable[[], float]:
     model.train()
     decay = [p for n, p in model.named_parameters() if not any(k in n for k in OPTIM.no_decay)]
     no_decay = [p for n, p in model.named_parameters() if any(k in n for k in OPTIM.no_decay)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": OPTIM.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=OPTIM.learning_rate, betas=(OPTIM.b1, OPTIM.b2), eps=OPTIM.eps)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": OPTIM.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=OPTIM.learning_rate,
+        betas=(OPTIM.b1, OPTIM.b2),
+        eps=OPTIM.eps,
+    )
     input_ids = torch.from_numpy(ids.astype(np.int64))
 
     def one_step() -> float:
@@ -96,8 +107,10 @@ def main() -> None:
     model_dir = smollm2_hf_dir()
     vocab = transformers.AutoConfig.from_pretrained(model_dir).vocab_size
     ids = np.random.default_rng(0).integers(0, vocab, (args.batch, args.seq)).astype(np.int32)
-    print(f"SFT step, SmolLM2-135M fp32, batch {args.batch} x {args.seq} tokens, AdamW + clipping, "
-          f"{args.steps} timed steps after {args.warmup} warm-up, CPU ({jax.devices()[0].device_kind})")
+    print(
+        f"SFT step, SmolLM2-135M fp32, batch {args.batch} x {args.seq} tokens, AdamW + clipping, "
+        f"{args.steps} timed steps after {args.warmup} warm-up, CPU ({jax.devices()[0].device_kind})"
+    )
     ours, theirs = jax_stepper(model_dir, ids, args.steps + args.warmup), torch_stepper(model_dir, ids)
     for _ in range(args.warmup):
         ours(), theirs()
@@ -107,12 +120,16 @@ def main() -> None:
         (t_ours, loss_ours), (t_theirs, loss_theirs) = timed(ours), timed(theirs)
         jax_times.append(t_ours)
         torch_times.append(t_theirs)
-        print(f"  step {i}: fr_jax {t_ours:.2f}s (loss {loss_ours:.4f}) | torch {t_theirs:.2f}s (loss {loss_theirs:.4f})")
+        print(
+            f"  step {i}: fr_jax {t_ours:.2f}s (loss {loss_ours:.4f}) | torch {t_theirs:.2f}s (loss {loss_theirs:.4f})"
+        )
     tokens = ids.size
     for name, pick in (("medians", np.median), ("best steps", np.min)):
         ours_tps, theirs_tps = tokens / pick(jax_times), tokens / pick(torch_times)
-        print(f"{name}: fr_jax {ours_tps:.1f} tokens/s | torch+transformers {theirs_tps:.1f} tokens/s "
-              f"({torch.get_num_threads()} threads) | ratio fr_jax/torch {ours_tps / theirs_tps:.2f}x")
+        print(
+            f"{name}: fr_jax {ours_tps:.1f} tokens/s | torch+transformers {theirs_tps:.1f} tokens/s "
+            f"({torch.get_num_threads()} threads) | ratio fr_jax/torch {ours_tps / theirs_tps:.2f}x"
+        )
 
 
 if __name__ == "__main__":

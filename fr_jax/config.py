@@ -16,8 +16,16 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEVICE_HBM_GIB = {  # per-chip memory, for fr_jax.plan's "does it fit" verdict
-    "tpu-v4": 32, "tpu-v5e": 16, "tpu-v5p": 95, "tpu-v6e": 32,
-    "a100-40g": 40, "a100-80g": 80, "h100": 80, "h200": 141, "b200": 180, "cpu": 24,
+    "tpu-v4": 32,
+    "tpu-v5e": 16,
+    "tpu-v5p": 95,
+    "tpu-v6e": 32,
+    "a100-40g": 40,
+    "a100-80g": 80,
+    "h100": 80,
+    "h200": 141,
+    "b200": 180,
+    "cpu": 24,
 }
 
 
@@ -43,9 +51,12 @@ class _YamlLoader(yaml.SafeLoader):
 
 _YamlLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:\d[\d_]*)?(?:\.[\d_]*)?[eE][-+]?\d+$|^[-+]?\d[\d_]*\.[\d_]*$|^[-+]?\.\d[\d_]*$"
-               r"|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
-    list("-+0123456789."))
+    re.compile(
+        r"^[-+]?(?:\d[\d_]*)?(?:\.[\d_]*)?[eE][-+]?\d+$|^[-+]?\d[\d_]*\.[\d_]*$|^[-+]?\.\d[\d_]*$"
+        r"|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"
+    ),
+    list("-+0123456789."),
+)
 
 
 def read_yaml(text: str):
@@ -71,7 +82,9 @@ class ModelSection(_Section):
     def _one_source(self):
         given = [k for k in ("pretrained", "config_json", "architecture") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError(f"give exactly one of model.pretrained, model.config_json, model.architecture (got {given or 'none'})")
+            raise ValueError(
+                f"give exactly one of model.pretrained, model.config_json, model.architecture (got {given or 'none'})"
+            )
         return self
 
 
@@ -110,7 +123,9 @@ class OptimSection(_Section):
     decay: Literal["cosine", "constant"] = "cosine"
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     weight_decay: float = Field(0.0, ge=0)
-    no_decay: tuple[str, ...] = Field(("norm", "bias"), strict=False)  # parameters whose path contains one of these get no weight decay
+    no_decay: tuple[str, ...] = Field(
+        ("norm", "bias"), strict=False
+    )  # parameters whose path contains one of these get no weight decay
     b1: float = Field(0.9, ge=0, lt=1)
     b2: float = Field(0.95, ge=0, lt=1)
     eps: float = Field(1e-8, gt=0)
@@ -129,7 +144,9 @@ class TrainSection(_Section):
     @model_validator(mode="after")
     def _divisible(self):
         if self.batch_size % self.micro_batches:
-            raise ValueError(f"train.batch_size={self.batch_size} is not divisible by train.micro_batches={self.micro_batches}")
+            raise ValueError(
+                f"train.batch_size={self.batch_size} is not divisible by train.micro_batches={self.micro_batches}"
+            )
         return self
 
 
@@ -164,7 +181,9 @@ class SFTDataSection(_Section):
         if self.source == "jsonl" and self.train_file is None:
             raise ValueError("sft.data.train_file is required when sft.data.source is 'jsonl'")
         if self.source == "mbpp" and (self.train_file or self.eval_file):
-            raise ValueError("sft.data.train_file/eval_file are not used with sft.data.source 'mbpp' (it uses data_dir)")
+            raise ValueError(
+                "sft.data.train_file/eval_file are not used with sft.data.source 'mbpp' (it uses data_dir)"
+            )
         return self
 
 
@@ -173,7 +192,7 @@ class SFTSection(_Section):
 
 
 class GRPODataSection(_Section):
-    """The coding tasks: a fr_jax.data.tasks set, or your own JSONL (see fr_jax.rl.task_file)."""
+    """The coding tasks: a fr_jax.data.tasks set, or your own JSONL (see fr_jax.data.task_file)."""
 
     dataset: str = "mbpp"  # mbpp | mbpp-sanitized | aflow-mbpp | humaneval | jsonl
     file: str | None = None  # dataset jsonl: one task per line, each with a "split"
@@ -296,8 +315,10 @@ class GRPOSection(_Section):
     @model_validator(mode="after")
     def _workflow_worker(self):
         if self.mode == "workflow" and self.sandbox.launch == "local" and self.workflow.worker_url is None:
-            raise ValueError("grpo.workflow.worker_url is required with grpo.mode 'workflow' and grpo.sandbox.launch "
-                             "'local': the sandbox launched here must allowlist the worker (a URL, or 'rollout')")
+            raise ValueError(
+                "grpo.workflow.worker_url is required with grpo.mode 'workflow' and grpo.sandbox.launch "
+                "'local': the sandbox launched here must allowlist the worker (a URL, or 'rollout')"
+            )
         return self
 
 
@@ -392,7 +413,7 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
             if child is None:
                 child = {}
             elif not isinstance(child, dict):
-                raise ConfigError(f"override {item!r}: {'.'.join(parents[:i + 1])} is a value, not a section")
+                raise ConfigError(f"override {item!r}: {'.'.join(parents[: i + 1])} is a value, not a section")
             node[part] = child = dict(child)
             node = child
         node[leaf] = read_yaml(raw) if raw else None

@@ -37,8 +37,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m fr_jax.eval", description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True, help="YAML config with a grpo: section")
     p.add_argument("--split", default=None, help="the split to evaluate (default: grpo.data.eval_split)")
-    p.add_argument("--mode", choices=sorted(MODE_BUILDERS), default=None,
-                   help="what the policy writes (default: grpo.mode)")
+    p.add_argument(
+        "--mode", choices=sorted(MODE_BUILDERS), default=None, help="what the policy writes (default: grpo.mode)"
+    )
     p.add_argument("--model", default=None, help="HF model directory (default: <run_dir>/hf, else model.pretrained)")
     p.add_argument("--n", type=int, default=None, help="samples per task (default: grpo.eval.n)")
     p.add_argument("--k", type=int, nargs="+", default=None, help="report pass@k for these k (default: grpo.eval.k)")
@@ -51,8 +52,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def _flag_overrides(args: argparse.Namespace) -> list[str]:
     """CLI flags as config overrides, so the config's own checks (e.g. n > 1 needs a temperature) apply to them."""
-    pairs = [("grpo.data.eval_split", args.split), ("grpo.mode", args.mode), ("grpo.eval.n", args.n),
-             ("grpo.eval.k", args.k), ("grpo.eval.temperature", args.temperature), ("grpo.data.eval_limit", args.limit)]
+    pairs = [
+        ("grpo.data.eval_split", args.split),
+        ("grpo.mode", args.mode),
+        ("grpo.eval.n", args.n),
+        ("grpo.eval.k", args.k),
+        ("grpo.eval.temperature", args.temperature),
+        ("grpo.data.eval_limit", args.limit),
+    ]
     return [f"{key}={json.dumps(value)}" for key, value in pairs if value is not None]
 
 
@@ -80,21 +87,37 @@ def run_eval(cfg: Config, weights: pathlib.Path, *, given_model: bool) -> tuple[
     split = grpo.data.eval_split
     tasks, prompts = load_prompts(grpo, split, mode, tokenizer, limit=grpo.data.eval_limit)
     log_dir = pathlib.Path(cfg.run_dir) / "logs"
-    with rollout_service(grpo.rollout, weights, weight_version=EVAL_VERSION, seed=cfg.train.seed,
-                         log_dir=log_dir) as client, \
-            sandbox_service(grpo.sandbox, log_dir=log_dir,
-                            workers=mode.sandbox_workers(client.base_url)) as sandbox_url:
+    with (
+        rollout_service(
+            grpo.rollout, weights, weight_version=EVAL_VERSION, seed=cfg.train.seed, log_dir=log_dir
+        ) as client,
+        sandbox_service(grpo.sandbox, log_dir=log_dir, workers=mode.sandbox_workers(client.base_url)) as sandbox_url,
+    ):
         if grpo.rollout.launch == "none" and given_model:
             client.update_weights_from_disk(weights, weight_version=EVAL_VERSION)
-        seeds = (sampling_seeds(cfg.train.seed, 0, EVAL_CALL, count=len(tasks) * grpo.eval.n)
-                 if grpo.eval.temperature else None)
-        report = evaluate(client, sandbox_url, mode, tasks, prompts, split=split, n=grpo.eval.n, ks=grpo.eval.k,
-                          params=eval_params(grpo), seeds=seeds)
+        seeds = (
+            sampling_seeds(cfg.train.seed, 0, EVAL_CALL, count=len(tasks) * grpo.eval.n)
+            if grpo.eval.temperature
+            else None
+        )
+        report = evaluate(
+            client,
+            sandbox_url,
+            mode,
+            tasks,
+            prompts,
+            split=split,
+            n=grpo.eval.n,
+            ks=grpo.eval.k,
+            params=eval_params(grpo),
+            seeds=seeds,
+        )
         worker_url = mode.resolved_worker_url(client.base_url) if isinstance(mode, WorkflowMode) else None
         if worker_url is None:
             return report, None
-        baseline = direct_worker_report(grpo, tokenizer, tasks, worker_url=worker_url, sandbox_url=sandbox_url,
-                                        split=split, seeds=seeds)
+        baseline = direct_worker_report(
+            grpo, tokenizer, tasks, worker_url=worker_url, sandbox_url=sandbox_url, split=split, seeds=seeds
+        )
         return report, baseline
 
 
@@ -102,9 +125,10 @@ def side_by_side(report: EvalReport, baseline: EvalReport) -> str:
     """The worker prompted directly vs the meta-agent's workflows, on the same queries."""
     ks = list(report.pass_at_k)
     header = f"{'':28}" + "".join(f"{f'pass@{k}':>9}" for k in ks) + f"{'worker calls/query':>20}{'tokens/query':>14}"
-    rows = [f"{name:<28}" + "".join(f"{r.pass_at_k[k]:9.3f}" for k in ks) + f"{r.worker_calls:20.2f}"
-            f"{r.worker_tokens:14.0f}" for name, r in (("worker prompted directly", baseline),
-                                                       ("meta-agent workflows", report))]
+    rows = [
+        f"{name:<28}" + "".join(f"{r.pass_at_k[k]:9.3f}" for k in ks) + f"{r.worker_calls:20.2f}{r.worker_tokens:14.0f}"
+        for name, r in (("worker prompted directly", baseline), ("meta-agent workflows", report))
+    ]
     return "\n".join([f"{report.split}: {len(report.per_task)} queries x {report.n} samples", header, *rows])
 
 

@@ -28,7 +28,7 @@ from jax.sharding import AbstractMesh
 
 from fr_jax.config import DEVICE_HBM_GIB, Config, ConfigError, load_config
 from fr_jax.models.config import ModelConfig
-from fr_jax.models.qwen import abstract_model
+from fr_jax.models.decoder import abstract_model
 from fr_jax.parallel.mesh import resolve_axis_sizes
 from fr_jax.parallel.rules import MESH_AXES
 from fr_jax.trainer.metrics import forward_flops
@@ -63,23 +63,28 @@ class MemoryPlan:
 
     def table(self) -> str:
         mesh = " x ".join(f"{k}={v}" for k, v in self.mesh.items())
-        lines = [f"model {self.model}: {self.num_params / 1e9:.3f}B parameters, "
-                 f"{self.flops_per_token / 1e9:.1f} GFLOP/token for training at {self.seq_len} tokens",
-                 f"mesh {mesh} ({math.prod(self.mesh.values())} x {self.device}); micro-batch per device: "
-                 f"{self.rows_per_device} row(s) x {self.seq_len} tokens",
-                 f"{'per device':<52}{'GiB':>10}"]
+        lines = [
+            f"model {self.model}: {self.num_params / 1e9:.3f}B parameters, "
+            f"{self.flops_per_token / 1e9:.1f} GFLOP/token for training at {self.seq_len} tokens",
+            f"mesh {mesh} ({math.prod(self.mesh.values())} x {self.device}); micro-batch per device: "
+            f"{self.rows_per_device} row(s) x {self.seq_len} tokens",
+            f"{'per device':<52}{'GiB':>10}",
+        ]
         lines += [f"  {name:<50}{b / GIB:>10.2f}" for name, b in self.rows.items()]
         lines.append(f"  {'total':<50}{self.total / GIB:>10.2f}")
         verdict = "fits" if self.fits else "DOES NOT FIT"
-        lines.append(f"{self.device} HBM {self.device_bytes / GIB:.0f} GiB (planning to {HEADROOM:.0%}): {verdict} "
-                     f"({self.total / self.device_bytes:.0%} used)")
+        lines.append(
+            f"{self.device} HBM {self.device_bytes / GIB:.0f} GiB (planning to {HEADROOM:.0%}): {verdict} "
+            f"({self.total / self.device_bytes:.0%} used)"
+        )
         return "\n".join(lines)
 
 
 def _device_bytes(abstract_tree) -> int:
     """Per-device bytes of ShapeDtypeStructs that carry shardings."""
-    return sum(math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize
-               for x in jax.tree.leaves(abstract_tree))
+    return sum(
+        math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(abstract_tree)
+    )
 
 
 def sequence_length(cfg: Config) -> int:
@@ -89,13 +94,16 @@ def sequence_length(cfg: Config) -> int:
 
 
 def _sft_batch(rows: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
-    return {k: jax.ShapeDtypeStruct((rows, seq_len), jnp.float32 if k == "loss_mask" else jnp.int32)
-            for k in ("input_ids", "targets", "segment_ids", "positions", "loss_mask")}
+    return {
+        k: jax.ShapeDtypeStruct((rows, seq_len), jnp.float32 if k == "loss_mask" else jnp.int32)
+        for k in ("input_ids", "targets", "segment_ids", "positions", "loss_mask")
+    }
 
 
 def _residuals(cfg: ModelConfig, rows: int, seq_len: int) -> list[jax.ShapeDtypeStruct]:
     """What the SFT loss's backward pass keeps from its forward pass (abstract; parameters included)."""
     graphdef, params = nnx.split(abstract_model(cfg))
+
     def backward_fn(params, batch):
         return jax.vjp(lambda p: sft_loss(nnx.merge(graphdef, p), batch, None)[0], params)[1]
 
@@ -116,8 +124,9 @@ class _ActivationSharding:
         """(total, largest non-stacked) per-device bytes of the residuals that are not the parameters themselves."""
         own = Counter((p.shape, jnp.dtype(p.dtype)) for p in self.params)
         # a parameter's copy (a cast, maybe reshaped) has its element count and leading dim; it is sharded like it
-        param_share = {(math.prod(p.shape), p.shape[0]): math.prod(p.sharding.shard_shape(p.shape))
-                       for p in self.params}
+        param_share = {
+            (math.prod(p.shape), p.shape[0]): math.prod(p.sharding.shard_shape(p.shape)) for p in self.params
+        }
         total = largest = 0
         for r in residuals:
             key = (tuple(r.shape), jnp.dtype(r.dtype))
@@ -131,7 +140,9 @@ class _ActivationSharding:
                 n //= self.tensor_ways
             b = n * jnp.dtype(r.dtype).itemsize
             total += b
-            if not (r.ndim > 1 and r.shape[0] == self.num_layers):  # a scan-stacked residual: its gradient comes per layer
+            if not (
+                r.ndim > 1 and r.shape[0] == self.num_layers
+            ):  # a scan-stacked residual: its gradient comes per layer
                 largest = max(largest, b)
         return total, largest
 
@@ -155,32 +166,48 @@ def plan_memory(cfg: Config, num_devices: int | None = None) -> MemoryPlan:
     seq_len = sequence_length(cfg)
     rows = cfg.train.batch_size // micro_batches
     local_rows = max(rows // (sizes[0] * sizes[1]), 1)  # the rows each (data, fsdp) group computes
-    tensor_sizes = frozenset(d for p in params for d, entry in zip(p.shape, p.sharding.spec)
-                             if entry is not None and "tensor" in ((entry,) if isinstance(entry, str) else entry))
+    tensor_sizes = frozenset(
+        d
+        for p in params
+        for d, entry in zip(p.shape, p.sharding.spec)
+        if entry is not None and "tensor" in ((entry,) if isinstance(entry, str) else entry)
+    )
     shard = _ActivationSharding(model_cfg.num_hidden_layers, sizes[2], tensor_sizes, tuple(params))
     saved, largest = shard.device_bytes(_residuals(model_cfg, local_rows, seq_len))
     table = {
         f"parameters ({model_cfg.param_dtype})": _device_bytes(params),
-        "gradients (float32)" + (" + accumulator" if micro_batches > 1 else ""):
-            _device_bytes(grads) * (2 if micro_batches > 1 else 1),
+        "gradients (float32)" + (" + accumulator" if micro_batches > 1 else ""): _device_bytes(grads)
+        * (2 if micro_batches > 1 else 1),
         "optimizer state": _device_bytes(state.opt_state),
         f"activations kept for backward (remat {model_cfg.remat})": saved,
     }
     if model_cfg.remat != "none":
+
         def layers_bytes(n: int) -> int:
-            return shard.device_bytes(_residuals(dataclasses.replace(model_cfg, num_hidden_layers=n, remat="none"),
-                                                 local_rows, seq_len))[0]
+            return shard.device_bytes(
+                _residuals(dataclasses.replace(model_cfg, num_hidden_layers=n, remat="none"), local_rows, seq_len)
+            )[0]
+
         table["one layer recomputed in backward"] = layers_bytes(2) - layers_bytes(1)
     table["largest activation, again as its gradient"] = largest
 
     graphdef, abstract_params = nnx.split(model)
-    fwd = forward_flops(lambda p, b: sft_loss(nnx.merge(graphdef, p), b, None)[0], nnx.to_pure_dict(abstract_params),
-                        _sft_batch(rows, seq_len))
-    return MemoryPlan(model=f"{model_cfg.model_type} L{model_cfg.num_hidden_layers} d{model_cfg.hidden_size}",
-                      num_params=sum(math.prod(p.shape) for p in params), mesh=dict(zip(MESH_AXES, sizes)),
-                      device=cfg.plan.device, device_bytes=DEVICE_HBM_GIB[cfg.plan.device] * GIB,
-                      rows_per_device=local_rows, seq_len=seq_len, rows=table,
-                      flops_per_token=3 * fwd / (rows * seq_len))
+    fwd = forward_flops(
+        lambda p, b: sft_loss(nnx.merge(graphdef, p), b, None)[0],
+        nnx.to_pure_dict(abstract_params),
+        _sft_batch(rows, seq_len),
+    )
+    return MemoryPlan(
+        model=f"{model_cfg.model_type} L{model_cfg.num_hidden_layers} d{model_cfg.hidden_size}",
+        num_params=sum(math.prod(p.shape) for p in params),
+        mesh=dict(zip(MESH_AXES, sizes)),
+        device=cfg.plan.device,
+        device_bytes=DEVICE_HBM_GIB[cfg.plan.device] * GIB,
+        rows_per_device=local_rows,
+        seq_len=seq_len,
+        rows=table,
+        flops_per_token=3 * fwd / (rows * seq_len),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,17 +17,24 @@ from fr_jax.parallel.mesh import initialize_distributed, make_mesh
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m fr_jax.serve", description=__doc__.split("\n")[0])
-    p.add_argument("--model", "--model-path", dest="model", required=True,
-                   help="HF model directory (config.json + safetensors + tokenizer), or 'smollm2'")
+    p.add_argument(
+        "--model",
+        "--model-path",
+        dest="model",
+        required=True,
+        help="HF model directory (config.json + safetensors + tokenizer), or 'smollm2'",
+    )
     p.add_argument("--tokenizer-path", default=None, help="tokenizer directory (default: the model directory)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=30000)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="compute dtype (default float32)")
-    p.add_argument("--param-dtype", choices=("float32", "bfloat16"), default=None,
-                   help="stored parameter dtype (default float32)")
+    p.add_argument(
+        "--param-dtype", choices=("float32", "bfloat16"), default=None, help="stored parameter dtype (default float32)"
+    )
     p.add_argument("--mesh", default="1,1,-1", help="data,fsdp,tensor axis sizes (-1: the rest); default all tensor")
-    p.add_argument("--tp-size", type=int, default=None, help="tensor-parallel size (SGLang's flag; sets the mesh "
-                                                                 "to 1,-1,TP)")
+    p.add_argument(
+        "--tp-size", type=int, default=None, help="tensor-parallel size (SGLang's flag; sets the mesh to 1,-1,TP)"
+    )
     p.add_argument("--context-length", type=int, default=None, help="prompt + output token limit")
     p.add_argument("--max-running-requests", type=int, default=64, help="rows (samples) per engine batch")
     p.add_argument("--weight-version", default="default")
@@ -41,7 +48,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     initialize_distributed()
-    from fr_jax.rollout.server import RolloutServer, create_app   # after logging: loading logs progress
+    from fr_jax.rollout.server import RolloutServer, create_app  # after logging: loading logs progress
 
     model_dir = args.model
     if model_dir == "smollm2":
@@ -56,9 +63,17 @@ def main(argv=None) -> None:
         data, fsdp, tensor = 1, -1, args.tp_size
     mesh = make_mesh(data, fsdp, tensor)
     server = RolloutServer.from_pretrained(
-        model_dir, mesh=mesh, tokenizer_path=args.tokenizer_path, param_dtype=args.param_dtype, dtype=args.dtype,
-        context_length=args.context_length, max_running_requests=args.max_running_requests, seed=args.random_seed,
-        served_model_name=args.served_model_name, weight_version=args.weight_version)
+        model_dir,
+        mesh=mesh,
+        tokenizer_path=args.tokenizer_path,
+        param_dtype=args.param_dtype,
+        dtype=args.dtype,
+        context_length=args.context_length,
+        max_running_requests=args.max_running_requests,
+        seed=args.random_seed,
+        served_model_name=args.served_model_name,
+        weight_version=args.weight_version,
+    )
     uvicorn.run(create_app(server), host=args.host, port=args.port, log_level=args.log_level.lower())
 
 

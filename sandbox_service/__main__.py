@@ -28,30 +28,52 @@ from sandbox_service.workflow import WORKERS_ENV, WORKERS_FILE_ENV, load_workers
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m sandbox_service", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m sandbox_service", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=8080, help="0 picks a free port (see --port-file)")
-    p.add_argument("--port-file", type=Path, help="write {\"url\", \"pid\"} here once the socket is bound")
-    p.add_argument("--workers", type=int, default=2 * len(os.sched_getaffinity(0)),
-                   help="concurrent jailed runs (default: 2 per core: a run also waits on namespace set-up, not only CPU)")
+    p.add_argument("--port-file", type=Path, help='write {"url", "pid"} here once the socket is bound')
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=2 * len(os.sched_getaffinity(0)),
+        help="concurrent jailed runs (default: 2 per core: a run also waits on namespace set-up, not only CPU)",
+    )
     p.add_argument("--max-queue", type=int, default=256, help="runs that may wait for a worker before 429")
     p.add_argument("--max-output-bytes", type=int, default=1 << 20, help="cap per stream; a run past it is killed")
     p.add_argument("--max-body-mb", type=int, default=32, help="larger request bodies get 413")
     p.add_argument("--default-memory-mb", type=int, default=1024, help="memory limit when a request gives -1")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds in-flight runs get on shutdown")
     p.add_argument("--python", default="/usr/bin/python3", help="the python jailed code runs with")
-    p.add_argument("--uid-base", type=int, help="worker slot i runs as uid UID_BASE+i (when root); default: the first "
-                                                "block from 61000 that no other sandbox_service on this host holds")
+    p.add_argument(
+        "--uid-base",
+        type=int,
+        help="worker slot i runs as uid UID_BASE+i (when root); default: the first "
+        "block from 61000 that no other sandbox_service on this host holds",
+    )
     p.add_argument("--run-root", type=Path, help="where run directories are made (default: the temp dir)")
     p.add_argument("--bwrap", default="bwrap", help="the bubblewrap binary")
-    p.add_argument("--ro-bind", action="append", default=[], metavar="PATH",
-                   help="extra host path to show read-only in the jail (e.g. a python outside /usr)")
-    p.add_argument("--worker", action="append", default=[], metavar="NAME=URL[,model=M][,api_key_env=VAR]",
-                   help="a worker LLM (OpenAI-compatible base URL ending in /v1) that workflows may call by NAME; "
-                        "repeatable")
-    p.add_argument("--workers-file", type=Path, metavar="FILE",
-                   help="JSON allowlist {name: {url, model?, api_key_env?}}; combines with --worker")
+    p.add_argument(
+        "--ro-bind",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="extra host path to show read-only in the jail (e.g. a python outside /usr)",
+    )
+    p.add_argument(
+        "--worker",
+        action="append",
+        default=[],
+        metavar="NAME=URL[,model=M][,api_key_env=VAR]",
+        help="a worker LLM (OpenAI-compatible base URL ending in /v1) that workflows may call by NAME; repeatable",
+    )
+    p.add_argument(
+        "--workers-file",
+        type=Path,
+        metavar="FILE",
+        help="JSON allowlist {name: {url, model?, api_key_env?}}; combines with --worker",
+    )
     p.add_argument("--insecure", action="store_true", help="run WITHOUT isolation if the jail cannot be set up")
     p.add_argument("--log-level", default="info")
     return p
@@ -82,27 +104,48 @@ def main(argv: list[str] | None = None) -> int:
         else:
             workers = workers_from_env()
     except ValueError as e:
-        print(f"sandbox_service: bad worker allowlist (--worker/--workers-file, or ${WORKERS_ENV}/"
-              f"${WORKERS_FILE_ENV}): {e}", file=sys.stderr)
+        print(
+            f"sandbox_service: bad worker allowlist (--worker/--workers-file, or ${WORKERS_ENV}/"
+            f"${WORKERS_FILE_ENV}): {e}",
+            file=sys.stderr,
+        )
         return 2
     cgroups, cgroup_report = Cgroups.detect()
     try:
         uid_base = args.uid_base or 61000
         if os.geteuid() == 0:
             uid_base, _uid_lock = claim_uid_block(args.workers, args.uid_base)  # held until the process exits
-        config = JailConfig(python=args.python, bwrap=args.bwrap, uid_base=uid_base, run_root=args.run_root,
-                            extra_ro_binds=tuple(args.ro_bind), insecure=args.insecure)
+        config = JailConfig(
+            python=args.python,
+            bwrap=args.bwrap,
+            uid_base=uid_base,
+            run_root=args.run_root,
+            extra_ro_binds=tuple(args.ro_bind),
+            insecure=args.insecure,
+        )
         isolation = probe_isolation(config, cgroup_report)
-        service = Service(ServiceSettings(workers=args.workers, max_queue=args.max_queue,
-                                          max_output_bytes=args.max_output_bytes, max_body_bytes=args.max_body_mb << 20,
-                                          default_memory_mb=args.default_memory_mb, drain_timeout_s=args.drain_timeout),
-                          config, isolation, cgroups)
+        service = Service(
+            ServiceSettings(
+                workers=args.workers,
+                max_queue=args.max_queue,
+                max_output_bytes=args.max_output_bytes,
+                max_body_bytes=args.max_body_mb << 20,
+                default_memory_mb=args.default_memory_mb,
+                drain_timeout_s=args.drain_timeout,
+            ),
+            config,
+            isolation,
+            cgroups,
+        )
     except IsolationError as e:
         if cgroups is not None:
             cgroups.remove()
-        print(f"sandbox_service refuses to start: {e}\n"
-              "Fix the host (see README: bubblewrap, run as root for per-run uids and cgroups), or pass --insecure to "
-              "run code WITHOUT isolation (never on a shared machine).", file=sys.stderr)
+        print(
+            f"sandbox_service refuses to start: {e}\n"
+            "Fix the host (see README: bubblewrap, run as root for per-run uids and cgroups), or pass --insecure to "
+            "run code WITHOUT isolation (never on a shared machine).",
+            file=sys.stderr,
+        )
         return 2
     log.info("isolation: %s %s", isolation.level, json.dumps(isolation.detail))
     if isolation.level == "none":
@@ -116,10 +159,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.port_file:
         args.port_file.write_text(json.dumps({"url": url, "pid": os.getpid()}))
     log.info("listening on %s with %d workers, queue %d", url, args.workers, args.max_queue)
-    log.info("workflow worker allowlist: %s", ", ".join(f"{w.name}={w.url}" for w in workers.values()) or "(empty: "
-             "POST /workflow/run answers worker_not_allowed)")
-    server = _DrainingServer(uvicorn.Config(create_app(service, workers), log_level=args.log_level, access_log=False,
-                                            timeout_graceful_shutdown=int(args.drain_timeout) + 10), service)
+    log.info(
+        "workflow worker allowlist: %s",
+        ", ".join(f"{w.name}={w.url}" for w in workers.values())
+        or "(empty: POST /workflow/run answers worker_not_allowed)",
+    )
+    server = _DrainingServer(
+        uvicorn.Config(
+            create_app(service, workers),
+            log_level=args.log_level,
+            access_log=False,
+            timeout_graceful_shutdown=int(args.drain_timeout) + 10,
+        ),
+        service,
+    )
     server.run(sockets=[sock])
     return 0
 

@@ -27,8 +27,16 @@ from sandbox_service.cgroups import Cgroups
 from sandbox_service.evaluation import Evaluator
 from sandbox_service.jail import Isolation, Jail, JailConfig, Limits, RunOutcome
 from sandbox_service.metrics import Metrics
-from sandbox_service.schemas import (CODE_FILE, CommandResult, EvaluateBatchRequest, EvaluateBatchResponse,
-                                     EvaluateRequest, EvaluateResponse, RunCodeRequest, RunCodeResponse)
+from sandbox_service.schemas import (
+    CODE_FILE,
+    CommandResult,
+    EvaluateBatchRequest,
+    EvaluateBatchResponse,
+    EvaluateRequest,
+    EvaluateResponse,
+    RunCodeRequest,
+    RunCodeResponse,
+)
 from sandbox_service.workflow import WorkerEndpoint, workflow_router
 
 _log = logging.getLogger(__name__)
@@ -53,7 +61,9 @@ class Refused(Exception):
 
 
 class Service:
-    def __init__(self, settings: ServiceSettings, jail_config: JailConfig, isolation: Isolation, cgroups: Cgroups | None):
+    def __init__(
+        self, settings: ServiceSettings, jail_config: JailConfig, isolation: Isolation, cgroups: Cgroups | None
+    ):
         self.settings = settings
         self.metrics = Metrics(settings.workers, waiting=lambda: self.jail.waiting, busy=lambda: self.jail.busy)
         self.jail = Jail(jail_config, settings.workers, isolation, cgroups, observer=self._observe)
@@ -78,9 +88,12 @@ class Service:
         capacity = self.settings.workers + self.settings.max_queue
         if self.in_system and self.in_system + runs > capacity:
             self.metrics.rejected.labels("queue_full").inc()
-            raise Refused(429, f"the sandbox is full: {self.in_system} runs admitted, capacity {capacity} "
-                               f"({self.settings.workers} workers + {self.settings.max_queue} queued); retry later",
-                          self._retry_after(runs))
+            raise Refused(
+                429,
+                f"the sandbox is full: {self.in_system} runs admitted, capacity {capacity} "
+                f"({self.settings.workers} workers + {self.settings.max_queue} queued); retry later",
+                self._retry_after(runs),
+            )
         self.in_system += runs
 
     def release(self, runs: int = 1) -> None:
@@ -100,8 +113,11 @@ class Service:
         if self.draining or self.loop is None:
             return
         self.draining = True
-        _log.info("draining: %d runs in flight, killing what is left after %.0f s", self.in_system,
-                  self.settings.drain_timeout_s)
+        _log.info(
+            "draining: %d runs in flight, killing what is left after %.0f s",
+            self.in_system,
+            self.settings.drain_timeout_s,
+        )
         self.loop.call_soon_threadsafe(self.loop.call_later, self.settings.drain_timeout_s, self._drain_deadline)
 
     def _drain_deadline(self) -> None:
@@ -113,18 +129,32 @@ class Service:
         files = {path: base64.b64decode(content) for path, content in request.files.items()}
         files[CODE_FILE] = request.code.encode()
         memory = request.memory_limit_MB if request.memory_limit_MB > 0 else self.settings.default_memory_mb
-        limits = Limits(wall_s=request.run_timeout, cpu_s=request.run_timeout + 1, memory_mb=memory,
-                        output_bytes=self.settings.max_output_bytes)
-        outcome = await self.jail.run([self.python, CODE_FILE], limits, files=files, stdin=request.stdin.encode(),
-                                      fetch_files=request.fetch_files, label="run_code")
+        limits = Limits(
+            wall_s=request.run_timeout,
+            cpu_s=request.run_timeout + 1,
+            memory_mb=memory,
+            output_bytes=self.settings.max_output_bytes,
+        )
+        outcome = await self.jail.run(
+            [self.python, CODE_FILE],
+            limits,
+            files=files,
+            stdin=request.stdin.encode(),
+            fetch_files=request.fetch_files,
+            label="run_code",
+        )
         if outcome.sandbox_error or outcome.killed_for == "shutdown":
-            return RunCodeResponse(status="SandboxError",
-                                   message=outcome.sandbox_error or "the service is shutting down; the run was killed")
+            return RunCodeResponse(
+                status="SandboxError",
+                message=outcome.sandbox_error or "the service is shutting down; the run was killed",
+            )
         notes = []
         status = "Finished"
         if outcome.killed_for == "timeout" or outcome.cpu_limit_hit:
             status = "TimeLimitExceeded"
-            notes.append(f"killed after the {'CPU' if outcome.cpu_limit_hit else 'wall-clock'} limit of {request.run_timeout} s")
+            notes.append(
+                f"killed after the {'CPU' if outcome.cpu_limit_hit else 'wall-clock'} limit of {request.run_timeout} s"
+            )
         elif outcome.killed_for == "output_limit":
             status = "Error"
             notes.append(f"output exceeded {limits.output_bytes} bytes: the run was killed and the output truncated")
@@ -133,11 +163,19 @@ class Service:
             notes.append(f"killed by the memory limit ({memory} MiB)")
         if outcome.missing_files:
             notes.append(f"fetch_files not found in the run directory: {outcome.missing_files}")
-        result = CommandResult(status=status, execution_time=outcome.wall_s, return_code=outcome.exit_code,
-                               stdout=outcome.stdout.decode(errors="replace"), stderr=outcome.stderr.decode(errors="replace"))
-        return RunCodeResponse(status="Success" if status == "Finished" and outcome.exit_code == 0 else "Failed",
-                               message="; ".join(notes), run_result=result,
-                               files={path: base64.b64encode(data).decode() for path, data in outcome.files.items()})
+        result = CommandResult(
+            status=status,
+            execution_time=outcome.wall_s,
+            return_code=outcome.exit_code,
+            stdout=outcome.stdout.decode(errors="replace"),
+            stderr=outcome.stderr.decode(errors="replace"),
+        )
+        return RunCodeResponse(
+            status="Success" if status == "Finished" and outcome.exit_code == 0 else "Failed",
+            message="; ".join(notes),
+            run_result=result,
+            files={path: base64.b64encode(data).decode() for path, data in outcome.files.items()},
+        )
 
     async def evaluate_one(self, request: EvaluateRequest) -> EvaluateResponse:
         """One evaluation; the caller has admitted it. Internal failures become a SandboxError result."""
@@ -145,8 +183,16 @@ class Service:
             response = await self.evaluator.evaluate(request)
         except Exception as e:  # noqa: BLE001 - answered, logged and counted, never dropped
             _log.exception("evaluation failed")
-            response = EvaluateResponse(status="SandboxError", message=f"internal error: {type(e).__name__}: {e}",
-                                        passed_all=False, pass_rate=0.0, num_tests=0, num_passed=0, tests=[], time_ms=0.0)
+            response = EvaluateResponse(
+                status="SandboxError",
+                message=f"internal error: {type(e).__name__}: {e}",
+                passed_all=False,
+                pass_rate=0.0,
+                num_tests=0,
+                num_passed=0,
+                tests=[],
+                time_ms=0.0,
+            )
         finally:
             self.release(1)
         for test in response.tests:
@@ -158,12 +204,24 @@ class Service:
         return {
             "status": "draining" if self.draining else "ok",
             "version": __version__,
-            "isolation": {"level": jail.isolation.level, **jail.isolation.detail, "jail_uids": jail.uids,
-                          "child_subreaper": jail.subreaper},
-            "capacity": {"workers": self.settings.workers, "busy": jail.busy, "waiting": jail.waiting,
-                         "admitted": self.in_system, "max_queue": self.settings.max_queue},
-            "limits": {"max_output_bytes": self.settings.max_output_bytes, "max_body_bytes": self.settings.max_body_bytes,
-                       "default_memory_mb": self.settings.default_memory_mb},
+            "isolation": {
+                "level": jail.isolation.level,
+                **jail.isolation.detail,
+                "jail_uids": jail.uids,
+                "child_subreaper": jail.subreaper,
+            },
+            "capacity": {
+                "workers": self.settings.workers,
+                "busy": jail.busy,
+                "waiting": jail.waiting,
+                "admitted": self.in_system,
+                "max_queue": self.settings.max_queue,
+            },
+            "limits": {
+                "max_output_bytes": self.settings.max_output_bytes,
+                "max_body_bytes": self.settings.max_body_bytes,
+                "default_memory_mb": self.settings.default_memory_mb,
+            },
         }
 
 
@@ -194,7 +252,11 @@ class _Gate:
         try:
             body = await self._read_body(scope, receive)
             if body is None:
-                await _send_json(send_recording, 413, {"message": f"request body exceeds {self.service.settings.max_body_bytes} bytes"})
+                await _send_json(
+                    send_recording,
+                    413,
+                    {"message": f"request body exceeds {self.service.settings.max_body_bytes} bytes"},
+                )
                 return
 
             async def replay():
@@ -257,8 +319,11 @@ def create_app(service: Service, workers: Mapping[str, WorkerEndpoint] | None = 
 
     @app.exception_handler(Refused)
     async def refused(request: Request, exc: Refused) -> JSONResponse:
-        return JSONResponse(status_code=exc.status, content={"message": exc.message, "retry_after_s": exc.retry_after_s},
-                            headers={"Retry-After": str(exc.retry_after_s)})
+        return JSONResponse(
+            status_code=exc.status,
+            content={"message": exc.message, "retry_after_s": exc.retry_after_s},
+            headers={"Retry-After": str(exc.retry_after_s)},
+        )
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:

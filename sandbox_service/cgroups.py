@@ -48,7 +48,7 @@ def _own_v1_dirs(mountinfo: str, proc_cgroup: str) -> dict[str, Path]:
         for controller in controllers.split(","):
             if controller in mounts:
                 root, mount_point = mounts[controller]
-                relative = path[len(root):] if path.startswith(root) and root != "/" else path
+                relative = path[len(root) :] if path.startswith(root) and root != "/" else path
                 dirs[controller] = Path(mount_point) / relative.lstrip("/")
     return dirs
 
@@ -194,7 +194,7 @@ def _remove_stale(directory: Path) -> None:
     """Remove subtrees left by service processes that no longer exist."""
     with contextlib.suppress(OSError):
         for stale in directory.glob(f"{_PREFIX}*"):
-            pid = stale.name[len(_PREFIX):]
+            pid = stale.name[len(_PREFIX) :]
             if pid.isdigit() and not _pid_alive(int(pid)):
                 _log.info("removing stale cgroup %s", stale)
                 _remove_tree(stale)

@@ -19,8 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sandbox_service.jail import Jail, Limits, RunOutcome
-from sandbox_service.schemas import (AssertTests, ErrorInfo, EvaluateRequest, EvaluateResponse, HumanEvalTests,
-                                     StdioTests, TestResult)
+from sandbox_service.schemas import (
+    AssertTests,
+    ErrorInfo,
+    EvaluateRequest,
+    EvaluateResponse,
+    HumanEvalTests,
+    StdioTests,
+    TestResult,
+)
 
 HARNESS_SOURCE = (Path(__file__).parent / "harness.py").read_text()
 MAX_RESTARTS = 3
@@ -59,8 +66,10 @@ def _splittable_check(test: str) -> ast.FunctionDef | None:
             if len(args.args) != 1 or args.vararg or args.kwarg or args.kwonlyargs or args.posonlyargs:
                 return None
             for statement in node.body:
-                if any(isinstance(n, (ast.Return, ast.Yield, ast.YieldFrom, ast.Global, ast.Nonlocal, ast.Await))
-                       for n in (statement, *_scope_nodes(statement))):
+                if any(
+                    isinstance(n, (ast.Return, ast.Yield, ast.YieldFrom, ast.Global, ast.Nonlocal, ast.Await))
+                    for n in (statement, *_scope_nodes(statement))
+                ):
                     return None
             return node
     return None
@@ -68,8 +77,10 @@ def _splittable_check(test: str) -> ast.FunctionDef | None:
 
 def _humaneval_plan(tests: HumanEvalTests) -> Plan:
     entry = tests.entry_point
-    bind = (f"try:\n    candidate = {entry}\nexcept NameError:\n"
-            f'    raise NameError("entry point {entry!r} is not defined by the solution") from None\n')
+    bind = (
+        f"try:\n    candidate = {entry}\nexcept NameError:\n"
+        f'    raise NameError("entry point {entry!r} is not defined by the solution") from None\n'
+    )
     steps = [("setup", "test module", tests.test), ("setup", "entry point", bind)]
     check = _splittable_check(tests.test) if tests.split_asserts else None
     if check is None:
@@ -129,7 +140,11 @@ class _Collector:
 def _cause(outcome: RunOutcome, limits: Limits) -> tuple[str, str, str]:
     """(status, error type, message) for a test during which the jailed process died."""
     if outcome.killed_for == "channel":
-        return "TimeLimitExceeded", "TimeoutError", "the test kept running past its time limit (SIGALRM was caught) and was killed"
+        return (
+            "TimeLimitExceeded",
+            "TimeoutError",
+            "the test kept running past its time limit (SIGALRM was caught) and was killed",
+        )
     if outcome.killed_for == "timeout" or outcome.cpu_limit_hit:
         return "TimeLimitExceeded", "TimeoutError", "the run exceeded its time limit and was killed"
     if outcome.killed_for == "output_limit":
@@ -153,8 +168,12 @@ class Evaluator:
         load_error: ErrorInfo | None = None
         start, restarts, stderr = 0, 0, b""
         steps = len(plan.prelude) + 1 + len(plan.steps) + len(plan.cases)  # each has its own timeout
-        limits = Limits(wall_s=request.timeout_s * steps + _STEP_GRACE_S, cpu_s=request.timeout_s * steps + 1.0,
-                        memory_mb=request.memory_limit_MB, output_bytes=self.output_bytes)
+        limits = Limits(
+            wall_s=request.timeout_s * steps + _STEP_GRACE_S,
+            cpu_s=request.timeout_s * steps + 1.0,
+            memory_mb=request.memory_limit_MB,
+            output_bytes=self.output_bytes,
+        )
         while True:
             outcome, records = await self._run_harness(plan, request, start, limits)
             stderr = outcome.stderr
@@ -166,8 +185,9 @@ class Evaluator:
                 if record.get("e") == "loaded":
                     loaded = True
                 elif record.get("e") == "load_error":
-                    load_error = ErrorInfo(type=str(record.get("type")), message=str(record.get("message")),
-                                           step=str(record.get("step")))
+                    load_error = ErrorInfo(
+                        type=str(record.get("type")), message=str(record.get("message")), step=str(record.get("step"))
+                    )
                 elif record.get("e") == "test" and isinstance(record.get("i"), int) and start <= record["i"] < count:
                     results[record["i"]] = _test_result(plan.names[record["i"]], record)
             missing = [i for i in range(start, count) if results[i] is None]
@@ -178,47 +198,96 @@ class Evaluator:
                 load_error = ErrorInfo(type=error_type, message=message, step="<solution>")
                 break
             first = missing[0]
-            results[first] = TestResult(name=plan.names[first], passed=False, status=status, error_type=error_type,
-                                        error_message=message, time_ms=None)
+            results[first] = TestResult(
+                name=plan.names[first],
+                passed=False,
+                status=status,
+                error_type=error_type,
+                error_message=message,
+                time_ms=None,
+            )
             if first + 1 >= count or restarts == MAX_RESTARTS:
                 break
             start, restarts = first + 1, restarts + 1
         for i, result in enumerate(results):
             if result is None:
-                reason = (f"not run: the solution failed to load ({load_error.type}: {load_error.message})"
-                          if load_error else f"not run: the process died {restarts + 1} times")
-                results[i] = TestResult(name=plan.names[i], passed=False, status="Error",
-                                        error_type=load_error.type if load_error else "NotRun",
-                                        error_message=reason, time_ms=None)
+                reason = (
+                    f"not run: the solution failed to load ({load_error.type}: {load_error.message})"
+                    if load_error
+                    else f"not run: the process died {restarts + 1} times"
+                )
+                results[i] = TestResult(
+                    name=plan.names[i],
+                    passed=False,
+                    status="Error",
+                    error_type=load_error.type if load_error else "NotRun",
+                    error_message=reason,
+                    time_ms=None,
+                )
         passed = sum(r.passed for r in results)
-        return EvaluateResponse(status="Finished", passed_all=passed == count, pass_rate=passed / count,
-                                num_tests=count, num_passed=passed, load_error=load_error, tests=results,
-                                restarts=restarts, time_ms=(time.monotonic() - started) * 1000,
-                                stderr=stderr[-_STDERR_TAIL:].decode(errors="replace"))
+        return EvaluateResponse(
+            status="Finished",
+            passed_all=passed == count,
+            pass_rate=passed / count,
+            num_tests=count,
+            num_passed=passed,
+            load_error=load_error,
+            tests=results,
+            restarts=restarts,
+            time_ms=(time.monotonic() - started) * 1000,
+            stderr=stderr[-_STDERR_TAIL:].decode(errors="replace"),
+        )
 
-    async def _run_harness(self, plan: Plan, request: EvaluateRequest, start: int,
-                           limits: Limits) -> tuple[RunOutcome, list[dict]]:
+    async def _run_harness(
+        self, plan: Plan, request: EvaluateRequest, start: int, limits: Limits
+    ) -> tuple[RunOutcome, list[dict]]:
         nonce = secrets.token_hex(16)
-        spec = {"nonce": nonce, "mode": plan.mode, "timeout": request.timeout_s, "start": start,
-                "prelude": plan.prelude, "solution": request.code, "steps": plan.steps, "cases": plan.cases,
-                "output_cap": self.output_bytes}
-        collector = _Collector(nonce, max_records=len(plan.prelude) + len(plan.steps) + len(plan.cases) + 4,
-                               step_window_s=request.timeout_s + _STEP_GRACE_S)
-        outcome = await self.jail.run([self.python, "-c", HARNESS_SOURCE], limits, stdin=repr(spec).encode(),
-                                      channel=collector, label="evaluate")
+        spec = {
+            "nonce": nonce,
+            "mode": plan.mode,
+            "timeout": request.timeout_s,
+            "start": start,
+            "prelude": plan.prelude,
+            "solution": request.code,
+            "steps": plan.steps,
+            "cases": plan.cases,
+            "output_cap": self.output_bytes,
+        }
+        collector = _Collector(
+            nonce,
+            max_records=len(plan.prelude) + len(plan.steps) + len(plan.cases) + 4,
+            step_window_s=request.timeout_s + _STEP_GRACE_S,
+        )
+        outcome = await self.jail.run(
+            [self.python, "-c", HARNESS_SOURCE], limits, stdin=repr(spec).encode(), channel=collector, label="evaluate"
+        )
         return outcome, collector.records
 
 
 def _test_result(name: str, record: dict) -> TestResult:
     status = str(record.get("status"))
     ms = record.get("ms")
-    return TestResult(name=name, passed=status == "Passed", status=status,
-                      error_type=None if record.get("type") is None else str(record["type"]),
-                      error_message=None if record.get("message") is None else str(record["message"]),
-                      time_ms=float(ms) if isinstance(ms, (int, float)) else None)
+    return TestResult(
+        name=name,
+        passed=status == "Passed",
+        status=status,
+        error_type=None if record.get("type") is None else str(record["type"]),
+        error_message=None if record.get("message") is None else str(record["message"]),
+        time_ms=float(ms) if isinstance(ms, (int, float)) else None,
+    )
 
 
 def _sandbox_error(message: str, plan: Plan, started: float) -> EvaluateResponse:
-    return EvaluateResponse(status="SandboxError", message=message, passed_all=False, pass_rate=0.0,
-                            num_tests=len(plan.names), num_passed=0, load_error=None, tests=[], restarts=0,
-                            time_ms=(time.monotonic() - started) * 1000, stderr="")
+    return EvaluateResponse(
+        status="SandboxError",
+        message=message,
+        passed_all=False,
+        pass_rate=0.0,
+        num_tests=len(plan.names),
+        num_passed=0,
+        load_error=None,
+        tests=[],
+        restarts=0,
+        time_ms=(time.monotonic() - started) * 1000,
+        stderr="",
+    )

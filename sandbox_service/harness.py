@@ -3,7 +3,8 @@
 
 It reads its spec (a Python literal written by the service) from stdin, loads the solution once, then runs
 every test step separately under its own SIGALRM timeout and reports each step (setup steps too, so the
-service can tell a stalled step from a slow run) as one JSON line on the channel fd, so a failing or hanging test never hides the tests after it. Records carry the run's nonce, which
+service can tell a stalled step from a slow run) as one JSON line on the channel fd, so a failing or hanging
+test never hides the tests after it. Records carry the run's nonce, which
 the solution is never given: a program that merely writes to the channel cannot forge a result.
 
 Modes:
@@ -17,13 +18,12 @@ Modes:
 Heavy modules (json, signal, re) are avoided: every import here is paid on every evaluation.
 """
 
+import _json
+import _signal
 import io
 import os
 import sys
 import time
-
-import _json
-import _signal
 
 
 class _Timeout(BaseException):
@@ -53,7 +53,7 @@ class _Reporter:
         line = "{" + ",".join(f'"{k}":{_json_value(v)}' for k, v in fields.items()) + "}\n"
         data = line.encode()
         while data:
-            data = data[os.write(self.fd, data):]
+            data = data[os.write(self.fd, data) :]
 
 
 def _on_alarm(signum, frame):
@@ -113,7 +113,7 @@ def _run_function_mode(spec, report):
     namespace = module.__dict__
     timeout = spec["timeout"]
     for name, code in spec["prelude"] + [("<solution>", spec["solution"])]:
-        error, _ = _timed(lambda: exec(compile(code, name, "exec"), namespace), timeout)
+        error, _ = _timed(lambda code=code, name=name: exec(compile(code, name, "exec"), namespace), timeout)
         if error is not None:
             _, error_type, message = _describe(error)
             report.send("load_error", step=name, type=error_type, message=message)
@@ -125,7 +125,7 @@ def _run_function_mode(spec, report):
         if kind == "test" and index < spec["start"]:
             index += 1
             continue
-        error, ms = _timed(lambda: exec(compile(code, name, "exec"), namespace), timeout)
+        error, ms = _timed(lambda code=code, name=name: exec(compile(code, name, "exec"), namespace), timeout)
         if kind == "setup":
             if error is not None and broken is None:
                 broken = f" (after setup step {name!r} failed: {type(error).__name__}: {str(error)[:200]})"

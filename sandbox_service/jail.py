@@ -75,7 +75,9 @@ class Limits:
 
 @dataclass(frozen=True)
 class JailConfig:
-    python: str = "/usr/bin/python3"  # what jailed code runs with: the unprivileged uid cannot exec a python under /root
+    python: str = (
+        "/usr/bin/python3"  # what jailed code runs with: the unprivileged uid cannot exec a python under /root
+    )
     bwrap: str = "bwrap"
     setpriv: str = "setpriv"
     prlimit: str = "prlimit"
@@ -138,22 +140,61 @@ class _JailCommand:
 
     def env(self, run_dir: Path, extra: Mapping[str, str]) -> dict[str, str]:
         home = str(run_dir) if self.level == "none" else JAIL_HOME
-        return {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": home, "LANG": "C.UTF-8", "TMPDIR": "/tmp",
-                "PYTHONDONTWRITEBYTECODE": "1", **extra}
+        return {
+            "PATH": "/usr/local/bin:/usr/bin:/bin",
+            "HOME": home,
+            "LANG": "C.UTF-8",
+            "TMPDIR": "/tmp",
+            "PYTHONDONTWRITEBYTECODE": "1",
+            **extra,
+        }
 
-    def argv(self, uid: int | None, run_dir: Path, env: Mapping[str, str], program: Sequence[str],
-             limits: Limits | None = None, status_fd: int | None = None, cgroup_tasks: Sequence[Path] = (),
-             as_pid_1: bool = False) -> list[str]:
+    def argv(
+        self,
+        uid: int | None,
+        run_dir: Path,
+        env: Mapping[str, str],
+        program: Sequence[str],
+        limits: Limits | None = None,
+        status_fd: int | None = None,
+        cgroup_tasks: Sequence[Path] = (),
+        as_pid_1: bool = False,
+    ) -> list[str]:
         cmd = ["/bin/sh", "-c", _JOIN_CGROUPS, "sh", *map(str, cgroup_tasks), "--"] if cgroup_tasks else []
         cmd += self._rlimits(limits, uid) if limits is not None else []
         if self.level == "none":
             return [*cmd, *program]
         if uid is not None:
             cmd += [self.config.setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
-        cmd += [self.config.bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent",
-                "--new-session", "--cap-drop", "ALL", "--clearenv", "--hostname", "sandbox", *self.ro_binds,
-                "--size", str(self.config.tmp_size_mb * _MiB), "--tmpfs", "/tmp", "--proc", "/proc", "--dev", "/dev",
-                "--bind", str(run_dir), JAIL_HOME, "--chdir", JAIL_HOME, "--remount-ro", "/"]
+        cmd += [
+            self.config.bwrap,
+            "--unshare-all",
+            "--unshare-user",
+            "--disable-userns",
+            "--die-with-parent",
+            "--new-session",
+            "--cap-drop",
+            "ALL",
+            "--clearenv",
+            "--hostname",
+            "sandbox",
+            *self.ro_binds,
+            "--size",
+            str(self.config.tmp_size_mb * _MiB),
+            "--tmpfs",
+            "/tmp",
+            "--proc",
+            "/proc",
+            "--dev",
+            "/dev",
+            "--bind",
+            str(run_dir),
+            JAIL_HOME,
+            "--chdir",
+            JAIL_HOME,
+            "--remount-ro",
+            "/",
+        ]
         for key, value in env.items():
             cmd += ["--setenv", key, value]
         if status_fd is not None:
@@ -167,8 +208,16 @@ class _JailCommand:
         if uid is None and os.geteuid() != 0:
             processes += _processes_of_uid(os.getuid())  # RLIMIT_NPROC counts all of the service user's processes
         cpu = max(1, math.ceil(limits.cpu_s))
-        return [self.config.prlimit, f"--cpu={cpu}:{cpu + 1}", f"--as={limits.memory_mb * _MiB}", f"--nproc={processes}",
-                f"--fsize={limits.file_size_mb * _MiB}", f"--nofile={limits.open_files}", "--core=0", "--"]
+        return [
+            self.config.prlimit,
+            f"--cpu={cpu}:{cpu + 1}",
+            f"--as={limits.memory_mb * _MiB}",
+            f"--nproc={processes}",
+            f"--fsize={limits.file_size_mb * _MiB}",
+            f"--nofile={limits.open_files}",
+            "--core=0",
+            "--",
+        ]
 
 
 # Writes 0 (this very process) to each tasks file given before "--", then execs the rest.
@@ -189,7 +238,7 @@ def _system_binds(config: JailConfig) -> list[str]:
 
 
 class _Capture:
-    """Reads a pipe as data arrives, keeping at most `cap` bytes; past the cap it stops reading and calls on_overflow."""
+    """Reads a pipe as data arrives, keeping at most `cap` bytes; past the cap it stops and calls on_overflow."""
 
     def __init__(self, fd: int, cap: int, on_overflow: Callable[[], None] = lambda: None):
         self.fd, self.cap, self.on_overflow = fd, cap, on_overflow
@@ -318,8 +367,14 @@ def _set_child_subreaper() -> bool:
 class Jail:
     """A pool of worker slots, each running one jailed program at a time."""
 
-    def __init__(self, config: JailConfig, workers: int, isolation: Isolation, cgroups: Cgroups | None,
-                 observer: Callable[[str, RunOutcome], None] | None = None):
+    def __init__(
+        self,
+        config: JailConfig,
+        workers: int,
+        isolation: Isolation,
+        cgroups: Cgroups | None,
+        observer: Callable[[str, RunOutcome], None] | None = None,
+    ):
         if isolation.level != "none":
             config = resolve_tools(config)
         self.config, self.workers, self.isolation, self.cgroups = config, workers, isolation, cgroups
@@ -354,9 +409,18 @@ class Jail:
                 self._free.put_nowait(slot)
         return self._free
 
-    async def run(self, program: Sequence[str], limits: Limits, *, files: Mapping[str, bytes] | None = None,
-                  stdin: bytes = b"", fetch_files: Sequence[str] = (), channel: ChannelHandler | None = None,
-                  env: Mapping[str, str] | None = None, label: str = "run") -> RunOutcome:
+    async def run(
+        self,
+        program: Sequence[str],
+        limits: Limits,
+        *,
+        files: Mapping[str, bytes] | None = None,
+        stdin: bytes = b"",
+        fetch_files: Sequence[str] = (),
+        channel: ChannelHandler | None = None,
+        env: Mapping[str, str] | None = None,
+        label: str = "run",
+    ) -> RunOutcome:
         """Run `program` (paths as seen inside the jail; cwd is the run directory) in the next free slot.
 
         `label` names the kind of run for the observer (metrics).
@@ -374,8 +438,9 @@ class Jail:
         try:
             run_dir = self._make_run_dir(slot, files or {})
             try:
-                outcome = await self._run(slot, run_dir, list(program), limits, stdin, fetch_files, channel, env or {},
-                                          started)
+                outcome = await self._run(
+                    slot, run_dir, list(program), limits, stdin, fetch_files, channel, env or {}, started
+                )
             finally:
                 shutil.rmtree(run_dir, onerror=_force_remove)
         finally:
@@ -412,9 +477,18 @@ class Jail:
                 os.chown(path, slot.uid, slot.uid)
         return run_dir
 
-    async def _run(self, slot: _Slot, run_dir: Path, program: list[str], limits: Limits, stdin: bytes,
-                   fetch_files: Sequence[str], channel: ChannelHandler | None, env: Mapping[str, str],
-                   started: float) -> RunOutcome:
+    async def _run(
+        self,
+        slot: _Slot,
+        run_dir: Path,
+        program: list[str],
+        limits: Limits,
+        stdin: bytes,
+        fetch_files: Sequence[str],
+        channel: ChannelHandler | None,
+        env: Mapping[str, str],
+        started: float,
+    ) -> RunOutcome:
         if slot.cgroup is not None:
             slot.cgroup.set_limits(limits.memory_mb * _MiB, limits.processes + 2)
         bare = self.isolation.level == "none"
@@ -427,13 +501,27 @@ class Jail:
         parent_sock, child_sock = socket.socketpair() if channel else (None, None)
         inside_env = self.command.env(run_dir, {CHANNEL_ENV: str(child_sock.fileno())} if child_sock else {})
         inside_env.update(env)
-        command = self.command.argv(slot.uid, run_dir, inside_env, program, limits, status_w,
-                                    slot.cgroup.tasks_files() if slot.cgroup is not None else ())
+        command = self.command.argv(
+            slot.uid,
+            run_dir,
+            inside_env,
+            program,
+            limits,
+            status_w,
+            slot.cgroup.tasks_files() if slot.cgroup is not None else (),
+        )
         pass_fds = [fd for fd in (status_w, child_sock.fileno() if child_sock else None) if fd is not None]
         try:
-            proc = subprocess.Popen(command, stdin=stdin_fd, stdout=out_w, stderr=err_w, pass_fds=pass_fds,
-                                    env=inside_env if bare else {}, cwd=run_dir if bare else "/",
-                                    start_new_session=True)
+            proc = subprocess.Popen(
+                command,
+                stdin=stdin_fd,
+                stdout=out_w,
+                stderr=err_w,
+                pass_fds=pass_fds,
+                env=inside_env if bare else {},
+                cwd=run_dir if bare else "/",
+                start_new_session=True,
+            )
         except OSError as e:
             for fd in (out_r, err_r, status_r):
                 if fd is not None:
@@ -496,14 +584,28 @@ class Jail:
             sandbox_error += f"; stderr: {stderr.data[-2000:].decode(errors='replace')}"
         oom, peak = slot.cgroup.take_run_stats() if slot.cgroup is not None else (False, None)
         fetched, missing = _fetch(run_dir, fetch_files)
-        return RunOutcome(exit_code, stdout.data, stderr.data, time.monotonic() - started, stdout.truncated,
-                          stderr.truncated, run.killed_for, oom, peak, fetched, missing, sandbox_error, channel_result)
+        return RunOutcome(
+            exit_code,
+            stdout.data,
+            stderr.data,
+            time.monotonic() - started,
+            stdout.truncated,
+            stderr.truncated,
+            run.killed_for,
+            oom,
+            peak,
+            fetched,
+            missing,
+            sandbox_error,
+            channel_result,
+        )
 
 
 async def _sandbox_pid(status: _Capture, monitor_exited: asyncio.Future) -> int | None:
     """The host pid of the sandbox's pid 1, from bwrap's first --json-status-fd line (None if bwrap gave none)."""
-    await asyncio.wait({status.first_line, monitor_exited}, timeout=_START_TIMEOUT_S,
-                       return_when=asyncio.FIRST_COMPLETED)
+    await asyncio.wait(
+        {status.first_line, monitor_exited}, timeout=_START_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED
+    )
     if not status.first_line.done():
         return None
     try:
@@ -605,9 +707,13 @@ def claim_uid_block(workers: int, uid_base: int | None = None) -> tuple[int, int
         except (BlockingIOError, IsolationError) as e:
             os.close(fd)
             if uid_base is not None:
-                raise IsolationError(f"uid block {base}..{base + workers - 1} is not free: "
-                                     f"{e if isinstance(e, IsolationError) else 'another sandbox_service holds it'}") from None
-    raise IsolationError(f"no free block of {workers} jail uids between 61000 and 65000: other sandbox services hold them")
+                raise IsolationError(
+                    f"uid block {base}..{base + workers - 1} is not free: "
+                    f"{e if isinstance(e, IsolationError) else 'another sandbox_service holds it'}"
+                ) from None
+    raise IsolationError(
+        f"no free block of {workers} jail uids between 61000 and 65000: other sandbox services hold them"
+    )
 
 
 def _check_uid_unused(uid: int) -> None:
@@ -615,8 +721,10 @@ def _check_uid_unused(uid: int) -> None:
         user = pwd.getpwuid(uid)
     except KeyError:
         return
-    raise IsolationError(f"jail uid {uid} belongs to user {user.pw_name!r}; choose another --uid-base so that "
-                         "jailed code never shares a real user's uid")
+    raise IsolationError(
+        f"jail uid {uid} belongs to user {user.pw_name!r}; choose another --uid-base so that "
+        "jailed code never shares a real user's uid"
+    )
 
 
 # -- start-up: decide the isolation level and prove it holds -----------------------------------------
@@ -632,8 +740,8 @@ def writable(path):
     except OSError:
         return False
 open("owner", "w").close()  # its owner, as the host sees it, is the program's real uid
-print(json.dumps({"pid": os.getpid(), "interfaces": [n for _, n in socket.if_nameindex()], "root_writable": writable("/"),
-                  "home_writable": writable(os.environ["HOME"])}))
+print(json.dumps({"pid": os.getpid(), "interfaces": [n for _, n in socket.if_nameindex()],
+                  "root_writable": writable("/"), "home_writable": writable(os.environ["HOME"])}))
 """
 
 
@@ -648,8 +756,15 @@ def probe_isolation(config: JailConfig, cgroups: CgroupReport) -> Isolation:
         if not config.insecure:
             raise
         _log.warning("running WITHOUT isolation (--insecure): %s", e)
-        return Isolation("none", {"reason": str(e), "network": "host", "filesystem": "host",
-                                  "rlimits": ["cpu", "as", "nproc", "fsize", "nofile", "core"]})
+        return Isolation(
+            "none",
+            {
+                "reason": str(e),
+                "network": "host",
+                "filesystem": "host",
+                "rlimits": ["cpu", "as", "nproc", "fsize", "nofile", "core"],
+            },
+        )
 
 
 def resolve_tools(config: JailConfig) -> JailConfig:
@@ -658,7 +773,9 @@ def resolve_tools(config: JailConfig) -> JailConfig:
     if bwrap is None:
         raise IsolationError(f"bubblewrap ({config.bwrap!r}) is not installed: apt-get install bubblewrap")
     if prlimit is None or (os.geteuid() == 0 and setpriv is None):
-        raise IsolationError(f"setpriv and prlimit (util-linux) are needed: {config.setpriv!r}, {config.prlimit!r} not found")
+        raise IsolationError(
+            f"setpriv and prlimit (util-linux) are needed: {config.setpriv!r}, {config.prlimit!r} not found"
+        )
     return replace(config, bwrap=bwrap, setpriv=setpriv or config.setpriv, prlimit=prlimit)
 
 
@@ -683,7 +800,9 @@ def _probe(config: JailConfig, cgroups: CgroupReport) -> Isolation:
         except (OSError, subprocess.TimeoutExpired) as e:
             raise IsolationError(f"the jail did not run: {e}; {getattr(done, 'stderr', b'')!r}") from e
     if done.returncode != 0:
-        raise IsolationError(f"the jail did not run (exit {done.returncode}): {done.stderr.decode(errors='replace').strip()}")
+        raise IsolationError(
+            f"the jail did not run (exit {done.returncode}): {done.stderr.decode(errors='replace').strip()}"
+        )
     seen = json.loads(done.stdout.decode().strip().splitlines()[-1])
     problems = []
     if seen["pid"] != 1:
@@ -697,13 +816,18 @@ def _probe(config: JailConfig, cgroups: CgroupReport) -> Isolation:
     if problems:
         raise IsolationError("the jail does not hold: " + "; ".join(problems))
     version = subprocess.run([config.bwrap, "--version"], capture_output=True, text=True).stdout.strip()
-    return Isolation(level, {
-        "bwrap": version,
-        "uid": f"unprivileged per-slot uid {config.uid_base}+slot" if as_root else f"the service's uid {os.getuid()} (not root)",
-        "namespaces": ["user", "pid", "ipc", "uts", "net", "mount", "cgroup"],
-        "network": "none (own loopback only)",
-        "filesystem": f"read-only /usr and /etc, tmpfs /tmp ({config.tmp_size_mb} MiB), only {JAIL_HOME} writable",
-        "rlimits": ["cpu", "as", "nproc", "fsize", "nofile", "core"],
-        "cgroup": cgroups.__dict__,
-        "jail_python": config.python,
-    })
+    return Isolation(
+        level,
+        {
+            "bwrap": version,
+            "uid": f"unprivileged per-slot uid {config.uid_base}+slot"
+            if as_root
+            else f"the service's uid {os.getuid()} (not root)",
+            "namespaces": ["user", "pid", "ipc", "uts", "net", "mount", "cgroup"],
+            "network": "none (own loopback only)",
+            "filesystem": f"read-only /usr and /etc, tmpfs /tmp ({config.tmp_size_mb} MiB), only {JAIL_HOME} writable",
+            "rlimits": ["cpu", "as", "nproc", "fsize", "nofile", "core"],
+            "cgroup": cgroups.__dict__,
+            "jail_python": config.python,
+        },
+    )

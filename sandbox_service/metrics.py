@@ -29,14 +29,18 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.runs = Counter("sandbox_runs", "Jailed runs by kind and outcome", ["kind", "outcome"], registry=r)
-        self.run_seconds = Histogram("sandbox_run_seconds", "Wall time of one jailed run", ["kind"],
-                                     buckets=_RUN_BUCKETS, registry=r)
-        self.requests = Counter("sandbox_requests", "HTTP requests by endpoint and status code", ["endpoint", "code"],
-                                registry=r)
-        self.request_seconds = Histogram("sandbox_request_seconds", "Latency of HTTP requests", ["endpoint"],
-                                         buckets=_RUN_BUCKETS, registry=r)
-        self.rejected = Counter("sandbox_rejected", "Requests refused before running (queue_full, draining)",
-                                ["reason"], registry=r)
+        self.run_seconds = Histogram(
+            "sandbox_run_seconds", "Wall time of one jailed run", ["kind"], buckets=_RUN_BUCKETS, registry=r
+        )
+        self.requests = Counter(
+            "sandbox_requests", "HTTP requests by endpoint and status code", ["endpoint", "code"], registry=r
+        )
+        self.request_seconds = Histogram(
+            "sandbox_request_seconds", "Latency of HTTP requests", ["endpoint"], buckets=_RUN_BUCKETS, registry=r
+        )
+        self.rejected = Counter(
+            "sandbox_rejected", "Requests refused before running (queue_full, draining)", ["reason"], registry=r
+        )
         self.tests = Counter("sandbox_tests", "Evaluated tests by status", ["status"], registry=r)
         Gauge("sandbox_workers", "Worker slots", registry=r).set(workers)
         Gauge("sandbox_queue_depth", "Runs waiting for a free worker slot", registry=r).set_function(waiting)

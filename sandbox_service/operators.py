@@ -88,8 +88,9 @@ class ScEnsemble(Operator):
     """Self-consistency: the worker sees the solutions as A, B, C, ... and picks the most consistent one by
     letter; the response is the chosen solution (the most frequent one if the reply names no valid letter)."""
 
-    async def __call__(self, solutions: Annotated[list[str], Field(min_length=1, max_length=MAX_ENSEMBLE)],
-                       problem: str) -> Response:
+    async def __call__(
+        self, solutions: Annotated[list[str], Field(min_length=1, max_length=MAX_ENSEMBLE)], problem: str
+    ) -> Response:
         letters = string.ascii_uppercase[: len(solutions)]
         listing = "\n\n".join(f"{letter}:\n{solution}" for letter, solution in zip(letters, solutions))
         reply = await self.services.ask_worker(
@@ -107,8 +108,13 @@ class Test(Operator):
     """Runs the query's public tests on `solution`; while some fail, the worker reflects on the failures and
     writes a repaired solution, up to `test_loop` times. `result` says whether the returned solution passes."""
 
-    async def __call__(self, problem: str, solution: str, entry_point: str,
-                       test_loop: Annotated[int, Field(ge=0, le=MAX_TEST_LOOP)] = 3) -> TestVerdict:
+    async def __call__(
+        self,
+        problem: str,
+        solution: str,
+        entry_point: str,
+        test_loop: Annotated[int, Field(ge=0, le=MAX_TEST_LOOP)] = 3,
+    ) -> TestVerdict:
         for _ in range(test_loop):
             feedback = await self.services.run_public_tests(solution)
             if feedback is None or feedback.passed:
@@ -149,11 +155,15 @@ def _binding(op: type[Operator]) -> _Binding:
     hints = typing.get_type_hints(op.__call__, include_extras=True)
     signature = inspect.signature(op.__call__)
     params = [p for p in signature.parameters.values() if p.name != "self"]
-    shown = ", ".join(f"{p.name}: {_type_name(hints[p.name])}" + ("" if p.default is p.empty else f" = {p.default!r}")
-                      for p in params)
+    shown = ", ".join(
+        f"{p.name}: {_type_name(hints[p.name])}" + ("" if p.default is p.empty else f" = {p.default!r}") for p in params
+    )
     result = ", ".join(f"{key}: {_type_name(tp)}" for key, tp in typing.get_type_hints(hints["return"]).items())
-    return _Binding(signature.replace(parameters=params), {p.name: TypeAdapter(hints[p.name]) for p in params},
-                    f"{op.__name__}({shown}) -> {{{result}}}")
+    return _Binding(
+        signature.replace(parameters=params),
+        {p.name: TypeAdapter(hints[p.name]) for p in params},
+        f"{op.__name__}({shown}) -> {{{result}}}",
+    )
 
 
 _BINDINGS = {name: _binding(op) for name, op in OPERATORS.items()}
@@ -193,19 +203,23 @@ def describe_operators() -> list[dict[str, str]]:
         binding = _BINDINGS[name]
         attribute = re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
         keywords = ", ".join(f"{p}=..." for p in binding.signature.parameters)
-        described.append({
-            "name": name,
-            "signature": binding.display,
-            "description": " ".join(inspect.getdoc(op).split()),
-            "usage": f"self.{attribute} = operator.{name}(self.llm); result = await self.{attribute}({keywords})",
-        })
+        described.append(
+            {
+                "name": name,
+                "signature": binding.display,
+                "description": " ".join(inspect.getdoc(op).split()),
+                "usage": f"self.{attribute} = operator.{name}(self.llm); result = await self.{attribute}({keywords})",
+            }
+        )
     return described
 
 
 def operators_text() -> str:
     """The descriptions as the meta-agent's prompt shows them."""
-    return "\n".join(f"{i}. {d['signature']}\n   {d['description']}\n   Use: {d['usage']}"
-                     for i, d in enumerate(describe_operators(), start=1))
+    return "\n".join(
+        f"{i}. {d['signature']}\n   {d['description']}\n   Use: {d['usage']}"
+        for i, d in enumerate(describe_operators(), start=1)
+    )
 
 
 # ------------------------------------------------------------------------------------------ reading replies
@@ -283,5 +297,5 @@ def _reduce(code: str, module: ast.Module, entry_point: str) -> str:
     for node in module.body:
         if isinstance(node, ast.Import | ast.ImportFrom) or id(node) in keep:
             first = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", ())])
-            kept.append("\n".join(lines[first - 1: node.end_lineno]))
+            kept.append("\n".join(lines[first - 1 : node.end_lineno]))
     return "\n\n".join(kept) + "\n"

@@ -18,8 +18,9 @@ MAX_BATCH = 512
 MAX_TIMEOUT_S = 300.0
 CODE_FILE = "main.py"
 
-TestStatus = Literal["Passed", "Failed", "Error", "TimeLimitExceeded", "MemoryLimitExceeded", "OutputLimitExceeded",
-                     "Crashed"]
+TestStatus = Literal[
+    "Passed", "Failed", "Error", "TimeLimitExceeded", "MemoryLimitExceeded", "OutputLimitExceeded", "Crashed"
+]
 
 
 class _Strict(BaseModel):
@@ -36,14 +37,19 @@ def _parses(code: str) -> str:
 
 # -- /run_code -------------------------------------------------------------------------------------------
 
+
 class RunCodeRequest(_Strict):
     code: str = Field(max_length=MAX_CODE_CHARS)
     language: str = "python"
     stdin: str = Field("", max_length=16 * MAX_CODE_CHARS)
     run_timeout: float = Field(10.0, gt=0, le=MAX_TIMEOUT_S)
-    compile_timeout: float = Field(10.0, ge=0, le=MAX_TIMEOUT_S, description="accepted for compatibility; Python is not compiled")
+    compile_timeout: float = Field(
+        10.0, ge=0, le=MAX_TIMEOUT_S, description="accepted for compatibility; Python is not compiled"
+    )
     memory_limit_MB: int = Field(-1, ge=-1, le=65536, description="-1: the service default")
-    files: dict[str, str] = Field(default_factory=dict, description="path -> base64 content, written into the run directory")
+    files: dict[str, str] = Field(
+        default_factory=dict, description="path -> base64 content, written into the run directory"
+    )
     fetch_files: list[str] = Field(default_factory=list, description="paths to read back after the run")
 
     @field_validator("language")
@@ -106,13 +112,16 @@ class RunCodeResponse(BaseModel):
 
 # -- /evaluate -------------------------------------------------------------------------------------------
 
+
 class HumanEvalTests(_Strict):
     """A HumanEval-style test program defining check(candidate), applied to the solution's `entry_point`."""
 
     kind: Literal["humaneval"]
     test: str = Field(max_length=MAX_CODE_CHARS)
     entry_point: str
-    split_asserts: bool = Field(True, description="one test per assert statement of check(); false: check() is one test")
+    split_asserts: bool = Field(
+        True, description="one test per assert statement of check(); false: check() is one test"
+    )
 
     @field_validator("test")
     @classmethod
@@ -198,7 +207,9 @@ class EvaluateResponse(BaseModel):
     pass_rate: float
     num_tests: int
     num_passed: int
-    load_error: ErrorInfo | None = Field(None, description="the solution (or its test imports) failed to load: SyntaxError, ImportError, ...")
+    load_error: ErrorInfo | None = Field(
+        None, description="the solution (or its test imports) failed to load: SyntaxError, ImportError, ..."
+    )
     tests: list[TestResult]
     restarts: int = Field(0, description="times the harness was started again after the process died mid-test")
     time_ms: float = Field(description="wall time of the evaluation, waiting for a free worker included")

@@ -37,8 +37,15 @@ from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from sandbox_service.jail import Limits, RunOutcome
-from sandbox_service.operators import (OPERATORS, OperatorError, TestFeedback, bind_arguments, call_operator,
-                                       describe_operators, operators_text)
+from sandbox_service.operators import (
+    OPERATORS,
+    OperatorError,
+    TestFeedback,
+    bind_arguments,
+    call_operator,
+    describe_operators,
+    operators_text,
+)
 from sandbox_service.schemas import MAX_CODE_CHARS, EvaluateRequest, EvaluateResponse, Tests
 
 if TYPE_CHECKING:
@@ -54,11 +61,21 @@ MAX_TRACE_CHARS = 16_000  # per text in the trace (prompts, replies, arguments)
 _STDERR_TAIL = 4000
 _WORKER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
-FailureKind = Literal["graph_syntax_error", "workflow_exception", "budget_exceeded", "timeout", "worker_unreachable",
-                      "worker_not_allowed", "worker_error", "no_solution", "sandbox_error"]
+FailureKind = Literal[
+    "graph_syntax_error",
+    "workflow_exception",
+    "budget_exceeded",
+    "timeout",
+    "worker_unreachable",
+    "worker_not_allowed",
+    "worker_error",
+    "no_solution",
+    "sandbox_error",
+]
 
 
 # -- workers: the allowlist ---------------------------------------------------------------------------------
+
 
 class WorkerEndpoint(BaseModel):
     """An OpenAI-compatible server the workflows of this service may call, by `name` only."""
@@ -134,6 +151,7 @@ def workers_from_env(environ: Mapping[str, str] = os.environ) -> dict[str, Worke
 
 
 # -- request and response -------------------------------------------------------------------------------------
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -227,8 +245,9 @@ class WorkflowRunResponse(BaseModel):
     status: Literal["ok", "failed"]
     failure: WorkflowFailure | None = None
     solution: str | None = None
-    public: EvaluateResponse | None = Field(None, description="the solution on the public tests (None: no solution "
-                                                               "or no public tests)")
+    public: EvaluateResponse | None = Field(
+        None, description="the solution on the public tests (None: no solution or no public tests)"
+    )
     hidden: EvaluateResponse | None = None
     public_pass_rate: float | None = None
     hidden_pass_rate: float | None = None
@@ -247,6 +266,7 @@ class OperatorsResponse(BaseModel):
 
 
 # -- one run ----------------------------------------------------------------------------------------------------
+
 
 class _Fatal(Exception):
     """Ends the run: the jailed side is told, exits, and the response carries this failure."""
@@ -301,8 +321,12 @@ class _Run:
             async for line in _lines(reader):
                 message = _decode(line)
                 if message is None:
-                    self._end(_Fatal("workflow_exception", "malformed message on the operator channel (the graph wrote "
-                                                           "to the channel itself?)"))
+                    self._end(
+                        _Fatal(
+                            "workflow_exception",
+                            "malformed message on the operator channel (the graph wrote to the channel itself?)",
+                        )
+                    )
                     await _send(writer, {"fatal": self.fatal.kind})
                 elif message.get("done") is True:
                     self.final = self.final or message
@@ -325,8 +349,9 @@ class _Run:
             reply = {"id": message["id"], "fatal": self.fatal.kind}
         except Exception as e:  # noqa: BLE001 - a bug on our side: logged, and the run reports it
             _log.exception("operator call %s failed", message.get("op"))
-            self._end(_Fatal("sandbox_error", f"internal error in operator {message.get('op')!r}: "
-                                              f"{type(e).__name__}: {e}"))
+            self._end(
+                _Fatal("sandbox_error", f"internal error in operator {message.get('op')!r}: {type(e).__name__}: {e}")
+            )
             reply = {"id": message["id"], "fatal": self.fatal.kind}
         await _send(writer, reply)
 
@@ -339,16 +364,19 @@ class _Run:
         args, kwargs = message.get("args", []), message.get("kwargs", {})
         if len(self.trace) >= self.request.budgets.max_operator_calls + MAX_REFUSED_CALLS:
             raise _Fatal("budget_exceeded", f"more than {MAX_REFUSED_CALLS} operator calls were refused")
-        record = OperatorCallRecord(index=-1, operator=op, worker=str(worker), arguments={},
-                                    started_s=time.monotonic() - self.started)
+        record = OperatorCallRecord(
+            index=-1, operator=op, worker=str(worker), arguments={}, started_s=time.monotonic() - self.started
+        )
         self.trace.append(record)
         if self.fatal is not None:
             record.error = f"refused: the run already ended ({self.fatal.kind})"
             raise _Fatal(self.fatal.kind, self.fatal.message)
         if not isinstance(worker, str) or worker not in self.runner.workers:
             record.error = f"worker {worker!r} is not on this service's allowlist"
-            raise _Fatal("worker_not_allowed", f"{op} called worker {worker!r}, which is not on the allowlist "
-                                               f"{sorted(self.runner.workers)}")
+            raise _Fatal(
+                "worker_not_allowed",
+                f"{op} called worker {worker!r}, which is not on the allowlist {sorted(self.runner.workers)}",
+            )
         try:
             if not isinstance(args, list) or not isinstance(kwargs, dict):
                 raise OperatorError(f"{op}: malformed call (args must be a list, kwargs an object)")
@@ -359,8 +387,10 @@ class _Run:
         record.arguments = _clip(arguments)
         if sum(self.calls.values()) >= self.request.budgets.max_operator_calls:
             record.error = "refused: operator-call budget spent"
-            raise _Fatal("budget_exceeded", f"{op}: more than max_operator_calls="
-                                            f"{self.request.budgets.max_operator_calls} operator calls")
+            raise _Fatal(
+                "budget_exceeded",
+                f"{op}: more than max_operator_calls={self.request.budgets.max_operator_calls} operator calls",
+            )
         record.index = sum(self.calls.values())
         self.calls[op] += 1
         try:
@@ -377,16 +407,19 @@ class _Run:
         finally:
             record.duration_s = time.monotonic() - self.started - record.started_s
         record.result = _clip(result)
-        usage = {"prompt_tokens": sum(call.prompt_tokens for call in record.worker_calls),
-                 "completion_tokens": sum(call.completion_tokens for call in record.worker_calls)}
+        usage = {
+            "prompt_tokens": sum(call.prompt_tokens for call in record.worker_calls),
+            "completion_tokens": sum(call.completion_tokens for call in record.worker_calls),
+        }
         return {"id": message["id"], "result": result, "usage": usage}
 
     # services -----------------------------------------------------------------------------------------------
     async def ask_worker(self, worker: str, prompt: str, record: OperatorCallRecord) -> str:
         budget = self.request.budgets.max_worker_tokens
         if self.usage.prompt_tokens + self.usage.completion_tokens >= budget:
-            raise _Fatal("budget_exceeded", f"{record.operator}: worker-token budget of {budget} spent before a "
-                                            "worker call")
+            raise _Fatal(
+                "budget_exceeded", f"{record.operator}: worker-token budget of {budget} spent before a worker call"
+            )
         completion = await self.runner.complete(self.client, worker, prompt, self.request.sampling, self.deadline)
         record.worker_calls.append(completion)
         self.usage.calls += 1
@@ -395,8 +428,10 @@ class _Run:
         self.usage.latency_s += completion.latency_s
         used = self.usage.prompt_tokens + self.usage.completion_tokens
         if used > budget:
-            raise _Fatal("budget_exceeded", f"{record.operator}: worker calls used {used} tokens, over "
-                                            f"max_worker_tokens={budget}")
+            raise _Fatal(
+                "budget_exceeded",
+                f"{record.operator}: worker calls used {used} tokens, over max_worker_tokens={budget}",
+            )
         return completion.reply
 
     async def run_public_tests(self, solution: str, record: OperatorCallRecord) -> TestFeedback | None:
@@ -404,21 +439,33 @@ class _Run:
         if tests is None:
             return None
         if self.runner.service.jail.workers < 2:
-            raise _Fatal("sandbox_error", "the Test operator needs a second jail slot while the workflow holds one: "
-                                          "start the service with --workers 2 or more")
+            raise _Fatal(
+                "sandbox_error",
+                "the Test operator needs a second jail slot while the workflow holds one: "
+                "start the service with --workers 2 or more",
+            )
         if len(solution) > MAX_CODE_CHARS:
             raise OperatorError(f"Test: the solution has {len(solution)} characters, over {MAX_CODE_CHARS}")
         response = await self.runner.evaluate(solution, tests, self.request)
         if response.status != "Finished":
             raise _Fatal("sandbox_error", f"running the public tests failed: {response.message}")
         self.test_runs += 1
-        failures = [f"{t.name}: {t.status}" + (f" ({t.error_type}: {t.error_message})" if t.error_type else "")
-                    for t in response.tests if not t.passed]
+        failures = [
+            f"{t.name}: {t.status}" + (f" ({t.error_type}: {t.error_message})" if t.error_type else "")
+            for t in response.tests
+            if not t.passed
+        ]
         if response.load_error is not None:
             failures.insert(0, f"the solution did not load: {response.load_error.type}: {response.load_error.message}")
-        record.test_runs.append(TestRunRecord(num_tests=response.num_tests, num_passed=response.num_passed,
-                                              passed=response.passed_all, failures=_clip(failures),
-                                              time_ms=response.time_ms))
+        record.test_runs.append(
+            TestRunRecord(
+                num_tests=response.num_tests,
+                num_passed=response.num_passed,
+                passed=response.passed_all,
+                failures=_clip(failures),
+                time_ms=response.time_ms,
+            )
+        )
         return TestFeedback(response.passed_all, response.num_tests, response.num_passed, tuple(failures))
 
     # outcome ------------------------------------------------------------------------------------------------
@@ -426,7 +473,9 @@ class _Run:
         if self.fatal is not None:
             return self.fatal
         if outcome.killed_for == "timeout" or outcome.cpu_limit_hit:
-            return WorkflowFailure(kind="timeout", message=f"the workflow ran past wall_s={limits.wall_s} s and was killed")
+            return WorkflowFailure(
+                kind="timeout", message=f"the workflow ran past wall_s={limits.wall_s} s and was killed"
+            )
         if outcome.killed_for == "shutdown":
             return WorkflowFailure(kind="sandbox_error", message="the service is shutting down; the run was killed")
         final = self.final
@@ -439,8 +488,11 @@ class _Run:
                 why = f"killed for writing more than {limits.output_bytes} bytes to stdout or stderr"
             else:
                 why = f"exited (status {outcome.exit_code}) without returning"
-            return WorkflowFailure(kind="workflow_exception", message=f"the workflow process {why}",
-                                   traceback=_tail(outcome.stderr) or None)
+            return WorkflowFailure(
+                kind="workflow_exception",
+                message=f"the workflow process {why}",
+                traceback=_tail(outcome.stderr) or None,
+            )
         status = final.get("status")
         if status == "ok":
             if isinstance(final.get("solution"), str):
@@ -449,8 +501,11 @@ class _Run:
         if status not in ("graph_syntax_error", "workflow_exception", "no_solution"):
             return WorkflowFailure(kind="workflow_exception", message=f"the workflow process reported {status!r}")
         traceback = final.get("traceback")
-        return WorkflowFailure(kind=status, message=str(final.get("message", "")),
-                               traceback=traceback if isinstance(traceback, str) else None)
+        return WorkflowFailure(
+            kind=status,
+            message=str(final.get("message", "")),
+            traceback=traceback if isinstance(traceback, str) else None,
+        )
 
 
 async def _lines(reader: asyncio.StreamReader) -> AsyncIterator[bytes]:
@@ -493,6 +548,7 @@ def _tail(data: bytes) -> str:
 
 # -- the runner ---------------------------------------------------------------------------------------------------
 
+
 class WorkflowRunner:
     def __init__(self, service: Service, workers: Mapping[str, WorkerEndpoint]):
         self.service, self.workers = service, dict(workers)
@@ -502,47 +558,84 @@ class WorkflowRunner:
     async def run(self, request: WorkflowRunRequest) -> WorkflowRunResponse:
         started = time.monotonic()
         if request.worker not in self.workers:
-            failure = WorkflowFailure(kind="worker_not_allowed", message=f"worker {request.worker!r} is not on this "
-                                      f"service's allowlist {sorted(self.workers)}")
+            failure = WorkflowFailure(
+                kind="worker_not_allowed",
+                message=f"worker {request.worker!r} is not on this service's allowlist {sorted(self.workers)}",
+            )
             return _response(failure, None, started, trace=[], calls={}, usage=WorkerUsage(), test_runs=0)
-        limits = Limits(wall_s=request.budgets.wall_s, cpu_s=request.budgets.wall_s, memory_mb=request.memory_mb,
-                        output_bytes=self.service.settings.max_output_bytes)
-        spec = {"graph": request.graph, "prompt": request.prompt, "problem": request.problem.text,
-                "entry_point": request.problem.entry_point, "worker": request.worker, "dataset": request.dataset,
-                "operators": list(OPERATORS)}
+        limits = Limits(
+            wall_s=request.budgets.wall_s,
+            cpu_s=request.budgets.wall_s,
+            memory_mb=request.memory_mb,
+            output_bytes=self.service.settings.max_output_bytes,
+        )
+        spec = {
+            "graph": request.graph,
+            "prompt": request.prompt,
+            "problem": request.problem.text,
+            "entry_point": request.problem.entry_point,
+            "worker": request.worker,
+            "dataset": request.dataset,
+            "operators": list(OPERATORS),
+        }
         async with httpx.AsyncClient() as client, self.graphs:
             run = _Run(self, request, client)
-            outcome = await self.service.jail.run([self.service.python, "-c", RUNTIME_SOURCE], limits,
-                                                  stdin=json.dumps(spec).encode(), channel=run.serve, label="workflow")
+            outcome = await self.service.jail.run(
+                [self.service.python, "-c", RUNTIME_SOURCE],
+                limits,
+                stdin=json.dumps(spec).encode(),
+                channel=run.serve,
+                label="workflow",
+            )
         failure = run.failure(outcome, limits)
         solution = run.final.get("solution") if failure is None and run.final else None
         public = hidden = None
         if failure is None and len(solution) > MAX_CODE_CHARS:
-            failure = WorkflowFailure(kind="workflow_exception",
-                                      message=f"the solution has {len(solution)} characters, over {MAX_CODE_CHARS}")
+            failure = WorkflowFailure(
+                kind="workflow_exception", message=f"the solution has {len(solution)} characters, over {MAX_CODE_CHARS}"
+            )
         if failure is None:
             public, hidden = await asyncio.gather(
-                *(self.evaluate(solution, tests, request) if tests is not None else _none()
-                  for tests in (request.problem.public_tests, request.problem.hidden_tests)))
+                *(
+                    self.evaluate(solution, tests, request) if tests is not None else _none()
+                    for tests in (request.problem.public_tests, request.problem.hidden_tests)
+                )
+            )
             broken = [r.message for r in (public, hidden) if r is not None and r.status != "Finished"]
             if broken:
                 failure = WorkflowFailure(kind="sandbox_error", message=f"scoring the solution failed: {broken[0]}")
-        return _response(failure, solution, started, trace=run.trace, calls=dict(run.calls), usage=run.usage,
-                         test_runs=run.test_runs, public=public, hidden=hidden, wall_s=outcome.wall_s,
-                         stderr=_tail(outcome.stderr))
+        return _response(
+            failure,
+            solution,
+            started,
+            trace=run.trace,
+            calls=dict(run.calls),
+            usage=run.usage,
+            test_runs=run.test_runs,
+            public=public,
+            hidden=hidden,
+            wall_s=outcome.wall_s,
+            stderr=_tail(outcome.stderr),
+        )
 
     async def evaluate(self, solution: str, tests: Any, request: WorkflowRunRequest) -> EvaluateResponse:
-        evaluation = EvaluateRequest(code=solution, tests=tests, timeout_s=request.test_timeout_s,
-                                     memory_limit_MB=request.test_memory_mb)
+        evaluation = EvaluateRequest(
+            code=solution, tests=tests, timeout_s=request.test_timeout_s, memory_limit_MB=request.test_memory_mb
+        )
         return await self.service.evaluator.evaluate(evaluation)
 
-    async def complete(self, client: httpx.AsyncClient, worker: str, prompt: str, sampling: WorkerSampling,
-                       deadline: float) -> WorkerCallRecord:
+    async def complete(
+        self, client: httpx.AsyncClient, worker: str, prompt: str, sampling: WorkerSampling, deadline: float
+    ) -> WorkerCallRecord:
         """One chat completion from an allowlisted worker; _Fatal when it cannot be had."""
         endpoint = self.workers[worker]
-        body: dict[str, Any] = {"model": endpoint.model or endpoint.name,
-                                "messages": [{"role": "user", "content": prompt}], "max_tokens": sampling.max_tokens,
-                                "temperature": sampling.temperature, "top_p": sampling.top_p}
+        body: dict[str, Any] = {
+            "model": endpoint.model or endpoint.name,
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": sampling.max_tokens,
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
+        }
         if sampling.seed is not None:
             body["seed"] = sampling.seed
         headers = {}
@@ -553,17 +646,27 @@ class WorkflowRunner:
             raise _Fatal("timeout", "the wall-time budget ran out before a worker call")
         started = time.monotonic()
         try:
-            response = await client.post(f"{endpoint.url}/chat/completions", json=body, headers=headers,
-                                         timeout=httpx.Timeout(remaining, connect=min(remaining, 10.0)))
+            response = await client.post(
+                f"{endpoint.url}/chat/completions",
+                json=body,
+                headers=headers,
+                timeout=httpx.Timeout(remaining, connect=min(remaining, 10.0)),
+            )
         except httpx.TimeoutException:
             if time.monotonic() >= deadline:
-                raise _Fatal("timeout", f"worker {worker!r} had not answered when the wall-time budget ran out") from None
+                raise _Fatal(
+                    "timeout", f"worker {worker!r} had not answered when the wall-time budget ran out"
+                ) from None
             raise _Fatal("worker_unreachable", f"worker {worker!r} at {endpoint.url} timed out connecting") from None
         except httpx.HTTPError as e:
-            raise _Fatal("worker_unreachable", f"worker {worker!r} at {endpoint.url}: {type(e).__name__}: {e}") from None
+            raise _Fatal(
+                "worker_unreachable", f"worker {worker!r} at {endpoint.url}: {type(e).__name__}: {e}"
+            ) from None
         latency = time.monotonic() - started
         if response.status_code != 200:
-            raise _Fatal("worker_error", f"worker {worker!r} answered HTTP {response.status_code}: {response.text[:500]}")
+            raise _Fatal(
+                "worker_error", f"worker {worker!r} answered HTTP {response.status_code}: {response.text[:500]}"
+            )
         try:
             document = response.json()
             choice = document["choices"][0]
@@ -571,26 +674,56 @@ class WorkflowRunner:
             prompt_tokens = int(document["usage"]["prompt_tokens"])
             completion_tokens = int(document["usage"]["completion_tokens"])
         except (ValueError, KeyError, IndexError, TypeError) as e:
-            raise _Fatal("worker_error", f"worker {worker!r} sent a reply without choices[0].message.content and "
-                                         f"usage ({type(e).__name__}: {e}): {response.text[:500]}") from None
-        return WorkerCallRecord(worker=worker, prompt=_clip(prompt), reply=_clip(reply), prompt_tokens=prompt_tokens,
-                                completion_tokens=completion_tokens, latency_s=latency,
-                                finish_reason=choice.get("finish_reason"))
+            raise _Fatal(
+                "worker_error",
+                f"worker {worker!r} sent a reply without choices[0].message.content and "
+                f"usage ({type(e).__name__}: {e}): {response.text[:500]}",
+            ) from None
+        return WorkerCallRecord(
+            worker=worker,
+            prompt=_clip(prompt),
+            reply=_clip(reply),
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            latency_s=latency,
+            finish_reason=choice.get("finish_reason"),
+        )
 
 
 async def _none() -> None:
     return None
 
 
-def _response(failure: WorkflowFailure | None, solution: str | None, started: float, *, trace, calls, usage, test_runs,
-              public: EvaluateResponse | None = None, hidden: EvaluateResponse | None = None,
-              wall_s: float | None = None, stderr: str = "") -> WorkflowRunResponse:
+def _response(
+    failure: WorkflowFailure | None,
+    solution: str | None,
+    started: float,
+    *,
+    trace,
+    calls,
+    usage,
+    test_runs,
+    public: EvaluateResponse | None = None,
+    hidden: EvaluateResponse | None = None,
+    wall_s: float | None = None,
+    stderr: str = "",
+) -> WorkflowRunResponse:
     return WorkflowRunResponse(
-        status="ok" if failure is None else "failed", failure=failure, solution=solution, public=public, hidden=hidden,
+        status="ok" if failure is None else "failed",
+        failure=failure,
+        solution=solution,
+        public=public,
+        hidden=hidden,
         public_pass_rate=public.pass_rate if public is not None else None,
         hidden_pass_rate=hidden.pass_rate if hidden is not None else None,
-        operator_calls=calls, num_operator_calls=sum(calls.values()), worker=usage, test_runs=test_runs, trace=trace,
-        wall_s=wall_s if wall_s is not None else time.monotonic() - started, stderr=stderr)
+        operator_calls=calls,
+        num_operator_calls=sum(calls.values()),
+        worker=usage,
+        test_runs=test_runs,
+        trace=trace,
+        wall_s=wall_s if wall_s is not None else time.monotonic() - started,
+        stderr=stderr,
+    )
 
 
 def workflow_router(service: Service, workers: Mapping[str, WorkerEndpoint] | None = None) -> APIRouter:

@@ -87,8 +87,12 @@ class WorkerLLM:
 
     def get_usage_summary(self):
         """FlowReasoner's cost hook; there is no price here, so total_cost is 0 and the tokens are given."""
-        return {"total_cost": 0.0, "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
+        return {
+            "total_cost": 0.0,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+        }
 
 
 def _operator_module(channel, names):
@@ -103,8 +107,10 @@ def _operator_module(channel, names):
 
         def init(self, llm, *unused_args, **unused_kwargs):
             if not isinstance(llm, WorkerLLM):
-                raise TypeError(f"operator.{name} takes the worker made by create_llm_instance(llm_config), "
-                                f"not {type(llm).__name__}")
+                raise TypeError(
+                    f"operator.{name} takes the worker made by create_llm_instance(llm_config), "
+                    f"not {type(llm).__name__}"
+                )
             self.llm = llm
 
         return type(name, (), {"__init__": init, "__call__": call})
@@ -116,22 +122,36 @@ def _operator_module(channel, names):
 
 def create_llm_instance(llm_config):
     if not isinstance(llm_config, str):
-        raise TypeError("create_llm_instance takes a worker name (str), such as the llm_config Workflow was given, "
-                        f"not {type(llm_config).__name__}")
+        raise TypeError(
+            "create_llm_instance takes a worker name (str), such as the llm_config Workflow was given, "
+            f"not {type(llm_config).__name__}"
+        )
     return WorkerLLM(llm_config)
 
 
 def _load(spec, channel):
     """The graph's Workflow class, or a failure report."""
     prompt_custom = types.ModuleType("prompt_custom")
-    namespace = {"__name__": "workflow_graph", "__builtins__": builtins, "operator": _operator_module(channel, spec["operators"]),
-                 "prompt_custom": prompt_custom, "create_llm_instance": create_llm_instance, "DatasetType": str}
-    for source, where, scope in ((spec["prompt"], "<prompt>", prompt_custom.__dict__), (spec["graph"], "<graph>", namespace)):
+    namespace = {
+        "__name__": "workflow_graph",
+        "__builtins__": builtins,
+        "operator": _operator_module(channel, spec["operators"]),
+        "prompt_custom": prompt_custom,
+        "create_llm_instance": create_llm_instance,
+        "DatasetType": str,
+    }
+    for source, where, scope in (
+        (spec["prompt"], "<prompt>", prompt_custom.__dict__),
+        (spec["graph"], "<graph>", namespace),
+    ):
         try:
             code = compile(source, where, "exec")
         except (SyntaxError, ValueError) as e:
             line = f" (line {e.lineno})" if getattr(e, "lineno", None) else ""
-            return None, {"status": "graph_syntax_error", "message": f"{where}: {type(e).__name__}: {getattr(e, 'msg', e)}{line}"}
+            return None, {
+                "status": "graph_syntax_error",
+                "message": f"{where}: {type(e).__name__}: {getattr(e, 'msg', e)}{line}",
+            }
         try:
             exec(code, scope)
         except Exception as e:  # noqa: BLE001 - model-written code: every failure is a result
@@ -144,8 +164,11 @@ def _load(spec, channel):
 
 def _exception(what, error):
     text = "".join(traceback.format_exception(error))
-    return {"status": "workflow_exception", "message": f"{what}: {type(error).__name__}: {error}"[:2000],
-            "traceback": text[-_TRACEBACK_CHARS:]}
+    return {
+        "status": "workflow_exception",
+        "message": f"{what}: {type(error).__name__}: {error}"[:2000],
+        "traceback": text[-_TRACEBACK_CHARS:],
+    }
 
 
 async def _run(spec, channel):
@@ -164,9 +187,11 @@ async def _run(spec, channel):
     if solution is None:
         return {"status": "no_solution", "message": "the workflow returned None"}
     if not isinstance(solution, str):
-        return {"status": "workflow_exception",
-                "message": f"the workflow returned a {type(solution).__name__}; expected the solution's code (str) "
-                           "or (solution, cost)"}
+        return {
+            "status": "workflow_exception",
+            "message": f"the workflow returned a {type(solution).__name__}; expected the solution's code (str) "
+            "or (solution, cost)",
+        }
     return {"status": "ok", "solution": solution}
 
 

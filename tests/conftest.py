@@ -2,13 +2,13 @@
 
 import os
 import pathlib
-import secrets
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest  # noqa: E402
 
+from tests.support.sandbox import SANDBOX_SECRET, WORKFLOW_SECRET  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -35,14 +35,10 @@ def qwen_tok():
     return qwen_tokenizer()
 
 
-# Put in the sandbox service's environment: jailed code must never see it.
-SANDBOX_SECRET = f"fr-sandbox-secret-{secrets.token_hex(8)}"
-
-
 @pytest.fixture(scope="session")
 def sandbox():
     """ONE real sandbox_service on 127.0.0.1 for the whole session (a subprocess, drained at the end)."""
-    from fr_jax.rl.sandbox_client import LocalSandbox
+    from fr_jax.sandbox.local import LocalSandbox
 
     with LocalSandbox(workers=2, env={**os.environ, "FR_SANDBOX_TEST_SECRET": SANDBOX_SECRET}) as service:
         yield service
@@ -56,10 +52,6 @@ def api(sandbox):
         yield client
 
 
-# Put in the workflow sandbox's environment: graphs must never see it.
-WORKFLOW_SECRET = f"fr-flow-secret-{secrets.token_hex(8)}"
-
-
 @pytest.fixture(scope="session")
 def workflow_worker(smollm2_dir):
     """ONE real worker LLM for the workflow tests: fr_jax.serve on SmolLM2 (the context fits a design prompt, so
@@ -68,18 +60,25 @@ def workflow_worker(smollm2_dir):
     from fr_jax.rollout.launch import launch_local
 
     # the machine's one CPU device: the 8 fake devices the tests get would make it a slow 8-way tensor-parallel decode
-    with launch_local(smollm2_dir, context_length=2048, max_running_requests=8, random_seed=0,
-                      env=server_env()) as server:
+    with launch_local(
+        smollm2_dir, context_length=2048, max_running_requests=8, random_seed=0, env=server_env()
+    ) as server:
         yield server
 
 
 @pytest.fixture(scope="session")
 def workflow_sandbox(workflow_worker):
     """ONE real sandbox_service whose allowlist has the worker as `local` (and `dead`: allowlisted, nothing there)."""
-    from fr_jax.rl.sandbox_client import LocalSandbox
+    from fr_jax.sandbox.local import LocalSandbox
 
     # its own jail uids: the `sandbox` fixture's service uses the default base
-    args = ["--uid-base", "61300", "--worker", f"local={workflow_worker.url}/v1",
-            "--worker", "dead=http://127.0.0.1:9/v1"]
+    args = [
+        "--uid-base",
+        "61300",
+        "--worker",
+        f"local={workflow_worker.url}/v1",
+        "--worker",
+        "dead=http://127.0.0.1:9/v1",
+    ]
     with LocalSandbox(workers=4, env={**os.environ, "FLOW_TEST_SECRET": WORKFLOW_SECRET}, extra_args=args) as service:
         yield service

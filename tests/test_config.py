@@ -14,8 +14,17 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 BASE = {
     "stage": "sft",
     "run_dir": "runs/x",
-    "model": {"architecture": {"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
-                               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}},
+    "model": {
+        "architecture": {
+            "model_type": "llama",
+            "vocab_size": 64,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+        }
+    },
     "train": {"steps": 3, "batch_size": 8},
     "sft": {"data": {"source": "mbpp", "max_seq_len": 64}},
 }
@@ -30,31 +39,35 @@ def refused(overrides, tree=BASE) -> str:
 def test_yaml_and_typed_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(BASE))
-    cfg = load_config(path, ["train.steps=7", "optim.learning_rate=3e-4", "mesh.tensor=2", "model.remat=full",
-                             "sft.data.shards=2"])
+    cfg = load_config(
+        path, ["train.steps=7", "optim.learning_rate=3e-4", "mesh.tensor=2", "model.remat=full", "sft.data.shards=2"]
+    )
     assert isinstance(cfg, Config)
     assert (cfg.train.steps, cfg.optim.learning_rate, cfg.mesh.tensor, cfg.model.remat) == (7, 3e-4, 2, "full")
     assert cfg.sft.data.shards == 2 and cfg.mesh.fsdp == -1  # defaults fill the rest
     assert parse_config(yaml.safe_load(cfg.to_yaml())) == cfg  # the resolved config written to the run dir reloads
 
 
-@pytest.mark.parametrize("overrides, expected", [
-    (["train.stesp=3"], "train.stesp: unknown key; allowed here: batch_size"),
-    (["sft.data.max_seq_lenn=3"], "sft.data.max_seq_lenn: unknown key"),
-    (["train.steps=abc"], "train.steps: Input should be a valid integer"),
-    (["sft.data.max_seq_len=1.5"], "sft.data.max_seq_len: Input should be a valid integer"),
-    (["optim.learning_rate=-1"], "optim.learning_rate: Input should be greater than 0"),
-    (["model.remat=sometimes"], "model.remat: Input should be 'none', 'full' or 'dots'"),
-    (["stage=ppo"], "stage: Input should be 'sft' or 'grpo'"),
-    (["stage=grpo"], "stage: 'grpo'"),
-    (["mesh.fsdp=0"], "mesh.fsdp=0: must be a positive integer or -1"),
-    (["mesh.data=-1"], "only one axis may be -1"),
-    (["train.micro_batches=3"], "train.batch_size=8 is not divisible by train.micro_batches=3"),
-    (["model.config_json=x.json"], "give exactly one of model.pretrained, model.config_json, model.architecture"),
-    (["sft.data.source=jsonl"], "sft.data.train_file is required"),
-    (["plan.device=tpu-v9"], "plan.device: unknown device 'tpu-v9'"),
-    (["sft.data.on_malformed=ignore"], "sft.data.on_malformed: Input should be 'skip' or 'stop'"),
-])
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["train.stesp=3"], "train.stesp: unknown key; allowed here: batch_size"),
+        (["sft.data.max_seq_lenn=3"], "sft.data.max_seq_lenn: unknown key"),
+        (["train.steps=abc"], "train.steps: Input should be a valid integer"),
+        (["sft.data.max_seq_len=1.5"], "sft.data.max_seq_len: Input should be a valid integer"),
+        (["optim.learning_rate=-1"], "optim.learning_rate: Input should be greater than 0"),
+        (["model.remat=sometimes"], "model.remat: Input should be 'none', 'full' or 'dots'"),
+        (["stage=ppo"], "stage: Input should be 'sft' or 'grpo'"),
+        (["stage=grpo"], "stage: 'grpo'"),
+        (["mesh.fsdp=0"], "mesh.fsdp=0: must be a positive integer or -1"),
+        (["mesh.data=-1"], "only one axis may be -1"),
+        (["train.micro_batches=3"], "train.batch_size=8 is not divisible by train.micro_batches=3"),
+        (["model.config_json=x.json"], "give exactly one of model.pretrained, model.config_json, model.architecture"),
+        (["sft.data.source=jsonl"], "sft.data.train_file is required"),
+        (["plan.device=tpu-v9"], "plan.device: unknown device 'tpu-v9'"),
+        (["sft.data.on_malformed=ignore"], "sft.data.on_malformed: Input should be 'skip' or 'stop'"),
+    ],
+)
 def test_bad_values_name_the_key(overrides, expected):
     assert expected in refused(overrides)
 
@@ -100,7 +113,11 @@ def test_cli_refuses_bad_config_with_exit_2(tmp_path, capsys):
     path.write_text(yaml.safe_dump(BASE))
     assert train.main(["--config", str(path), "train.stesp=1", "optim.b1=yes", "train.seed=0.5"]) == 2
     err = capsys.readouterr().err
-    assert "train.stesp: unknown key" in err and "optim.b1: Input should be a valid number" in err and "train.seed: Input should be a valid integer" in err
+    assert (
+        "train.stesp: unknown key" in err
+        and "optim.b1: Input should be a valid number" in err
+        and "train.seed: Input should be a valid integer" in err
+    )
     assert train.main(["--config", str(tmp_path / "nope.yaml")]) == 2
     assert "config file not found" in capsys.readouterr().err
 

@@ -9,7 +9,7 @@ from flax import nnx
 
 from fr_jax import plan
 from fr_jax.config import apply_overrides, load_config, parse_config
-from fr_jax.models.qwen import abstract_model, create_model
+from fr_jax.models.decoder import abstract_model, create_model
 from fr_jax.trainer.optim import build_optimizer
 from fr_jax.trainer.runtime import mesh_from_config, model_config
 from fr_jax.trainer.sft import sft_loss
@@ -17,9 +17,19 @@ from fr_jax.trainer.step import TrainStep
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = {
-    "stage": "sft", "run_dir": "unused",
-    "model": {"architecture": {"model_type": "qwen2", "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
-                               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}},
+    "stage": "sft",
+    "run_dir": "unused",
+    "model": {
+        "architecture": {
+            "model_type": "qwen2",
+            "vocab_size": 256,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+        }
+    },
     "mesh": {"data": 1, "fsdp": 4, "tensor": 2},
     "train": {"steps": 10, "batch_size": 8, "micro_batches": 2},
     "sft": {"data": {"source": "mbpp", "max_seq_len": 32}},
@@ -47,8 +57,12 @@ def test_state_bytes_match_real_sharded_arrays():
 
 
 def test_qwen_7b_and_14b_configs_on_paper(capsys):
-    for name, billions, device in [("sft_7b_h100x8.yaml", 7.616, "h100"), ("sft_7b_v5p64.yaml", 7.616, "tpu-v5p"),
-                                   ("sft_14b_h100x8.yaml", 14.770, "h100"), ("sft_14b_v5p64.yaml", 14.770, "tpu-v5p")]:
+    for name, billions, device in [
+        ("sft_7b_h100x8.yaml", 7.616, "h100"),
+        ("sft_7b_v5p64.yaml", 7.616, "tpu-v5p"),
+        ("sft_14b_h100x8.yaml", 14.770, "h100"),
+        ("sft_14b_v5p64.yaml", 14.770, "tpu-v5p"),
+    ]:
         cfg = load_config(REPO / "configs" / name)
         p = plan.plan_memory(cfg)
         assert p.num_params / 1e9 == pytest.approx(billions, abs=0.001)
@@ -68,7 +82,10 @@ def test_memory_follows_mesh_and_remat():
     def rows(*overrides):
         return plan.plan_memory(parse_config(apply_overrides(base.model_dump(mode="json"), list(overrides)))).rows
 
-    one_way, eight_way = rows("mesh.fsdp=1", "mesh.tensor=1", "plan.num_devices=1"), rows("mesh.fsdp=8", "mesh.tensor=1")
+    one_way, eight_way = (
+        rows("mesh.fsdp=1", "mesh.tensor=1", "plan.num_devices=1"),
+        rows("mesh.fsdp=8", "mesh.tensor=1"),
+    )
     assert eight_way["parameters (float32)"] == pytest.approx(one_way["parameters (float32)"] / 8, rel=1e-3)
     assert eight_way["optimizer state"] == pytest.approx(one_way["optimizer state"] / 8, rel=1e-3)
     kept = "activations kept for backward (remat {})"
@@ -79,7 +96,8 @@ def test_memory_follows_mesh_and_remat():
     # and that grows about linearly with the sequence (the [rows, T, T] attention mask adds a small quadratic term)
     assert 1.95 < (longer - full) / (full - shorter) < 2.1
     assert rows("model.param_dtype=bfloat16")["parameters (bfloat16)"] * 2 == pytest.approx(
-        rows()["parameters (float32)"], rel=1e-6)
+        rows()["parameters (float32)"], rel=1e-6
+    )
 
 
 def test_flops_per_token_matches_the_transformer_count():

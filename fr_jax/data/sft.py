@@ -50,8 +50,10 @@ class ReadReport:
     truncated: int = 0
 
     def summary(self) -> str:
-        return (f"{self.kept} kept, {len(self.malformed)} malformed skipped, {len(self.too_long)} too long skipped, "
-                f"{self.truncated} truncated")
+        return (
+            f"{self.kept} kept, {len(self.malformed)} malformed skipped, {len(self.too_long)} too long skipped, "
+            f"{self.truncated} truncated"
+        )
 
 
 def check_messages(obj: Any) -> tuple[dict[str, str], ...]:
@@ -73,8 +75,9 @@ def check_messages(obj: Any) -> tuple[dict[str, str], ...]:
     return tuple(out)
 
 
-def read_chat_jsonl(path: str | os.PathLike, *, on_malformed: str = "stop",
-                    report: ReadReport | None = None) -> list[ChatRecord]:
+def read_chat_jsonl(
+    path: str | os.PathLike, *, on_malformed: str = "stop", report: ReadReport | None = None
+) -> list[ChatRecord]:
     """Chat records of a JSONL file. A bad line stops with its line number, or is skipped and counted in `report`."""
     path = pathlib.Path(path)
     if not path.is_file():
@@ -90,7 +93,9 @@ def read_chat_jsonl(path: str | os.PathLike, *, on_malformed: str = "stop",
                 records.append(ChatRecord(check_messages(json.loads(line)), origin))
             except ValueError as err:  # json.JSONDecodeError is a ValueError
                 if on_malformed == "stop":
-                    raise ValueError(f"{origin}: malformed record: {err} (set sft.data.on_malformed=skip to skip such records)") from None
+                    raise ValueError(
+                        f"{origin}: malformed record: {err} (set sft.data.on_malformed=skip to skip such records)"
+                    ) from None
                 report.malformed.append(f"{origin}: {err}")
     return records
 
@@ -109,10 +114,15 @@ def mbpp_chat_records(data_dir: str | os.PathLike | None = None, split: str = "t
             continue
         tests = "\n".join(task["test_list"])
         code = task["code"].replace("\r\n", "\n").strip()
-        chats.append({"messages": [
-            {"role": "user", "content": f"{task['text']}\nYour code should pass these tests:\n{tests}"},
-            {"role": "assistant", "content": f"```python\n{code}\n```"},
-        ], "task_id": task["task_id"]})
+        chats.append(
+            {
+                "messages": [
+                    {"role": "user", "content": f"{task['text']}\nYour code should pass these tests:\n{tests}"},
+                    {"role": "assistant", "content": f"```python\n{code}\n```"},
+                ],
+                "task_id": task["task_id"],
+            }
+        )
     return chats
 
 
@@ -125,6 +135,7 @@ def tokenize_chat(tokenizer, messages: Sequence[dict[str, str]]) -> tuple[np.nda
     verbatim (R1-style templates drop the <think> part of replies: that would silently train on less); both
     are checked.
     """
+
     def render(msgs, **kw) -> str:
         try:
             return tokenizer.apply_chat_template(list(msgs), tokenize=False, **kw)
@@ -137,10 +148,12 @@ def tokenize_chat(tokenizer, messages: Sequence[dict[str, str]]) -> tuple[np.nda
         if m["role"] != "assistant":
             continue
         start = len(render(messages[:i], add_generation_prompt=True))
-        through = render(messages[:i + 1])
+        through = render(messages[: i + 1])
         if not text.startswith(through) or start > len(through):
-            raise ValueError("the chat template renders a conversation prefix differently from the whole "
-                             "conversation, so assistant tokens cannot be located")
+            raise ValueError(
+                "the chat template renders a conversation prefix differently from the whole "
+                "conversation, so assistant tokens cannot be located"
+            )
         if m["content"] not in through[start:]:
             raise ValueError(f"the chat template does not keep assistant message {i} verbatim")
         spans.append((start, len(through)))
@@ -158,8 +171,16 @@ def to_example(ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
     return {"inputs": ids[:-1], "targets": ids[1:], "loss_mask": mask[1:].astype(np.float32)}
 
 
-def tokenize_records(tokenizer, records: Iterable[ChatRecord], *, max_seq_len: int, too_long: str,
-                     on_malformed: str, report: ReadReport, desc: str = "tokenizing") -> list[dict[str, np.ndarray]]:
+def tokenize_records(
+    tokenizer,
+    records: Iterable[ChatRecord],
+    *,
+    max_seq_len: int,
+    too_long: str,
+    on_malformed: str,
+    report: ReadReport,
+    desc: str = "tokenizing",
+) -> list[dict[str, np.ndarray]]:
     examples = []
     records = list(records)
     for rec in tqdm(records, desc=desc, unit="chat", disable=None, leave=False):
@@ -174,7 +195,7 @@ def tokenize_records(tokenizer, records: Iterable[ChatRecord], *, max_seq_len: i
             if too_long == "skip":
                 report.too_long.append(f"{rec.origin}: {len(ids)} tokens")
                 continue
-            ids, mask = ids[:max_seq_len + 1], mask[:max_seq_len + 1]
+            ids, mask = ids[: max_seq_len + 1], mask[: max_seq_len + 1]
             report.truncated += 1
         if not mask[1:].any():
             report.too_long.append(f"{rec.origin}: no assistant token within max_seq_len")
@@ -184,21 +205,31 @@ def tokenize_records(tokenizer, records: Iterable[ChatRecord], *, max_seq_len: i
     return examples
 
 
-def _packed_rows(examples: list[dict], *, seq_len: int, packing_bins: int, seed: int, shuffle: bool,
-                 repeat: bool) -> grain.IterDataset:
+def _packed_rows(
+    examples: list[dict], *, seq_len: int, packing_bins: int, seed: int, shuffle: bool, repeat: bool
+) -> grain.IterDataset:
     ds = grain.MapDataset.source(examples)
     if shuffle:
         ds = ds.shuffle(seed=seed)
     if repeat:
         ds = ds.repeat(None)
     return grain.experimental.FirstFitPackIterDataset(
-        ds.to_iter_dataset(), length_struct={"inputs": seq_len, "targets": seq_len, "loss_mask": seq_len},
-        num_packing_bins=packing_bins, seed=seed, shuffle_bins=shuffle)
+        ds.to_iter_dataset(),
+        length_struct={"inputs": seq_len, "targets": seq_len, "loss_mask": seq_len},
+        num_packing_bins=packing_bins,
+        seed=seed,
+        shuffle_bins=shuffle,
+    )
 
 
 def _as_batch(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {"input_ids": rows["inputs"], "targets": rows["targets"], "loss_mask": rows["loss_mask"],
-            "segment_ids": rows["inputs_segment_ids"], "positions": rows["inputs_positions"]}
+    return {
+        "input_ids": rows["inputs"],
+        "targets": rows["targets"],
+        "loss_mask": rows["loss_mask"],
+        "segment_ids": rows["inputs_segment_ids"],
+        "positions": rows["inputs_positions"],
+    }
 
 
 class PackedBatches:
@@ -208,17 +239,35 @@ class PackedBatches:
     precede shard s+1's), the order in which processes hold rows of the global batch.
     """
 
-    def __init__(self, examples_by_shard: dict[int, list[dict]], *, rows_per_shard: int, micro_batches: int,
-                 seq_len: int, packing_bins: int, seed: int):
+    def __init__(
+        self,
+        examples_by_shard: dict[int, list[dict]],
+        *,
+        rows_per_shard: int,
+        micro_batches: int,
+        seq_len: int,
+        packing_bins: int,
+        seed: int,
+    ):
         if rows_per_shard % micro_batches:
             raise ValueError(f"rows per shard {rows_per_shard} not divisible by micro_batches {micro_batches}")
         empty = [s for s, ex in examples_by_shard.items() if not ex]
         if empty:
             raise ValueError(f"data shards {empty} have no usable records")
         self.micro_batches = micro_batches
-        self._iters = {s: iter(_packed_rows(ex, seq_len=seq_len, packing_bins=max(packing_bins, rows_per_shard),
-                                            seed=seed, shuffle=True, repeat=True).batch(rows_per_shard))
-                       for s, ex in sorted(examples_by_shard.items())}
+        self._iters = {
+            s: iter(
+                _packed_rows(
+                    ex,
+                    seq_len=seq_len,
+                    packing_bins=max(packing_bins, rows_per_shard),
+                    seed=seed,
+                    shuffle=True,
+                    repeat=True,
+                ).batch(rows_per_shard)
+            )
+            for s, ex in sorted(examples_by_shard.items())
+        }
 
     def __iter__(self):
         return self
@@ -238,24 +287,30 @@ class PackedBatches:
             saved.update(state["shards"])
         missing = [s for s in self._iters if str(s) not in saved]
         if missing:
-            raise ValueError(f"checkpoint has no data state for shards {missing} (saved: {sorted(saved)}); "
-                             "sft.data.shards must match the run that wrote it")
+            raise ValueError(
+                f"checkpoint has no data state for shards {missing} (saved: {sorted(saved)}); "
+                "sft.data.shards must match the run that wrote it"
+            )
         for s, it in self._iters.items():
             it.set_state(saved[str(s)])
 
 
-def fixed_batches(examples: list[dict], *, rows: int, micro_batches: int, seq_len: int, packing_bins: int,
-                  max_batches: int) -> list[dict[str, np.ndarray]]:
+def fixed_batches(
+    examples: list[dict], *, rows: int, micro_batches: int, seq_len: int, packing_bins: int, max_batches: int
+) -> list[dict[str, np.ndarray]]:
     """Up to `max_batches` global batches of the examples in order (evaluation: same rows every time).
 
     A partial last batch is padded with empty rows (segment 0, no loss).
     """
-    it = iter(_packed_rows(examples, seq_len=seq_len, packing_bins=max(packing_bins, rows), seed=0, shuffle=False,
-                           repeat=False))
+    it = iter(
+        _packed_rows(
+            examples, seq_len=seq_len, packing_bins=max(packing_bins, rows), seed=0, shuffle=False, repeat=False
+        )
+    )
     batches = []
     rows_left = list(it)
     for b in range(max_batches):
-        chunk = rows_left[b * rows:(b + 1) * rows]
+        chunk = rows_left[b * rows : (b + 1) * rows]
         if not chunk:
             break
         stacked = {k: np.stack([r[k] for r in chunk]) for k in chunk[0]}
@@ -285,21 +340,33 @@ def load_records(data_cfg, split: str, report: ReadReport) -> list[ChatRecord]:
     return read_chat_jsonl(path, on_malformed=data_cfg.on_malformed, report=report)
 
 
-def build_sft_data(data_cfg, tokenizer, *, batch_size: int, micro_batches: int, eval_batches: int,
-                   process_index: int, process_count: int) -> SFTData:
+def build_sft_data(
+    data_cfg,
+    tokenizer,
+    *,
+    batch_size: int,
+    micro_batches: int,
+    eval_batches: int,
+    process_index: int,
+    process_count: int,
+) -> SFTData:
     """The train stream for this process (its shards) and the fixed evaluation batches (global)."""
     shards = data_cfg.shards or process_count
     if shards % process_count:
         raise ValueError(f"sft.data.shards={shards} is not a multiple of the process count {process_count}")
     if batch_size % (shards * micro_batches):
-        raise ValueError(f"train.batch_size={batch_size} must be divisible by sft.data.shards x train.micro_batches "
-                         f"= {shards} x {micro_batches}")
+        raise ValueError(
+            f"train.batch_size={batch_size} must be divisible by sft.data.shards x train.micro_batches "
+            f"= {shards} x {micro_batches}"
+        )
     common = dict(max_seq_len=data_cfg.max_seq_len, too_long=data_cfg.too_long, on_malformed=data_cfg.on_malformed)
     train_report, eval_report = ReadReport(), ReadReport()
     records = load_records(data_cfg, "train", train_report)
     mine = range(process_index, shards, process_count)
-    by_shard = {s: tokenize_records(tokenizer, records[s::shards], report=train_report, desc=f"tokenizing shard {s}",
-                                    **common) for s in mine}
+    by_shard = {
+        s: tokenize_records(tokenizer, records[s::shards], report=train_report, desc=f"tokenizing shard {s}", **common)
+        for s in mine
+    }
     eval_examples = []
     if eval_batches:
         eval_records = load_records(data_cfg, "eval", eval_report)
@@ -308,8 +375,24 @@ def build_sft_data(data_cfg, tokenizer, *, batch_size: int, micro_batches: int, 
         _log.info("SFT %s data: %s", name, report.summary())
         for line in (report.malformed + report.too_long)[:10]:
             _log.warning("SFT %s: skipped %s", name, line)
-    train = PackedBatches(by_shard, rows_per_shard=batch_size // shards, micro_batches=micro_batches,
-                          seq_len=data_cfg.max_seq_len, packing_bins=data_cfg.packing_bins, seed=data_cfg.shuffle_seed)
-    evals = fixed_batches(eval_examples, rows=batch_size, micro_batches=micro_batches, seq_len=data_cfg.max_seq_len,
-                          packing_bins=data_cfg.packing_bins, max_batches=eval_batches) if eval_examples else []
+    train = PackedBatches(
+        by_shard,
+        rows_per_shard=batch_size // shards,
+        micro_batches=micro_batches,
+        seq_len=data_cfg.max_seq_len,
+        packing_bins=data_cfg.packing_bins,
+        seed=data_cfg.shuffle_seed,
+    )
+    evals = (
+        fixed_batches(
+            eval_examples,
+            rows=batch_size,
+            micro_batches=micro_batches,
+            seq_len=data_cfg.max_seq_len,
+            packing_bins=data_cfg.packing_bins,
+            max_batches=eval_batches,
+        )
+        if eval_examples
+        else []
+    )
     return SFTData(train, evals, train_report, eval_report)

@@ -152,8 +152,9 @@ def default_data_dir() -> pathlib.Path:
     return pathlib.Path(os.environ.get("FR_JAX_DATA") or BENCHMARK_DIR)
 
 
-def load_tasks(name: str, split: str, *, data_dir: str | os.PathLike | None = None,
-               limit: int | None = None) -> list[Task]:
+def load_tasks(
+    name: str, split: str, *, data_dir: str | os.PathLike | None = None, limit: int | None = None
+) -> list[Task]:
     """Tasks of one split, sorted by numeric id; `limit` keeps the first `limit`. data_dir: default_data_dir()."""
     if name not in SPLITS:
         raise ValueError(f"unknown task set {name!r}; known: {sorted(SPLITS)}")
@@ -348,15 +349,16 @@ def _first_test_only(module: str, where: str) -> str:
     cases = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "TestCases"]
     if len(cases) != 1:
         raise ValueError(f"{where}: its test has no single `class TestCases`")
-    tests = [n for n in cases[0].body if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)
-             and n.name.startswith("test")]
+    tests = [
+        n for n in cases[0].body if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef) and n.name.startswith("test")
+    ]
     if not tests:
         raise ValueError(f"{where}: TestCases has no test method")
     kept = [n for n in tests if n.name == tests[0].name][-1]  # a name defined twice: the later one is what runs
     lines = module.splitlines(keepends=True)
     for node in reversed([n for n in tests if n is not kept]):
         first = min([node.lineno, *(d.lineno for d in node.decorator_list)]) - 1
-        del lines[first:node.end_lineno]
+        del lines[first : node.end_lineno]
     return "".join(lines)
 
 
@@ -381,14 +383,16 @@ def _bigcodebench(data_dir: pathlib.Path, split: str, *, instruct: bool) -> list
         complete, test = _field(r, "complete_prompt", path), _field(r, "test", path)
         prelude = _import_lines(_field(r, "code_prompt", path))
         libs = ast.literal_eval(_field(r, "libs", path))
-        tasks.append(Task(
-            task_id=r["task_id"],
-            dataset=BIGCODEBENCH_INSTRUCT if instruct else BIGCODEBENCH,
-            prompt=_field(r, "instruct_prompt", path) if instruct else complete,
-            entry_point=_field(r, "entry_point", path),
-            public_tests=TestSuite((_first_test_only(test, where),), format="unittest", prelude=prelude),
-            hidden_tests=TestSuite((test,), format="unittest", prelude=prelude),
-            reference_solution=complete + _field(r, "canonical_solution", path),
-            requires=tuple(sorted({lib for lib in libs if lib not in sys.stdlib_module_names})),
-        ))
+        tasks.append(
+            Task(
+                task_id=r["task_id"],
+                dataset=BIGCODEBENCH_INSTRUCT if instruct else BIGCODEBENCH,
+                prompt=_field(r, "instruct_prompt", path) if instruct else complete,
+                entry_point=_field(r, "entry_point", path),
+                public_tests=TestSuite((_first_test_only(test, where),), format="unittest", prelude=prelude),
+                hidden_tests=TestSuite((test,), format="unittest", prelude=prelude),
+                reference_solution=complete + _field(r, "canonical_solution", path),
+                requires=tuple(sorted({lib for lib in libs if lib not in sys.stdlib_module_names})),
+            )
+        )
     return tasks

@@ -47,14 +47,23 @@ def split_reasoning(content: str, reasoning_field: str | None) -> str:
 class ChatClient:
     """POST {url}/chat/completions; `api_key_env` names the variable holding a bearer token, if any."""
 
-    def __init__(self, url: str, *, model: str | None = None, api_key_env: str | None = None,
-                 timeout_s: float = 600.0, max_retries: int = 3, backoff_s: float = 2.0):
+    def __init__(
+        self,
+        url: str,
+        *,
+        model: str | None = None,
+        api_key_env: str | None = None,
+        timeout_s: float = 600.0,
+        max_retries: int = 3,
+        backoff_s: float = 2.0,
+    ):
         self.url, self.model, self.max_retries, self.backoff_s = url.rstrip("/"), model, max_retries, backoff_s
         headers = {}
         if api_key_env:
             if not os.environ.get(api_key_env):
-                raise ConfigError(f"api_key_env: the environment variable {api_key_env} is not set (needed by "
-                                  f"{self.url})")
+                raise ConfigError(
+                    f"api_key_env: the environment variable {api_key_env} is not set (needed by {self.url})"
+                )
             headers["Authorization"] = f"Bearer {os.environ[api_key_env]}"
         self._http = httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(timeout_s, connect=30.0))
 
@@ -67,10 +76,21 @@ class ChatClient:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def complete(self, messages: list[dict[str, str]], *, temperature: float, top_p: float = 1.0,
-                       max_tokens: int, seed: int | None = None) -> ChatReply:
-        body: dict[str, Any] = {"messages": messages, "temperature": temperature, "top_p": top_p,
-                                "max_tokens": max_tokens}
+    async def complete(
+        self,
+        messages: list[dict[str, str]],
+        *,
+        temperature: float,
+        top_p: float = 1.0,
+        max_tokens: int,
+        seed: int | None = None,
+    ) -> ChatReply:
+        body: dict[str, Any] = {
+            "messages": messages,
+            "temperature": temperature,
+            "top_p": top_p,
+            "max_tokens": max_tokens,
+        }
         if self.model:
             body["model"] = self.model
         if seed is not None:
@@ -89,8 +109,7 @@ class ChatClient:
                 problem = f"HTTP {response.status_code}: {response.text[:500]}"
                 continue
             if response.status_code != 200:
-                raise ChatError(f"{self.url} refused the request: HTTP {response.status_code}: "
-                                f"{response.text[:1000]}")
+                raise ChatError(f"{self.url} refused the request: HTTP {response.status_code}: {response.text[:1000]}")
             return self._reply(response, time.perf_counter() - started)
         raise ChatError(f"{self.url} gave no answer after {self.max_retries + 1} attempts (last: {problem})")
 
@@ -105,5 +124,7 @@ class ChatClient:
             tokens = [int(usage[key]) if key in usage else None for key in ("prompt_tokens", "completion_tokens")]
             return ChatReply(content, reasoning, *tokens, choice.get("finish_reason"), latency_s)
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as err:
-            raise ChatError(f"{self.url} sent a reply without choices[0].message ({type(err).__name__}: {err}): "
-                            f"{response.text[:500]}") from None
+            raise ChatError(
+                f"{self.url} sent a reply without choices[0].message ({type(err).__name__}: {err}): "
+                f"{response.text[:500]}"
+            ) from None

@@ -43,8 +43,10 @@ class RecordFilter:
 
 def design_text(modification: str, graph: str, prompt: str) -> str:
     """A design in the three tags the meta-agent's prompt asks for."""
-    return (f"<modification>{modification.strip()}</modification>\n<graph>\n{graph.strip(chr(10))}\n</graph>\n"
-            f"<prompt>\n{prompt.strip(chr(10))}\n</prompt>")
+    return (
+        f"<modification>{modification.strip()}</modification>\n<graph>\n{graph.strip(chr(10))}\n</graph>\n"
+        f"<prompt>\n{prompt.strip(chr(10))}\n</prompt>"
+    )
 
 
 def assistant_content(reasoning: str, modification: str, graph: str, prompt: str) -> str:
@@ -68,28 +70,51 @@ def _why_dropped(round_: dict, keep: RecordFilter) -> str | None:
 def _record(query: dict, round_: dict) -> dict:
     designer = round_["designer"]
     messages = [{"role": "system", "content": designer["system"]}] if designer["system"] else []
-    messages += [{"role": "user", "content": designer["user"]},
-                 {"role": "assistant", "content": assistant_content(designer["reasoning"], round_["modification"],
-                                                                    round_["graph"], round_["prompt"])}]
+    messages += [
+        {"role": "user", "content": designer["user"]},
+        {
+            "role": "assistant",
+            "content": assistant_content(
+                designer["reasoning"], round_["modification"], round_["graph"], round_["prompt"]
+            ),
+        },
+    ]
     parsed = parse_design(messages[-1]["content"])
     if (parsed.error, parsed.graph, parsed.prompt) != (None, round_["graph"], round_["prompt"]):
-        raise ValueError(f"{query['task_id']} round {round_['round']}: the record's answer does not parse back to the "
-                         f"design that was scored ({parsed.error or 'the graph or prompt differs'})")
+        raise ValueError(
+            f"{query['task_id']} round {round_['round']}: the record's answer does not parse back to the "
+            f"design that was scored ({parsed.error or 'the graph or prompt differs'})"
+        )
     hidden = query["hidden"].get(str(round_["round"]))
     setup = query["setup"]
     return {
         "messages": messages,
-        "scores": {"validation": round_["score"], "validation_runs": [run["pass_rate"] for run in round_["runs"]],
-                   "parent": round_["parent_score"], "gain": round_["score"] - round_["parent_score"],
-                   "seed": query["rounds"][0]["score"], "hidden": hidden["score"] if hidden else None,
-                   "best_round": round_["round"] == query["best_round"]},
-        "provenance": {"task_id": query["task_id"], "dataset": query["dataset"], "split": query["split"],
-                       "round": round_["round"], "parent_round": round_["parent"],
-                       "designer": {**setup["designer"], "prompt_tokens": designer["prompt_tokens"],
-                                    "completion_tokens": designer["completion_tokens"],
-                                    "finish_reason": designer["finish_reason"]},
-                       "worker": setup["worker"], "validation_runs": len(round_["runs"]),
-                       "created": query["finished_at"], "source": setup["source"]},
+        "scores": {
+            "validation": round_["score"],
+            "validation_runs": [run["pass_rate"] for run in round_["runs"]],
+            "parent": round_["parent_score"],
+            "gain": round_["score"] - round_["parent_score"],
+            "seed": query["rounds"][0]["score"],
+            "hidden": hidden["score"] if hidden else None,
+            "best_round": round_["round"] == query["best_round"],
+        },
+        "provenance": {
+            "task_id": query["task_id"],
+            "dataset": query["dataset"],
+            "split": query["split"],
+            "round": round_["round"],
+            "parent_round": round_["parent"],
+            "designer": {
+                **setup["designer"],
+                "prompt_tokens": designer["prompt_tokens"],
+                "completion_tokens": designer["completion_tokens"],
+                "finish_reason": designer["finish_reason"],
+            },
+            "worker": setup["worker"],
+            "validation_runs": len(round_["runs"]),
+            "created": query["finished_at"],
+            "source": setup["source"],
+        },
     }
 
 

@@ -50,16 +50,26 @@ from tqdm import tqdm
 import fr_jax
 from fr_jax.config import ConfigError, check_external_url, load_config
 from fr_jax.data.jsonl import read_jsonl, write_jsonl
+from fr_jax.data.task_file import load_task_file
 from fr_jax.data.tasks import Task, load_tasks
 from fr_jax.flow.chat import ChatClient
 from fr_jax.flow.data import RecordFilter, sft_records
-from fr_jax.flow.prompt import (MAX_OPERATOR_CALLS, SEED_GRAPH, SEED_MODIFICATION, SEED_PROMPT, Experience,
-                                ParentDesign, ParsedDesign, build_design_prompt, parse_design)
+from fr_jax.flow.prompt import (
+    MAX_OPERATOR_CALLS,
+    SEED_GRAPH,
+    SEED_MODIFICATION,
+    SEED_PROMPT,
+    Experience,
+    ParentDesign,
+    ParsedDesign,
+    build_design_prompt,
+    parse_design,
+)
 from fr_jax.flow.task import FLOW_SYSTEM_PROMPT, WorkflowRunSettings, is_design_failure, run_design, run_pass_rate
-from fr_jax.rl.sandbox_client import LocalSandbox, SandboxClient, WorkflowRun
 from fr_jax.rl.services import server_env
-from fr_jax.rl.task_file import load_task_file
 from fr_jax.rollout.launch import launch_local
+from fr_jax.sandbox.client import SandboxClient, WorkflowRun
+from fr_jax.sandbox.local import LocalSandbox
 
 _log = logging.getLogger(__name__)
 LOCAL = "local"  # designer.url / worker.url: the fr_jax.serve started from local_server
@@ -78,11 +88,10 @@ def candidate_rounds(scores: Mapping[int, float], count: int = 4) -> list[int]:
     if count < 1:
         raise ValueError(f"count must be >= 1, got {count}")
     others = sorted((r for r in scores if r != 1), key=lambda r: (-scores[r], r))
-    return [1, *others[:count - 1]]
+    return [1, *others[: count - 1]]
 
 
-def parent_probabilities(scores: Sequence[float], *, uniform_weight: float = 0.3,
-                         sharpness: float = 0.2) -> np.ndarray:
+def parent_probabilities(scores: Sequence[float], *, uniform_weight: float = 0.3, sharpness: float = 0.2) -> np.ndarray:
     """FlowReasoner's (AFlow's) parent pick: p = w/n + (1 - w) * softmax(sharpness * (100 * score - max)), the
     scores in [0, 1], so that a 1-point better pass rate (in %) weighs e^0.2 more and every candidate keeps w/n."""
     points = 100.0 * np.asarray(scores, dtype=np.float64)
@@ -112,11 +121,16 @@ class RunRecord:
 
     @classmethod
     def of(cls, run: WorkflowRun, *, hidden: bool = False) -> RunRecord:
-        return cls(pass_rate=run_pass_rate(run, hidden=False), failure=run.failure.kind if run.failure else None,
-                   message=run.failure.message[:2000] if run.failure else None,
-                   operator_calls=run.num_operator_calls, worker_calls=run.worker.calls,
-                   worker_tokens=run.worker.prompt_tokens + run.worker.completion_tokens, wall_s=run.wall_s,
-                   hidden_pass_rate=run_pass_rate(run, hidden=True) if hidden else None)
+        return cls(
+            pass_rate=run_pass_rate(run, hidden=False),
+            failure=run.failure.kind if run.failure else None,
+            message=run.failure.message[:2000] if run.failure else None,
+            operator_calls=run.num_operator_calls,
+            worker_calls=run.worker.calls,
+            worker_tokens=run.worker.prompt_tokens + run.worker.completion_tokens,
+            wall_s=run.wall_s,
+            hidden_pass_rate=run_pass_rate(run, hidden=True) if hidden else None,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,7 +182,7 @@ class _Section(BaseModel):
 
 
 class TasksSection(_Section):
-    dataset: str  # humaneval | mbpp | mbpp-sanitized | aflow-mbpp | jsonl (fr_jax.rl.task_file)
+    dataset: str  # humaneval | mbpp | mbpp-sanitized | aflow-mbpp | jsonl (fr_jax.data.task_file)
     split: str
     file: str | None = None  # dataset: jsonl
     data_dir: str | None = None  # default: the data fr_jax ships ($FR_JAX_DATA)
@@ -266,11 +280,14 @@ class OptimizeConfig(_Section):
         if self.local_server is not None and not uses_local:
             raise ValueError("local_server is given but neither designer.url nor worker.url is `local`")
         if self.sandbox.launch == "local" and self.worker.url is None:
-            raise ValueError("worker.url is required with sandbox.launch: local (the sandbox allowlists it as "
-                             "worker.name)")
+            raise ValueError(
+                "worker.url is required with sandbox.launch: local (the sandbox allowlists it as worker.name)"
+            )
         if self.sandbox.launch == "none" and self.worker.url is not None:
-            raise ValueError("worker.url is only used with sandbox.launch: local; a running sandbox has its own "
-                             "allowlist (give worker.name)")
+            raise ValueError(
+                "worker.url is only used with sandbox.launch: local; a running sandbox has its own "
+                "allowlist (give worker.name)"
+            )
         return self
 
 
@@ -286,7 +303,7 @@ def load_config_tasks(section: TasksSection) -> list[Task]:
     if without_public:  # nothing to validate a design on: the loop cannot run on them
         _log.warning("skipping %d queries without public tests: %s", len(without_public), without_public)
         tasks = [t for t in tasks if t.public_tests.cases]
-    return tasks[:section.limit] if section.limit else tasks
+    return tasks[: section.limit] if section.limit else tasks
 
 
 # ------------------------------------------------------------------------------------------------ the loop
@@ -299,22 +316,44 @@ def _seed(*key: int) -> int:
 class Optimizer:
     """The refinement loop of one run: one designer, one sandbox, one worker, settings from the config."""
 
-    def __init__(self, cfg: OptimizeConfig, sandbox: SandboxClient, designer: ChatClient, operators_text: str,
-                 setup: dict[str, Any]):
+    def __init__(
+        self,
+        cfg: OptimizeConfig,
+        sandbox: SandboxClient,
+        designer: ChatClient,
+        operators_text: str,
+        setup: dict[str, Any],
+    ):
         self.cfg, self.sandbox, self.designer, self.operators_text = cfg, sandbox, designer, operators_text
         self.setup = setup  # what produced the data (designer and worker settings), written with every query
         b, w = cfg.budgets, cfg.worker
         self.settings = WorkflowRunSettings(
-            worker=w.name, max_operator_calls=b.max_operator_calls, max_worker_tokens=b.max_worker_tokens,
-            wall_s=b.wall_s, max_tokens=w.max_tokens, temperature=w.temperature, top_p=w.top_p,
-            test_timeout_s=b.test_timeout_s, test_memory_mb=b.test_memory_mb)
+            worker=w.name,
+            max_operator_calls=b.max_operator_calls,
+            max_worker_tokens=b.max_worker_tokens,
+            wall_s=b.wall_s,
+            max_tokens=w.max_tokens,
+            temperature=w.temperature,
+            top_p=w.top_p,
+            test_timeout_s=b.test_timeout_s,
+            test_memory_mb=b.test_memory_mb,
+        )
 
-    async def _runs(self, task: Task, design: ParsedDesign, count: int, index: int, number: int, *,
-                    hidden: bool) -> list[WorkflowRun]:
+    async def _runs(
+        self, task: Task, design: ParsedDesign, count: int, index: int, number: int, *, hidden: bool
+    ) -> list[WorkflowRun]:
         """`count` runs with the worker seeds of (loop.seed, query, round, public or hidden, run)."""
         seeds = [_seed(self.cfg.loop.seed, index, number, int(hidden), i) for i in range(count)]
-        return list(await asyncio.gather(*(run_design(self.sandbox, design, task, self.settings, hidden=hidden,
-                                                      retries=self.cfg.loop.retries, seed=s) for s in seeds)))
+        return list(
+            await asyncio.gather(
+                *(
+                    run_design(
+                        self.sandbox, design, task, self.settings, hidden=hidden, retries=self.cfg.loop.retries, seed=s
+                    )
+                    for s in seeds
+                )
+            )
+        )
 
     async def _validated(self, task: Task, index: int, number: int, design: ParsedDesign, **fields) -> Round:
         """A round whose design parsed: run it on the public tests."""
@@ -322,12 +361,27 @@ class Optimizer:
         records = tuple(RunRecord.of(run) for run in runs)
         loading = next((run for run in runs if is_design_failure(run)), None)
         if loading is not None:  # it parsed, but Python could not compile or load it: a format failure too
-            return Round(number, modification=design.modification, graph=design.graph, prompt=design.prompt,
-                         score=0.0, runs=records, format_error=f"{loading.failure.kind}: {loading.failure.message}",
-                         warnings=design.warnings, **fields)
-        return Round(number, modification=design.modification, graph=design.graph, prompt=design.prompt,
-                     score=float(np.mean([r.pass_rate for r in records])), runs=records, warnings=design.warnings,
-                     **fields)
+            return Round(
+                number,
+                modification=design.modification,
+                graph=design.graph,
+                prompt=design.prompt,
+                score=0.0,
+                runs=records,
+                format_error=f"{loading.failure.kind}: {loading.failure.message}",
+                warnings=design.warnings,
+                **fields,
+            )
+        return Round(
+            number,
+            modification=design.modification,
+            graph=design.graph,
+            prompt=design.prompt,
+            score=float(np.mean([r.pass_rate for r in records])),
+            runs=records,
+            warnings=design.warnings,
+            **fields,
+        )
 
     async def _designed(self, task: Task, index: int, number: int, rounds: list[Round]) -> Round:
         scores = {r.round: r.score for r in rounds if r.runnable}
@@ -336,21 +390,43 @@ class Optimizer:
         rng = np.random.default_rng([self.cfg.loop.seed, index, number])
         parent = next(r for r in rounds if r.round == candidates[rng.choice(len(candidates), p=probabilities)])
         experience = tuple(experience_for(parent.round, rounds))
-        user = build_design_prompt(task.prompt, self.operators_text,
-                                   parent=ParentDesign(parent.graph, parent.prompt, parent.score),
-                                   experience=experience, max_operator_calls=self.cfg.loop.max_operator_calls_told)
+        user = build_design_prompt(
+            task.prompt,
+            self.operators_text,
+            parent=ParentDesign(parent.graph, parent.prompt, parent.score),
+            experience=experience,
+            max_operator_calls=self.cfg.loop.max_operator_calls_told,
+        )
         system = self.cfg.designer.system
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
         d = self.cfg.designer
-        reply = await self.designer.complete(messages, temperature=d.temperature, top_p=d.top_p,
-                                             max_tokens=d.max_tokens, seed=_seed(self.cfg.loop.seed, index, number))
+        reply = await self.designer.complete(
+            messages,
+            temperature=d.temperature,
+            top_p=d.top_p,
+            max_tokens=d.max_tokens,
+            seed=_seed(self.cfg.loop.seed, index, number),
+        )
         design = parse_design(reply.content)
-        fields = dict(parent=parent.round, parent_score=parent.score, experience=experience,
-                      candidates={str(c): float(p) for c, p in zip(candidates, probabilities)},
-                      designer={"system": system, "user": user, **dataclasses.asdict(reply)})
+        fields = dict(
+            parent=parent.round,
+            parent_score=parent.score,
+            experience=experience,
+            candidates={str(c): float(p) for c, p in zip(candidates, probabilities)},
+            designer={"system": system, "user": user, **dataclasses.asdict(reply)},
+        )
         if not design.ok:
-            return Round(number, modification=design.modification, graph=design.graph, prompt=design.prompt,
-                         score=0.0, runs=(), format_error=design.error, warnings=design.warnings, **fields)
+            return Round(
+                number,
+                modification=design.modification,
+                graph=design.graph,
+                prompt=design.prompt,
+                score=0.0,
+                runs=(),
+                format_error=design.error,
+                warnings=design.warnings,
+                **fields,
+            )
         return await self._validated(task, index, number, design, **fields)
 
     async def query(self, index: int, task: Task) -> dict[str, Any]:
@@ -366,14 +442,26 @@ class Optimizer:
             design = ParsedDesign(rounds[r - 1].modification, rounds[r - 1].graph, rounds[r - 1].prompt)
             runs = await self._runs(task, design, self.cfg.loop.final_runs, index, r, hidden=True)
             records = [RunRecord.of(run, hidden=True) for run in runs]
-            hidden[str(r)] = {"score": float(np.mean([x.hidden_pass_rate for x in records])),
-                              "solved": float(np.mean([x.hidden_pass_rate == 1.0 for x in records])),
-                              "runs": [dataclasses.asdict(x) for x in records]}
-        return {"index": index, "task_id": task.task_id, "dataset": task.dataset, "split": self.cfg.tasks.split,
-                "query": task.prompt, "entry_point": task.entry_point, "best_round": best.round,
-                "best_score": best.score, "hidden": hidden, "rounds": [dataclasses.asdict(r) for r in rounds],
-                "setup": self.setup, "seconds": time.perf_counter() - started,
-                "finished_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+            hidden[str(r)] = {
+                "score": float(np.mean([x.hidden_pass_rate for x in records])),
+                "solved": float(np.mean([x.hidden_pass_rate == 1.0 for x in records])),
+                "runs": [dataclasses.asdict(x) for x in records],
+            }
+        return {
+            "index": index,
+            "task_id": task.task_id,
+            "dataset": task.dataset,
+            "split": self.cfg.tasks.split,
+            "query": task.prompt,
+            "entry_point": task.entry_point,
+            "best_round": best.round,
+            "best_score": best.score,
+            "hidden": hidden,
+            "rounds": [dataclasses.asdict(r) for r in rounds],
+            "setup": self.setup,
+            "seconds": time.perf_counter() - started,
+            "finished_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        }
 
 
 async def optimize_tasks(optimizer: Optimizer, tasks: Sequence[Task], rounds_path: pathlib.Path) -> list[dict]:
@@ -385,15 +473,22 @@ async def optimize_tasks(optimizer: Optimizer, tasks: Sequence[Task], rounds_pat
     gate = asyncio.Semaphore(optimizer.cfg.loop.concurrency)
     finished = []
     with tqdm(total=len(todo), desc="queries", unit="query", disable=None) as bar, rounds_path.open("a") as out:
+
         async def one(index: int, task: Task) -> None:
             async with gate:
                 result = await optimizer.query(index, task)
             out.write(json.dumps(result, ensure_ascii=False) + "\n")
             out.flush()
             finished.append(result)
-            _log.info("%s: best round %d scored %.3f on the public tests (seed %.3f); %d of %d queries done",
-                      task.task_id, result["best_round"], result["best_score"], result["rounds"][0]["score"],
-                      len(finished), len(todo))
+            _log.info(
+                "%s: best round %d scored %.3f on the public tests (seed %.3f); %d of %d queries done",
+                task.task_id,
+                result["best_round"],
+                result["best_score"],
+                result["rounds"][0]["score"],
+                len(finished),
+                len(todo),
+            )
             bar.update(1)
             bar.set_postfix(best=f"{np.mean([q['best_score'] for q in finished]):.3f}")
 
@@ -455,9 +550,16 @@ def _services(cfg: OptimizeConfig, log_dir: pathlib.Path) -> Iterator[tuple[str,
         local_url = None
         if cfg.local_server is not None:
             s = cfg.local_server
-            server = stack.enter_context(launch_local(
-                s.model, context_length=s.context_length, max_running_requests=s.max_running_requests,
-                startup_timeout=s.startup_timeout_s, env=server_env(), log_path=log_dir / "local_server.log"))
+            server = stack.enter_context(
+                launch_local(
+                    s.model,
+                    context_length=s.context_length,
+                    max_running_requests=s.max_running_requests,
+                    startup_timeout=s.startup_timeout_s,
+                    env=server_env(),
+                    log_path=log_dir / "local_server.log",
+                )
+            )
             local_url = f"{server.url}/v1"
         designer_url = local_url if cfg.designer.url == LOCAL else cfg.designer.url
         worker_url = local_url if cfg.worker.url == LOCAL else cfg.worker.url
@@ -465,8 +567,14 @@ def _services(cfg: OptimizeConfig, log_dir: pathlib.Path) -> Iterator[tuple[str,
             yield designer_url, cfg.sandbox.url, worker_url
             return
         spec = f"{cfg.worker.name}={worker_url}" + (f",model={cfg.worker.model}" if cfg.worker.model else "")
-        sandbox = stack.enter_context(LocalSandbox(workers=cfg.sandbox.workers, insecure=cfg.sandbox.insecure,
-                                                   extra_args=["--worker", spec], log_path=log_dir / "sandbox.log"))
+        sandbox = stack.enter_context(
+            LocalSandbox(
+                workers=cfg.sandbox.workers,
+                insecure=cfg.sandbox.insecure,
+                extra_args=["--worker", spec],
+                log_path=log_dir / "sandbox.log",
+            )
+        )
         yield designer_url, sandbox.url, worker_url
 
 
@@ -489,15 +597,29 @@ def run(cfg: OptimizeConfig) -> dict[str, Any]:
     tasks = load_config_tasks(cfg.tasks)
     with _services(cfg, out_dir / "logs") as (designer_url, sandbox_url, worker_url):
         d = cfg.designer
-        setup = {"designer": {"url": designer_url, "model": d.model, "temperature": d.temperature, "top_p": d.top_p,
-                              "max_tokens": d.max_tokens},
-                 "worker": {"name": cfg.worker.name, "url": worker_url, "model": cfg.worker.model,
-                            "temperature": cfg.worker.temperature, "max_tokens": cfg.worker.max_tokens},
-                 "budgets": cfg.budgets.model_dump(), "source": f"fr_jax.flow.optimize {fr_jax.__version__}"}
+        setup = {
+            "designer": {
+                "url": designer_url,
+                "model": d.model,
+                "temperature": d.temperature,
+                "top_p": d.top_p,
+                "max_tokens": d.max_tokens,
+            },
+            "worker": {
+                "name": cfg.worker.name,
+                "url": worker_url,
+                "model": cfg.worker.model,
+                "temperature": cfg.worker.temperature,
+                "max_tokens": cfg.worker.max_tokens,
+            },
+            "budgets": cfg.budgets.model_dump(),
+            "source": f"fr_jax.flow.optimize {fr_jax.__version__}",
+        }
 
         async def go() -> None:
-            designer = ChatClient(designer_url, model=d.model, api_key_env=d.api_key_env, timeout_s=d.timeout_s,
-                                  max_retries=d.max_retries)
+            designer = ChatClient(
+                designer_url, model=d.model, api_key_env=d.api_key_env, timeout_s=d.timeout_s, max_retries=d.max_retries
+            )
             try:
                 # a run may wait for a jail slot behind many others: give each request far more than its wall_s
                 wait_s = max(300.0, 10 * cfg.budgets.wall_s)
@@ -516,17 +638,19 @@ def report(summary: Mapping[str, Any]) -> str:
     def fmt(value) -> str:
         return "n/a" if value is None else f"{value:.3f}"
 
-    return "\n".join([
-        f"{summary['queries']} queries, {summary['designer_rounds']} designed rounds "
-        f"({summary['format_failures']} format failures)",
-        f"  validation score (public tests): seed {fmt(summary['validation_seed'])} -> best round "
-        f"{fmt(summary['validation_best'])} ({summary['improved_queries']} queries improved)",
-        f"  hidden pass rate: seed {fmt(summary['hidden_seed'])} -> best round {fmt(summary['hidden_best'])}; "
-        f"solved: seed {fmt(summary['solved_seed'])} -> best round {fmt(summary['solved_best'])}",
-        f"  worker per run: {fmt(summary['worker_calls_per_run'])} calls, "
-        f"{fmt(summary['worker_tokens_per_run'])} tokens",
-        f"  SFT records: {summary['sft_records']} kept, dropped {summary['sft_dropped']}",
-    ])
+    return "\n".join(
+        [
+            f"{summary['queries']} queries, {summary['designer_rounds']} designed rounds "
+            f"({summary['format_failures']} format failures)",
+            f"  validation score (public tests): seed {fmt(summary['validation_seed'])} -> best round "
+            f"{fmt(summary['validation_best'])} ({summary['improved_queries']} queries improved)",
+            f"  hidden pass rate: seed {fmt(summary['hidden_seed'])} -> best round {fmt(summary['hidden_best'])}; "
+            f"solved: seed {fmt(summary['solved_seed'])} -> best round {fmt(summary['solved_best'])}",
+            f"  worker per run: {fmt(summary['worker_calls_per_run'])} calls, "
+            f"{fmt(summary['worker_tokens_per_run'])} tokens",
+            f"  SFT records: {summary['sft_records']} kept, dropped {summary['sft_dropped']}",
+        ]
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

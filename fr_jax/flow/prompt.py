@@ -32,7 +32,7 @@ MAX_OPERATOR_CALLS = 10  # FlowReasoner: "the graph complexity should not exceed
 PROVIDED_NAMES = ("operator", "prompt_custom", "create_llm_instance", "DatasetType")
 
 SEED_MODIFICATION = "Seed workflow: a single CustomCodeGenerate call."
-SEED_GRAPH = '''class Workflow:
+SEED_GRAPH = """class Workflow:
     def __init__(self, name: str, llm_config, dataset: DatasetType) -> None:
         self.name = name
         self.dataset = dataset
@@ -44,7 +44,7 @@ SEED_GRAPH = '''class Workflow:
             problem=problem, entry_point=entry_point, instruction=prompt_custom.CODE_GENERATE_PROMPT
         )
         return solution["response"], self.llm.get_usage_summary()["total_cost"]
-'''
+"""
 SEED_PROMPT = '''CODE_GENERATE_PROMPT = """
 Write a complete, correct Python solution to the problem below. Keep the function name and signature exactly
 as given, include every import it needs, and reply with the code in one ```python block.
@@ -162,8 +162,9 @@ def format_experience(experience: Sequence[Experience]) -> str:
     for i, item in enumerate(experience):
         _check_score(f"experience[{i}].before", item.before)
         _check_score(f"experience[{i}].after", item.after)
-        lines.append(f'- modification "{item.modification.strip()}" took the score from {item.before:.3f} '
-                     f"to {item.after:.3f}")
+        lines.append(
+            f'- modification "{item.modification.strip()}" took the score from {item.before:.3f} to {item.after:.3f}'
+        )
     return "\nWhat earlier modifications of this workflow did:\n" + "\n".join(lines) + "\n"
 
 
@@ -204,8 +205,13 @@ def parse_design(completion: str) -> ParsedDesign:
     if graph is None:
         return _failed("no complete <graph>...</graph> in the answer", warnings, modification or "")
     if prompt is None:
-        return _failed("no complete <prompt>...</prompt> in the answer (write <prompt></prompt> if the graph uses "
-                       "no prompt constants)", warnings, modification or "", graph)
+        return _failed(
+            "no complete <prompt>...</prompt> in the answer (write <prompt></prompt> if the graph uses "
+            "no prompt constants)",
+            warnings,
+            modification or "",
+            graph,
+        )
     if modification is None or not modification.strip():
         warnings.append("no <modification> (or it is empty)")
     error = check_graph(graph) or check_prompt(prompt) or _check_prompt_names(graph, prompt)
@@ -251,8 +257,14 @@ def check_graph(graph: str) -> str | None:
     workflow = next((node for node in module.body if isinstance(node, ast.ClassDef) and node.name == "Workflow"), None)
     if workflow is None:
         return "<graph> does not define class Workflow at top level"
-    call = next((node for node in workflow.body if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
-                 and node.name == "__call__"), None)
+    call = next(
+        (
+            node
+            for node in workflow.body
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name == "__call__"
+        ),
+        None,
+    )
     if not isinstance(call, ast.AsyncFunctionDef):
         return "class Workflow in <graph> has no `async def __call__(self, problem, entry_point)`"
     return None
@@ -265,18 +277,22 @@ def check_prompt(prompt: str) -> str | None:
         return error
     for node in module.body:
         is_docstring = isinstance(node, ast.Expr) and _is_str(node.value)
-        is_assignment = (isinstance(node, ast.Assign) and all(isinstance(t, ast.Name) for t in node.targets)
-                         and _is_str(node.value))
+        is_assignment = (
+            isinstance(node, ast.Assign) and all(isinstance(t, ast.Name) for t in node.targets) and _is_str(node.value)
+        )
         if not (is_docstring or is_assignment):
-            return f"<prompt> line {node.lineno}: only `NAME = \"...\"` string assignments are allowed"
+            return f'<prompt> line {node.lineno}: only `NAME = "..."` string assignments are allowed'
     return None
 
 
 def _check_prompt_names(graph: str, prompt: str) -> str | None:
     """A graph reading prompt_custom.X that <prompt> does not define would fail at run time on every query."""
     defined = {target.id for node in ast.parse(prompt).body if isinstance(node, ast.Assign) for target in node.targets}
-    used = {node.attr for node in ast.walk(ast.parse(graph)) if isinstance(node, ast.Attribute)
-            and isinstance(node.value, ast.Name) and node.value.id == "prompt_custom"}
+    used = {
+        node.attr
+        for node in ast.walk(ast.parse(graph))
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "prompt_custom"
+    }
     missing = sorted(used - defined)
     if missing:
         return f"<graph> uses prompt_custom.{', prompt_custom.'.join(missing)}, which <prompt> does not define"

@@ -25,21 +25,25 @@ import time
 from collections.abc import Sequence
 
 from fr_jax.config import GRPOSandboxSection, GRPOSection
-from fr_jax.data.tasks import Task, TestSuite
+from fr_jax.data.tasks import Task
 from fr_jax.flow.chat import ChatClient
 from fr_jax.flow.prompt import ParsedDesign, build_design_prompt, parse_design
 from fr_jax.rl.components import build_mode, from_section, register_mode
 from fr_jax.rl.evaluation import EvalReport, summarize
-from fr_jax.rl.modes import SandboxFailure, Score, humaneval_check
+from fr_jax.rl.modes import SandboxFailure, Score
 from fr_jax.rl.reward import RewardConfig, count_operator_calls, multi_purpose_reward
-from fr_jax.rl.sandbox_client import AssertTests, LocalSandbox, SandboxClient, Tests, WorkflowRun
+from fr_jax.sandbox.client import SandboxClient, WorkflowRun
+from fr_jax.sandbox.local import LocalSandbox
+from fr_jax.sandbox.suites import counted_tests, suite_tests
 
 _log = logging.getLogger(__name__)
 
 # The designer's system turn, in the SFT records and in GRPO prompts alike, so the policy sees one format.
-FLOW_SYSTEM_PROMPT = ("You are a meta-agent: for each coding problem you design a workflow of operators that call a "
-                      "worker LLM, and you answer in the <modification>, <graph> and <prompt> tags you are asked for.")
-# Failure kinds of /workflow/run that say nothing about the design (fr_jax.rl.sandbox_client.WorkflowFailure).
+FLOW_SYSTEM_PROMPT = (
+    "You are a meta-agent: for each coding problem you design a workflow of operators that call a "
+    "worker LLM, and you answer in the <modification>, <graph> and <prompt> tags you are asked for."
+)
+# Failure kinds of /workflow/run that say nothing about the design (fr_jax.sandbox.client.WorkflowFailure).
 _NOT_THE_DESIGNS_FAULT = ("sandbox_error", "worker_unreachable")
 ROLLOUT_WORKER = "rollout"  # grpo.workflow.worker_url: the rollout server is also the worker
 
@@ -60,21 +64,6 @@ class WorkflowRunSettings:
     test_memory_mb: int = 1024
 
 
-def suite_tests(suite: TestSuite, entry_point: str) -> Tests | None:
-    """The sandbox's form of a test suite for a solution that a workflow returns (None for an empty suite).
-
-    The suite's prelude runs before the solution as a test import. HumanEval's check() becomes one all-or-nothing
-    assert-style test, which keeps the prelude (the prompt's imports and helpers, e.g. `poly` of HumanEval/32)
-    that the humaneval test kind has no place for.
-    """
-    if not suite.cases:
-        return None
-    imports = (suite.prelude,) if suite.prelude else ()
-    if suite.format == "humaneval":
-        return AssertTests([f"{humaneval_check(suite)}\n\ncheck({entry_point})"], imports=imports)
-    return AssertTests(list(suite.cases), setup_code=suite.setup, imports=imports)
-
-
 def is_design_failure(run: WorkflowRun) -> bool:
     """The design could not even be loaded: a format failure, like an unparseable completion."""
     return run.failure is not None and run.failure.kind == "graph_syntax_error"
@@ -88,8 +77,16 @@ def _spoiled(run: WorkflowRun) -> bool:
     return failure.kind in _NOT_THE_DESIGNS_FAULT or (failure.kind == "worker_error" and " HTTP 5" in failure.message)
 
 
-async def run_design(sandbox: SandboxClient, design: ParsedDesign, task: Task, settings: WorkflowRunSettings, *,
-                     hidden: bool, retries: int, seed: int | None = None) -> WorkflowRun:
+async def run_design(
+    sandbox: SandboxClient,
+    design: ParsedDesign,
+    task: Task,
+    settings: WorkflowRunSettings,
+    *,
+    hidden: bool,
+    retries: int,
+    seed: int | None = None,
+) -> WorkflowRun:
     """One run of `design` on `task`: the Test operator sees the public tests; the solution is scored on the
     public tests, and also on the hidden ones when `hidden`. Spoiled runs are retried, then raise SandboxFailure."""
     if not design.ok:
@@ -98,22 +95,43 @@ async def run_design(sandbox: SandboxClient, design: ParsedDesign, task: Task, s
     hidden_tests = suite_tests(task.hidden_tests, task.entry_point) if hidden else None
     for attempt in range(retries + 1):
         run = await sandbox.run_workflow(
-            design.graph, design.prompt, problem=task.prompt, entry_point=task.entry_point, worker=settings.worker,
-            public_tests=public, hidden_tests=hidden_tests, max_operator_calls=settings.max_operator_calls,
-            max_worker_tokens=settings.max_worker_tokens, wall_s=settings.wall_s, max_tokens=settings.max_tokens,
-            temperature=settings.temperature, top_p=settings.top_p,
-            seed=settings.seed if seed is None else seed, test_timeout_s=settings.test_timeout_s,
-            test_memory_mb=settings.test_memory_mb)
+            design.graph,
+            design.prompt,
+            problem=task.prompt,
+            entry_point=task.entry_point,
+            worker=settings.worker,
+            public_tests=public,
+            hidden_tests=hidden_tests,
+            max_operator_calls=settings.max_operator_calls,
+            max_worker_tokens=settings.max_worker_tokens,
+            wall_s=settings.wall_s,
+            max_tokens=settings.max_tokens,
+            temperature=settings.temperature,
+            top_p=settings.top_p,
+            seed=settings.seed if seed is None else seed,
+            test_timeout_s=settings.test_timeout_s,
+            test_memory_mb=settings.test_memory_mb,
+        )
         if run.failure is not None and run.failure.kind == "worker_not_allowed" and not run.trace:
             # the request's worker, not one the graph named: the setup is wrong, and every run would score 0
-            raise SandboxFailure(f"the sandbox does not allowlist the worker {settings.worker!r} "
-                                 f"({run.failure.message}); start it with --worker {settings.worker}=URL")
+            raise SandboxFailure(
+                f"the sandbox does not allowlist the worker {settings.worker!r} "
+                f"({run.failure.message}); start it with --worker {settings.worker}=URL"
+            )
         if not _spoiled(run):
             return run
-        _log.warning("workflow run of %s spoiled (%s: %s); retry %d/%d", task.task_id, run.failure.kind,
-                     run.failure.message, attempt + 1, retries)
-    raise SandboxFailure(f"the workflow run of {task.task_id} failed {retries + 1} times for reasons outside the "
-                         f"design ({run.failure.kind}: {run.failure.message}); nothing was scored")
+        _log.warning(
+            "workflow run of %s spoiled (%s: %s); retry %d/%d",
+            task.task_id,
+            run.failure.kind,
+            run.failure.message,
+            attempt + 1,
+            retries,
+        )
+    raise SandboxFailure(
+        f"the workflow run of {task.task_id} failed {retries + 1} times for reasons outside the "
+        f"design ({run.failure.kind}: {run.failure.message}); nothing was scored"
+    )
 
 
 def run_pass_rate(run: WorkflowRun, *, hidden: bool) -> float:
@@ -131,15 +149,24 @@ class WorkflowScore(Score):
     run: WorkflowRun | None = dataclasses.field(default=None, repr=False, compare=False)  # trace, solution, ...
 
 
-def score_run(design: ParsedDesign, run: WorkflowRun | None, num_tests: int, reward: RewardConfig, *,
-              hidden: bool) -> WorkflowScore:
+def score_run(
+    design: ParsedDesign, run: WorkflowRun | None, num_tests: int, reward: RewardConfig, *, hidden: bool
+) -> WorkflowScore:
     """The multi-purpose reward of one design and its run (None: the design did not parse, so it was not run)."""
     if run is None or is_design_failure(run):
         failure = "format" if run is None else run.failure.kind
         calls = run.worker.calls if run is not None else 0
         tokens = run.worker.prompt_tokens + run.worker.completion_tokens if run is not None else 0
-        return WorkflowScore(multi_purpose_reward(well_formed=False, config=reward), False, 0, 0, worker_calls=calls,
-                             worker_tokens=tokens, failure=failure, run=run)
+        return WorkflowScore(
+            multi_purpose_reward(well_formed=False, config=reward),
+            False,
+            0,
+            0,
+            worker_calls=calls,
+            worker_tokens=tokens,
+            failure=failure,
+            run=run,
+        )
     evaluation = run.hidden if hidden else run.public
     passed, status = 0, "ok"
     if run.failure is not None:
@@ -151,13 +178,27 @@ def score_run(design: ParsedDesign, run: WorkflowRun | None, num_tests: int, rew
         status = "error" if evaluation.load_error is not None else "ok"
     usage = run.worker
     total_reward = multi_purpose_reward(
-        well_formed=True, passed=passed, total=num_tests, status=status,
+        well_formed=True,
+        passed=passed,
+        total=num_tests,
+        status=status,
         operator_calls=count_operator_calls(design.graph),
-        worker_calls=usage.calls, worker_tokens=usage.prompt_tokens + usage.completion_tokens, latency_s=run.wall_s,
-        config=reward)
-    return WorkflowScore(total_reward, True, passed, num_tests, operator_calls=run.num_operator_calls,
-                         worker_calls=usage.calls, worker_tokens=usage.prompt_tokens + usage.completion_tokens,
-                         failure=run.failure.kind if run.failure else None, run=run)
+        worker_calls=usage.calls,
+        worker_tokens=usage.prompt_tokens + usage.completion_tokens,
+        latency_s=run.wall_s,
+        config=reward,
+    )
+    return WorkflowScore(
+        total_reward,
+        True,
+        passed,
+        num_tests,
+        operator_calls=run.num_operator_calls,
+        worker_calls=usage.calls,
+        worker_tokens=usage.prompt_tokens + usage.completion_tokens,
+        failure=run.failure.kind if run.failure else None,
+        run=run,
+    )
 
 
 class WorkflowMode:
@@ -165,9 +206,17 @@ class WorkflowMode:
 
     name = "workflow"
 
-    def __init__(self, *, reward: RewardConfig, operators_text: str, run: WorkflowRunSettings,
-                 system: str | None = FLOW_SYSTEM_PROMPT, retries: int = 2, worker_url: str | None = None,
-                 worker_model: str | None = None):
+    def __init__(
+        self,
+        *,
+        reward: RewardConfig,
+        operators_text: str,
+        run: WorkflowRunSettings,
+        system: str | None = FLOW_SYSTEM_PROMPT,
+        retries: int = 2,
+        worker_url: str | None = None,
+        worker_model: str | None = None,
+    ):
         self.reward = reward
         self.operators_text = operators_text
         self.run = run
@@ -192,24 +241,25 @@ class WorkflowMode:
         chat = [{"role": "system", "content": self.system}] if self.system else []
         return chat + [{"role": "user", "content": user}]
 
-    async def score(self, sandbox: SandboxClient, tasks: Sequence[Task], completions: Sequence[str], *,
-                    hidden: bool) -> list[WorkflowScore]:
+    async def score(
+        self, sandbox: SandboxClient, tasks: Sequence[Task], completions: Sequence[str], *, hidden: bool
+    ) -> list[WorkflowScore]:
         if len(tasks) != len(completions):
             raise ValueError(f"{len(tasks)} tasks for {len(completions)} completions")
         for task in tasks:
             if not (task.hidden_tests if hidden else task.public_tests).cases:
-                raise ValueError(f"task {task.task_id} has no {'hidden' if hidden else 'public'} tests to score "
-                                 "against (HumanEval has 8 tasks without public tests; score on the hidden tests)")
+                raise ValueError(
+                    f"task {task.task_id} has no {'hidden' if hidden else 'public'} tests to score "
+                    "against (HumanEval has 8 tasks without public tests; score on the hidden tests)"
+                )
         designs = [parse_design(text) for text in completions]
 
         async def one(task: Task, design: ParsedDesign) -> WorkflowScore:
             suite = task.hidden_tests if hidden else task.public_tests
-            # a humaneval suite's check() is one test: suite_tests makes it a single all-or-nothing case
-            num_tests = 1 if suite.format == "humaneval" else len(suite.cases)
             if not design.ok:
-                return score_run(design, None, num_tests, self.reward, hidden=hidden)
+                return score_run(design, None, counted_tests(suite), self.reward, hidden=hidden)
             run = await run_design(sandbox, design, task, self.run, hidden=hidden, retries=self.retries)
-            return score_run(design, run, num_tests, self.reward, hidden=hidden)
+            return score_run(design, run, counted_tests(suite), self.reward, hidden=hidden)
 
         return list(await asyncio.gather(*(one(t, d) for t, d in zip(tasks, designs))))
 
@@ -237,13 +287,25 @@ def build_workflow_mode(grpo: GRPOSection, tokenizer) -> WorkflowMode:
     del tokenizer  # complexity counts operator call sites, not tokens
     w, sandbox = grpo.workflow, grpo.sandbox
     settings = WorkflowRunSettings(
-        worker=w.worker, max_operator_calls=w.max_operator_calls, max_worker_tokens=w.max_worker_tokens,
-        wall_s=w.wall_s, max_tokens=w.max_tokens, temperature=w.temperature, top_p=w.top_p,
-        test_timeout_s=sandbox.timeout_s, test_memory_mb=sandbox.memory_limit_mb)
-    return WorkflowMode(reward=from_section(RewardConfig, grpo.reward, "grpo.reward"),
-                        operators_text=fetch_operators_text(sandbox), run=settings,
-                        system=grpo.prompt.system or FLOW_SYSTEM_PROMPT, retries=sandbox.max_retries,
-                        worker_url=w.worker_url, worker_model=w.worker_model)
+        worker=w.worker,
+        max_operator_calls=w.max_operator_calls,
+        max_worker_tokens=w.max_worker_tokens,
+        wall_s=w.wall_s,
+        max_tokens=w.max_tokens,
+        temperature=w.temperature,
+        top_p=w.top_p,
+        test_timeout_s=sandbox.timeout_s,
+        test_memory_mb=sandbox.memory_limit_mb,
+    )
+    return WorkflowMode(
+        reward=from_section(RewardConfig, grpo.reward, "grpo.reward"),
+        operators_text=fetch_operators_text(sandbox),
+        run=settings,
+        system=grpo.prompt.system or FLOW_SYSTEM_PROMPT,
+        retries=sandbox.max_retries,
+        worker_url=w.worker_url,
+        worker_model=w.worker_model,
+    )
 
 
 register_mode(WorkflowMode.name, build_workflow_mode)
@@ -252,28 +314,47 @@ register_mode(WorkflowMode.name, build_workflow_mode)
 # ------------------------------------------------------------------------------- the worker prompted directly
 
 
-def direct_worker_report(grpo: GRPOSection, tokenizer, tasks: Sequence[Task], *, worker_url: str, sandbox_url: str,
-                         split: str, seeds: Sequence[int] | None) -> EvalReport:
+def direct_worker_report(
+    grpo: GRPOSection,
+    tokenizer,
+    tasks: Sequence[Task],
+    *,
+    worker_url: str,
+    sandbox_url: str,
+    split: str,
+    seeds: Sequence[int] | None,
+) -> EvalReport:
     """The baseline a workflow must beat: the same worker answering each query itself (the direct mode's prompt,
     one call of grpo.workflow.max_tokens, the eval's n and temperature), scored on the same hidden tests."""
     # the direct mode's prompt without the designer's system turn
-    direct = build_mode(grpo.model_copy(update={"mode": "direct", "prompt": grpo.prompt.model_copy(
-        update={"system": None})}), tokenizer)
+    direct = build_mode(
+        grpo.model_copy(update={"mode": "direct", "prompt": grpo.prompt.model_copy(update={"system": None})}), tokenizer
+    )
     n, w = grpo.eval.n, grpo.workflow
     flat = [task for task in tasks for _ in range(n)]
     started = time.perf_counter()
 
     async def run() -> list[Score]:
         async with ChatClient(worker_url, model=w.worker_model) as chat, SandboxClient(sandbox_url) as sandbox:
-            replies = await asyncio.gather(*(
-                chat.complete(direct.messages(task), temperature=grpo.eval.temperature, top_p=w.top_p,
-                              max_tokens=w.max_tokens, seed=None if seeds is None else seeds[i])
-                for i, task in enumerate(flat)))
+            replies = await asyncio.gather(
+                *(
+                    chat.complete(
+                        direct.messages(task),
+                        temperature=grpo.eval.temperature,
+                        top_p=w.top_p,
+                        max_tokens=w.max_tokens,
+                        seed=None if seeds is None else seeds[i],
+                    )
+                    for i, task in enumerate(flat)
+                )
+            )
             if any(reply.prompt_tokens is None or reply.completion_tokens is None for reply in replies):
                 raise ValueError(f"the worker at {worker_url} reports no token usage: cannot compare its cost")
             scores = await direct.score(sandbox, flat, [reply.content for reply in replies], hidden=True)
-        return [dataclasses.replace(score, worker_calls=1, worker_tokens=reply.prompt_tokens + reply.completion_tokens)
-                for score, reply in zip(scores, replies)]
+        return [
+            dataclasses.replace(score, worker_calls=1, worker_tokens=reply.prompt_tokens + reply.completion_tokens)
+            for score, reply in zip(scores, replies)
+        ]
 
     scores = asyncio.run(run())
     return summarize(tasks, scores, split=split, n=n, ks=grpo.eval.k, seconds=time.perf_counter() - started)

@@ -21,8 +21,19 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 _ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
 # keys of a rope_scaling dict that describe the scaling (rope_theta lives in its own field)
-_ROPE_KEYS = ("rope_type", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings",
-              "attention_factor", "beta_fast", "beta_slow", "truncate", "mscale", "mscale_all_dim")
+_ROPE_KEYS = (
+    "rope_type",
+    "factor",
+    "low_freq_factor",
+    "high_freq_factor",
+    "original_max_position_embeddings",
+    "attention_factor",
+    "beta_fast",
+    "beta_slow",
+    "truncate",
+    "mscale",
+    "mscale_all_dim",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,8 +69,10 @@ class ModelConfig:
         if self.attention_chunk < 0:
             raise ValueError(f"attention_chunk={self.attention_chunk}: expected 0 (off) or a positive row count")
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
-                             f"num_key_value_heads={self.num_key_value_heads}")
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
         if self.rope_scaling is not None:
@@ -174,10 +187,15 @@ def _read_rope(hf: dict) -> tuple[float, dict | None]:
 def _check_rope_scaling(scaling: dict) -> None:
     rope_type = scaling.get("rope_type")
     if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise ValueError(f"rope_scaling type {rope_type!r} is not supported; supported: {SUPPORTED_ROPE_TYPES} "
-                         "('dynamic' NTK rescales with the sequence length, which a fixed-shape cache cannot follow)")
-    needed = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor"),
-              "yarn": ("factor",)}.get(rope_type, ())
+        raise ValueError(
+            f"rope_scaling type {rope_type!r} is not supported; supported: {SUPPORTED_ROPE_TYPES} "
+            "('dynamic' NTK rescales with the sequence length, which a fixed-shape cache cannot follow)"
+        )
+    needed = {
+        "linear": ("factor",),
+        "llama3": ("factor", "low_freq_factor", "high_freq_factor"),
+        "yarn": ("factor",),
+    }.get(rope_type, ())
     missing = [k for k in needed if k not in scaling]
     if missing:
         raise ValueError(f"rope_scaling of type {rope_type!r} lacks {missing}")

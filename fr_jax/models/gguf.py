@@ -70,7 +70,10 @@ LLAMA_CPP_DEFAULT_ROPE_THETA = 10000.0
 # GPT-2's byte-level split). Add a row per pre-tokenizer once a GGUF that uses it is tested.
 PRE_TOKENIZERS = {
     "smollm": lambda: pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
     ),
 }
 # GGUF token type -> whether it becomes a special added token (True), a plain added token (False), or BPE vocab (None).

@@ -26,7 +26,7 @@ from safetensors.numpy import save_file
 from tqdm import tqdm
 
 from fr_jax.models.config import ModelConfig
-from fr_jax.models.qwen import Decoder, abstract_model, param_shardings
+from fr_jax.models.decoder import Decoder, abstract_model, param_shardings
 from fr_jax.parallel.rules import named_sharding
 
 _log = logging.getLogger(__name__)
@@ -40,24 +40,24 @@ SAFE_SINGLE = "model.safetensors"
 # KV kv_heads*head_dim, H head_dim. "layers." parameters are stacked; their HF names repeat per layer ({i}).
 _TABLE = (
     # fr_jax parameter           HF tensor                                         HF shape  layout
-    ("embed",                    "model.embed_tokens.weight",                      "V D",    "same"),
-    ("final_norm",               "model.norm.weight",                              "D",      "same"),
-    ("lm_head",                  "lm_head.weight",                                 "V D",    "linear"),
-    ("layers.input_norm",        "model.layers.{i}.input_layernorm.weight",        "D",      "same"),
-    ("layers.q_proj",            "model.layers.{i}.self_attn.q_proj.weight",       "Q D",    "linear"),
-    ("layers.k_proj",            "model.layers.{i}.self_attn.k_proj.weight",       "KV D",   "linear"),
-    ("layers.v_proj",            "model.layers.{i}.self_attn.v_proj.weight",       "KV D",   "linear"),
-    ("layers.q_bias",            "model.layers.{i}.self_attn.q_proj.bias",         "Q",      "same"),
-    ("layers.k_bias",            "model.layers.{i}.self_attn.k_proj.bias",         "KV",     "same"),
-    ("layers.v_bias",            "model.layers.{i}.self_attn.v_proj.bias",         "KV",     "same"),
-    ("layers.q_norm",            "model.layers.{i}.self_attn.q_norm.weight",       "H",      "same"),
-    ("layers.k_norm",            "model.layers.{i}.self_attn.k_norm.weight",       "H",      "same"),
-    ("layers.o_proj",            "model.layers.{i}.self_attn.o_proj.weight",       "D Q",    "linear"),
-    ("layers.o_bias",            "model.layers.{i}.self_attn.o_proj.bias",         "D",      "same"),
-    ("layers.post_attention_norm", "model.layers.{i}.post_attention_layernorm.weight", "D",  "same"),
-    ("layers.gate_proj",         "model.layers.{i}.mlp.gate_proj.weight",          "F D",    "linear"),
-    ("layers.up_proj",           "model.layers.{i}.mlp.up_proj.weight",            "F D",    "linear"),
-    ("layers.down_proj",         "model.layers.{i}.mlp.down_proj.weight",          "D F",    "linear"),
+    ("embed", "model.embed_tokens.weight", "V D", "same"),
+    ("final_norm", "model.norm.weight", "D", "same"),
+    ("lm_head", "lm_head.weight", "V D", "linear"),
+    ("layers.input_norm", "model.layers.{i}.input_layernorm.weight", "D", "same"),
+    ("layers.q_proj", "model.layers.{i}.self_attn.q_proj.weight", "Q D", "linear"),
+    ("layers.k_proj", "model.layers.{i}.self_attn.k_proj.weight", "KV D", "linear"),
+    ("layers.v_proj", "model.layers.{i}.self_attn.v_proj.weight", "KV D", "linear"),
+    ("layers.q_bias", "model.layers.{i}.self_attn.q_proj.bias", "Q", "same"),
+    ("layers.k_bias", "model.layers.{i}.self_attn.k_proj.bias", "KV", "same"),
+    ("layers.v_bias", "model.layers.{i}.self_attn.v_proj.bias", "KV", "same"),
+    ("layers.q_norm", "model.layers.{i}.self_attn.q_norm.weight", "H", "same"),
+    ("layers.k_norm", "model.layers.{i}.self_attn.k_norm.weight", "H", "same"),
+    ("layers.o_proj", "model.layers.{i}.self_attn.o_proj.weight", "D Q", "linear"),
+    ("layers.o_bias", "model.layers.{i}.self_attn.o_proj.bias", "D", "same"),
+    ("layers.post_attention_norm", "model.layers.{i}.post_attention_layernorm.weight", "D", "same"),
+    ("layers.gate_proj", "model.layers.{i}.mlp.gate_proj.weight", "F D", "linear"),
+    ("layers.up_proj", "model.layers.{i}.mlp.up_proj.weight", "F D", "linear"),
+    ("layers.down_proj", "model.layers.{i}.mlp.down_proj.weight", "D F", "linear"),
 )
 _BY_PARAM = {row[0]: row[1:] for row in _TABLE}
 # tensors some checkpoints carry that the model recomputes or shares
@@ -65,8 +65,14 @@ _IGNORABLE = re.compile(r"(.*rotary_emb\.inv_freq$)")
 
 
 def _hf_dims(cfg: ModelConfig) -> dict[str, int]:
-    return {"V": cfg.vocab_size, "D": cfg.hidden_size, "F": cfg.intermediate_size, "H": cfg.head_dim,
-            "Q": cfg.num_attention_heads * cfg.head_dim, "KV": cfg.num_key_value_heads * cfg.head_dim}
+    return {
+        "V": cfg.vocab_size,
+        "D": cfg.hidden_size,
+        "F": cfg.intermediate_size,
+        "H": cfg.head_dim,
+        "Q": cfg.num_attention_heads * cfg.head_dim,
+        "KV": cfg.num_key_value_heads * cfg.head_dim,
+    }
 
 
 def _hf_shape(spec: str, cfg: ModelConfig) -> tuple[int, ...]:
@@ -148,15 +154,19 @@ def load_pretrained(model_dir, *, mesh, **config_overrides) -> Decoder:
 
         def read(name: str, expected: tuple[int, ...]) -> np.ndarray:
             if name not in files:
-                raise KeyError(f"checkpoint {model_dir} lacks tensor {name!r} (needed for model_type "
-                               f"{cfg.model_type!r}, tie_word_embeddings={cfg.tie_word_embeddings})")
+                raise KeyError(
+                    f"checkpoint {model_dir} lacks tensor {name!r} (needed for model_type "
+                    f"{cfg.model_type!r}, tie_word_embeddings={cfg.tie_word_embeddings})"
+                )
             path = files[name]
             if path not in handles:
                 handles[path] = stack.enter_context(safe_open(path, "numpy"))
             found = tuple(handles[path].get_slice(name).get_shape())
             if found != expected:
-                raise ValueError(f"tensor {name!r} in {path.name} has shape {found}, expected {expected} "
-                                 f"from {model_dir / 'config.json'}")
+                raise ValueError(
+                    f"tensor {name!r} in {path.name} has shape {found}, expected {expected} "
+                    f"from {model_dir / 'config.json'}"
+                )
             used.add(name)
             return handles[path].get_tensor(name).astype(param_dtype, copy=False)
 
@@ -170,8 +180,9 @@ def load_pretrained(model_dir, *, mesh, **config_overrides) -> Decoder:
             if param.startswith("layers."):
                 layer_shape = var.shape[1:]
                 layer_sharding = named_sharding(mesh, layer_shape, var.get_metadata()["out_sharding"][1:])
-                pieces = [jax.device_put(_to_ours(read(n, hf_shape), layout, layer_shape), layer_sharding)
-                          for n in names]
+                pieces = [
+                    jax.device_put(_to_ours(read(n, hf_shape), layout, layer_shape), layer_sharding) for n in names
+                ]
                 loaded[path] = _stack(pieces, sharding)
             else:
                 loaded[path] = jax.device_put(_to_ours(read(names[0], hf_shape), layout, var.shape), sharding)
@@ -281,6 +292,8 @@ def save_pretrained(model: Decoder, out_dir, *, max_shard_size="2GB", source_dir
             save_file(tensors, out_dir / file_name, metadata={"format": "pt"})
     progress.close()
     if writer and len(shards) > 1:
-        index = {"metadata": {"total_size": sum(item[5] for item in plan)},
-                 "weight_map": {item[0]: file_name for file_name, shard in zip(names, shards) for item in shard}}
+        index = {
+            "metadata": {"total_size": sum(item[5] for item in plan)},
+            "weight_map": {item[0]: file_name for file_name, shard in zip(names, shards) for item in shard},
+        }
         (out_dir / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")

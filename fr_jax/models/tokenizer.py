@@ -63,7 +63,7 @@ QWEN_ADDED_TOKENS = (
 QWEN_MODEL_MAX_LENGTH = 131072
 
 # Qwen2.5-Instruct's chat template (ChatML, with its tool-calling branches), verbatim from its tokenizer_config.json.
-QWEN25_CHAT_TEMPLATE = r'''{%- if tools %}
+QWEN25_CHAT_TEMPLATE = r"""{%- if tools %}
     {{- '<|im_start|>system\n' }}
     {%- if messages[0]['role'] == 'system' %}
         {{- messages[0]['content'] }}
@@ -117,7 +117,7 @@ QWEN25_CHAT_TEMPLATE = r'''{%- if tools %}
 {%- if add_generation_prompt %}
     {{- '<|im_start|>assistant\n' }}
 {%- endif %}
-'''
+"""
 
 
 def cache_root() -> pathlib.Path:
@@ -194,7 +194,7 @@ def cached_dir(target: str | os.PathLike, fingerprint: dict, build: Callable[[pa
 
 
 def library_versions(*packages: str) -> dict[str, str]:
-    """Installed versions of the libraries a build used: part of a cache fingerprint, since upgrades can change output."""
+    """Installed versions of the libraries a build used: part of a cache fingerprint (upgrades can change output)."""
     return {package: importlib.metadata.version(package) for package in packages}
 
 
@@ -260,7 +260,9 @@ def _build_qwen_tokenizer(vocab: pathlib.Path, pattern: str, out_dir: pathlib.Pa
     add_tokens(backend, [(content, special) for _, content, special in QWEN_ADDED_TOKENS])  # in id order
     for token_id, content, _ in QWEN_ADDED_TOKENS:
         if backend.token_to_id(content) != token_id:
-            raise ValueError(f"Qwen vocabulary {vocab} gave {content!r} id {backend.token_to_id(content)}, not {token_id}")
+            raise ValueError(
+                f"Qwen vocabulary {vocab} gave {content!r} id {backend.token_to_id(content)}, not {token_id}"
+            )
     tokenizer = transformers.PreTrainedTokenizerFast(
         tokenizer_object=backend,
         eos_token="<|im_end|>",

@@ -26,7 +26,9 @@ def resolve_axis_sizes(data: int, fsdp: int, tensor: int, num_devices: int) -> t
     fixed = math.prod(s for s in sizes.values() if s != -1)
     if free:
         if num_devices % fixed:
-            raise ValueError(f"mesh: {num_devices} devices are not divisible by the fixed axes {sizes} (product {fixed})")
+            raise ValueError(
+                f"mesh: {num_devices} devices are not divisible by the fixed axes {sizes} (product {fixed})"
+            )
         sizes[free[0]] = num_devices // fixed
     if math.prod(sizes.values()) != num_devices:
         raise ValueError(
@@ -44,8 +46,12 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> M
     return mesh
 
 
-def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,
-                           local_device_count: int | None = None) -> None:
+def initialize_distributed(
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    local_device_count: int | None = None,
+) -> None:
     """Join a multi-process run. Arguments fall back to FR_JAX_COORDINATOR / FR_JAX_NUM_PROCESSES / FR_JAX_PROCESS_ID.
 
     On TPU pods and SLURM/GPU clusters jax finds everything itself, so a missing coordinator with a
@@ -60,5 +66,10 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
     if coordinator is None and (num_processes or 1) == 1:
         return
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
-    _log.info("process %d/%d joined %s: %d global devices", jax.process_index(), jax.process_count(), coordinator,
-              jax.device_count())
+    _log.info(
+        "process %d/%d joined %s: %d global devices",
+        jax.process_index(),
+        jax.process_count(),
+        coordinator,
+        jax.device_count(),
+    )

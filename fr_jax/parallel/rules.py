@@ -50,7 +50,7 @@ _log = logging.getLogger(__name__)
 def logical_to_spec(logical_axes: LogicalAxes, rules: Rules = DEFAULT_RULES) -> PartitionSpec:
     """PartitionSpec for logical axes; an unknown logical name is an error, not silent replication."""
     table = dict(rules)
-    spec = []
+    spec: list[str | tuple[str, ...] | None] = []
     for name in logical_axes:
         if name is None:
             spec.append(None)
@@ -78,13 +78,20 @@ def fit_spec(shape: Sequence[int], spec: PartitionSpec, mesh) -> PartitionSpec:
     fitted = []
     for dim, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
         if entry is not None and dim % _axis_size(mesh, entry) != 0:
-            _log.info("replicating dim of size %d: mesh axes %s (size %d) do not divide it", dim, entry, _axis_size(mesh, entry))
+            _log.info(
+                "replicating dim of size %d: mesh axes %s (size %d) do not divide it",
+                dim,
+                entry,
+                _axis_size(mesh, entry),
+            )
             entry = None
         fitted.append(entry)
     return PartitionSpec(*fitted)
 
 
-def named_sharding(mesh: Mesh, shape: Sequence[int], logical_axes: LogicalAxes, rules: Rules = DEFAULT_RULES) -> NamedSharding:
+def named_sharding(
+    mesh: Mesh, shape: Sequence[int], logical_axes: LogicalAxes, rules: Rules = DEFAULT_RULES
+) -> NamedSharding:
     """The NamedSharding for an array of `shape` whose axes carry `logical_axes`."""
     if len(logical_axes) != len(shape):
         raise ValueError(f"logical axes {tuple(logical_axes)} do not match rank of shape {tuple(shape)}")

@@ -1,1 +1,1 @@
-"""Reinforcement learning: GRPO-family losses and advantages, the multi-purpose reward, the sandbox client and the loop."""
+"""Reinforcement learning: GRPO-family losses and advantages, the multi-purpose reward, the GRPO round."""

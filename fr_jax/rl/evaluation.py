@@ -44,21 +44,39 @@ class EvalReport:
         return out
 
     def to_json(self) -> dict:
-        return {**dataclasses.asdict(self), "tasks": len(self.per_task),
-                "pass_at_k": {f"pass@{k}": v for k, v in self.pass_at_k.items()}}
+        return {
+            **dataclasses.asdict(self),
+            "tasks": len(self.per_task),
+            "pass_at_k": {f"pass@{k}": v for k, v in self.pass_at_k.items()},
+        }
 
     def line(self) -> str:
         figures = ", ".join(f"pass@{k} {v:.3f}" for k, v in self.pass_at_k.items())
-        return (f"{self.split}: {len(self.per_task)} tasks x {self.n} samples: {figures}, reward "
-                f"{self.reward['total']:.3f}, tests passed {self.test_pass_rate:.3f}, "
-                f"well-formed {self.well_formed:.3f}" + (
-                    f", worker {self.worker_calls:.2f} calls / {self.worker_tokens:.0f} tokens per answer"
-                    if self.worker_calls is not None else ""))
+        return (
+            f"{self.split}: {len(self.per_task)} tasks x {self.n} samples: {figures}, reward "
+            f"{self.reward['total']:.3f}, tests passed {self.test_pass_rate:.3f}, "
+            f"well-formed {self.well_formed:.3f}"
+            + (
+                f", worker {self.worker_calls:.2f} calls / {self.worker_tokens:.0f} tokens per answer"
+                if self.worker_calls is not None
+                else ""
+            )
+        )
 
 
-def evaluate(client: RolloutClient, sandbox_url: str, mode: Mode, tasks: Sequence[Task],
-             prompts: Sequence[Sequence[int]], *, split: str, n: int, ks: Sequence[int], params: SamplingParams,
-             seeds: Sequence[int] | None) -> EvalReport:
+def evaluate(
+    client: RolloutClient,
+    sandbox_url: str,
+    mode: Mode,
+    tasks: Sequence[Task],
+    prompts: Sequence[Sequence[int]],
+    *,
+    split: str,
+    n: int,
+    ks: Sequence[int],
+    params: SamplingParams,
+    seeds: Sequence[int] | None,
+) -> EvalReport:
     started = time.perf_counter()
     groups = generate_groups(client, prompts, params, n, seeds)
     flat_tasks = [task for task in tasks for _ in range(n)]
@@ -66,16 +84,20 @@ def evaluate(client: RolloutClient, sandbox_url: str, mode: Mode, tasks: Sequenc
     return summarize(tasks, scores, split=split, n=n, ks=ks, seconds=time.perf_counter() - started)
 
 
-def summarize(tasks: Sequence[Task], scores: Sequence[Score], *, split: str, n: int, ks: Sequence[int],
-              seconds: float) -> EvalReport:
+def summarize(
+    tasks: Sequence[Task], scores: Sequence[Score], *, split: str, n: int, ks: Sequence[int], seconds: float
+) -> EvalReport:
     """The report of n scored samples per task (scores task-major: the n of tasks[0] first)."""
     correct = np.array([s.passed_all for s in scores]).reshape(len(tasks), n).sum(axis=1)
     terms = [s.reward.as_dict() for s in scores]
     return EvalReport(
-        split=split, n=n,
+        split=split,
+        n=n,
         pass_at_k={k: float(np.mean([pass_at_k(n, int(c), k) for c in correct])) for k in ks},
         reward={key: float(np.mean([t[key] for t in terms])) for key in terms[0]},
         test_pass_rate=float(np.mean([s.pass_rate for s in scores])),
         well_formed=float(np.mean([s.well_formed for s in scores])),
-        per_task={task.task_id: int(c) for task, c in zip(tasks, correct)}, seconds=seconds,
-        **worker_usage(scores))
+        per_task={task.task_id: int(c) for task, c in zip(tasks, correct)},
+        seconds=seconds,
+        **worker_usage(scores),
+    )

@@ -7,7 +7,7 @@ tokens that count and 0 on padding (and on prompt tokens if the caller packs the
 Exactness under gradient accumulation and data parallelism: a loss is returned as a `(loss_sum, denom)`
 pair, never as a mean. Sum the pairs over micro-batches (and devices), then divide once. Because `denom`
 does not depend on the parameters, accumulating grad(loss_sum) and dividing by the total denom at the end
-is the same gradient as one big batch. Metrics follow the same rule (`MeanStat(sum, count)`, `MaxStat`,
+is the same gradient as one big batch. Metrics follow the same rule (`MeanStat(sum, weight)`, `MaxStat`,
 `MinStat`; see `merge_metrics`/`finalize_metrics`).
 
 Which flags give which recipe (see docs/rl.md):
@@ -83,7 +83,7 @@ class MeanStat(NamedTuple):
     """A mean kept as (sum, count) so it stays exact when summed over micro-batches and devices."""
 
     total: jax.Array
-    count: jax.Array
+    weight: jax.Array  # what `total` is a sum over (tokens, rows); named so as not to shadow tuple.count
 
 
 class MaxStat(NamedTuple):
@@ -101,17 +101,17 @@ def merge_metrics(a: dict[str, Metric], b: dict[str, Metric]) -> dict[str, Metri
     """Combine the metrics of two micro-batches (jit-friendly; NamedTuples are pytrees)."""
     if a.keys() != b.keys():
         raise ValueError(f"metric keys differ: {sorted(a.keys() ^ b.keys())}")
-    merged = {}
+    merged: dict[str, Metric] = {}
     for key, x in a.items():
-        y = b[key]
-        if type(x) is not type(y):
-            raise ValueError(f"metric {key!r} is a {type(x).__name__} here and a {type(y).__name__} there")
-        if isinstance(x, MeanStat):
-            merged[key] = MeanStat(x.total + y.total, x.count + y.count)
-        elif isinstance(x, MaxStat):
-            merged[key] = MaxStat(jnp.maximum(x.value, y.value))
-        else:
-            merged[key] = MinStat(jnp.minimum(x.value, y.value))
+        match x, b[key]:
+            case MeanStat(), MeanStat() as y:
+                merged[key] = MeanStat(x.total + y.total, x.weight + y.weight)
+            case MaxStat(), MaxStat() as y:
+                merged[key] = MaxStat(jnp.maximum(x.value, y.value))
+            case MinStat(), MinStat() as y:
+                merged[key] = MinStat(jnp.minimum(x.value, y.value))
+            case _, y:
+                raise ValueError(f"metric {key!r} is a {type(x).__name__} here and a {type(y).__name__} there")
     return merged
 
 
@@ -120,7 +120,7 @@ def finalize_metrics(metrics: dict[str, Metric]) -> dict[str, float]:
     out = {}
     for key, m in metrics.items():
         if isinstance(m, MeanStat):
-            count = float(m.count)
+            count = float(m.weight)
             out[key] = float(m.total) / count if count > 0 else float("nan")
         else:
             out[key] = float(m.value)

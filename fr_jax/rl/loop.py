@@ -42,8 +42,8 @@ from jax.experimental import multihost_utils
 
 from fr_jax.config import Config, ConfigError
 from fr_jax.data.tasks import Task
+from fr_jax.models.decoder import abstract_model
 from fr_jax.models.hf import save_pretrained
-from fr_jax.models.qwen import abstract_model
 from fr_jax.rl.components import build_mode, eval_params, load_prompts, loss_config, rollout_params
 from fr_jax.rl.evaluation import EvalReport, evaluate
 from fr_jax.rl.grpo import group_advantages, merge_metrics, needs_reference, overlong_penalty
@@ -103,36 +103,54 @@ class GRPORun:
         self.tokenizer = load_tokenizer(cfg.model)
         self.model_cfg = model_config(cfg.model)
         if len(self.tokenizer) > self.model_cfg.vocab_size:
-            raise ConfigError(f"model.tokenizer has {len(self.tokenizer)} tokens but the model's vocab_size is "
-                              f"{self.model_cfg.vocab_size}")
+            raise ConfigError(
+                f"model.tokenizer has {len(self.tokenizer)} tokens but the model's vocab_size is "
+                f"{self.model_cfg.vocab_size}"
+            )
         self.mode = build_mode(g, self.tokenizer)
-        self.train_tasks, train_prompts = load_prompts(g, g.data.train_split, self.mode, self.tokenizer,
-                                                       limit=g.data.train_limit)
-        self.eval_tasks, self.eval_prompts = load_prompts(g, g.data.eval_split, self.mode, self.tokenizer,
-                                                          limit=g.data.eval_limit)
+        self.train_tasks, train_prompts = load_prompts(
+            g, g.data.train_split, self.mode, self.tokenizer, limit=g.data.train_limit
+        )
+        self.eval_tasks, self.eval_prompts = load_prompts(
+            g, g.data.eval_split, self.mode, self.tokenizer, limit=g.data.eval_limit
+        )
         self.prompt_of = dict(zip((t.task_id for t in self.train_tasks), train_prompts))
         self.layout = Layout(max(map(len, train_prompts)), g.rollout.max_new_tokens)
         if self.layout.prompt_len + self.layout.response_len > self.model_cfg.max_position_embeddings:
-            raise ConfigError(f"the longest training prompt ({self.layout.prompt_len} tokens) + grpo.rollout."
-                              f"max_new_tokens ({self.layout.response_len}) exceed the model's context "
-                              f"({self.model_cfg.max_position_embeddings}); lower grpo.data.max_prompt_tokens")
+            raise ConfigError(
+                f"the longest training prompt ({self.layout.prompt_len} tokens) + grpo.rollout."
+                f"max_new_tokens ({self.layout.response_len}) exceed the model's context "
+                f"({self.model_cfg.max_position_embeddings}); lower grpo.data.max_prompt_tokens"
+            )
         self.rows = g.rollout.prompts_per_step * g.rollout.n
         if self.rows % self.train.batch_size:
-            raise ConfigError(f"grpo.rollout.prompts_per_step x n = {self.rows} rows per round must be a multiple "
-                              f"of train.batch_size={self.train.batch_size} (rows per optimizer step)")
+            raise ConfigError(
+                f"grpo.rollout.prompts_per_step x n = {self.rows} rows per round must be a multiple "
+                f"of train.batch_size={self.train.batch_size} (rows per optimizer step)"
+            )
         self.steps_per_round = g.ppo_epochs * self.rows // self.train.batch_size
         self.stream = TaskStream(self.train_tasks, g.data.shuffle_seed)
         self.sampling = rollout_params(g)
 
         optimizer, schedule = build_optimizer(cfg.optim, self.train.steps * self.steps_per_round)
-        self.step_fn = TrainStep(abstract_model(self.model_cfg), grpo_loss_fn(self.loss_cfg, g.rollout.temperature),
-                                 optimizer, mesh=rt.mesh, micro_batches=self.train.micro_batches,
-                                 learning_rate_fn=schedule, combine_metrics=merge_metrics)
+        self.step_fn = TrainStep(
+            abstract_model(self.model_cfg),
+            grpo_loss_fn(self.loss_cfg, g.rollout.temperature),
+            optimizer,
+            mesh=rt.mesh,
+            micro_batches=self.train.micro_batches,
+            learning_rate_fn=schedule,
+            combine_metrics=merge_metrics,
+        )
         micro_rows = self.train.batch_size // self.train.micro_batches
         self.needs_old = self.steps_per_round > 1
         self.logp_pass = LogprobPass(self.step_fn, g.rollout.temperature, micro_rows)
-        self.ckpt = Checkpointer(rt.run_dir / "checkpoints", every_steps=cfg.checkpoint.every_steps,
-                                 keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
+        self.ckpt = Checkpointer(
+            rt.run_dir / "checkpoints",
+            every_steps=cfg.checkpoint.every_steps,
+            keep=cfg.checkpoint.keep,
+            async_save=cfg.checkpoint.async_save,
+        )
         self.sync_dir, self._sync_dir_is_temp = _fast_dir(g.rollout.sync_dir, rt.run_dir)
         self.ref_params = None  # the frozen reference, loaded only when loss.beta > 0
 
@@ -148,14 +166,16 @@ class GRPORun:
         state, host_states = self.ckpt.restore(self.step_fn.abstract_state())
         host = host_states[0]
         self.stream.set_state(host["tasks"])
-        _log.info("resuming after round %d (weight version %s, task stream %s)", start, host["weight_version"],
-                  host["tasks"])
+        _log.info(
+            "resuming after round %d (weight version %s, task stream %s)", start, host["weight_version"], host["tasks"]
+        )
         return start, state, host["weight_version"]
 
     # ------------------------------------------------------------------------------------- one round
 
-    def _sample(self, client: RolloutClient, tasks: list[Task], seeds: list[int] | None,
-                version: str) -> list[list[Rollout]]:
+    def _sample(
+        self, client: RolloutClient, tasks: list[Task], seeds: list[int] | None, version: str
+    ) -> list[list[Rollout]]:
         prompts = [self.prompt_of[t.task_id] for t in tasks]
         try:
             groups = generate_groups(client, prompts, self.sampling, self.grpo.rollout.n, seeds)
@@ -163,8 +183,10 @@ class GRPORun:
             raise RolloutError(f"rollout of {len(tasks)} prompts failed: {err}") from err
         stale = {r.weight_version for g in groups for r in g if r.weight_version is not None} - {version}
         if stale:
-            raise RolloutError(f"the server sampled with weight_version {sorted(map(str, stale))}, expected {version!r}"
-                               f" (another process changed its weights?)")
+            raise RolloutError(
+                f"the server sampled with weight_version {sorted(map(str, stale))}, expected {version!r}"
+                f" (another process changed its weights?)"
+            )
         return groups
 
     def _collect(self, client: RolloutClient, sandbox_url: str, round_index: int, version: str):
@@ -177,43 +199,62 @@ class GRPORun:
         calls = 0
         while len(kept) < wanted and calls < (g.max_sampling_rounds if g.dynamic_sampling else 1):
             tasks = self.stream.take(wanted - len(kept))
-            seeds = (sampling_seeds(self.train.seed, round_index, calls, count=len(tasks) * n)
-                     if g.rollout.seed_requests else None)
+            seeds = (
+                sampling_seeds(self.train.seed, round_index, calls, count=len(tasks) * n)
+                if g.rollout.seed_requests
+                else None
+            )
             started = time.perf_counter()
             sampled = self._sample(client, tasks, seeds, version)
             timing["rollout_s"] += time.perf_counter() - started
             started = time.perf_counter()
             flat_tasks = [t for t in tasks for _ in range(n)]
-            scores = score_completions(sandbox_url, self.mode, flat_tasks, [r.text for s in sampled for r in s],
-                                       hidden=g.sandbox.reward_tests == "hidden")
+            scores = score_completions(
+                sandbox_url,
+                self.mode,
+                flat_tasks,
+                [r.text for s in sampled for r in s],
+                hidden=g.sandbox.reward_tests == "hidden",
+            )
             timing["sandbox_s"] += time.perf_counter() - started
             for i, (task, rollouts) in enumerate(zip(tasks, sampled)):
                 lengths = np.array([len(r.output_ids) for r in rollouts])
-                overlong = (np.asarray(overlong_penalty(lengths, max_len=g.rollout.max_new_tokens,
-                                                        buffer=g.overlong_buffer))
-                            if g.overlong_buffer else np.zeros(n))
-                group = Group(task, self.prompt_of[task.task_id], rollouts, scores[i * n:(i + 1) * n], overlong)
+                overlong = (
+                    np.asarray(overlong_penalty(lengths, max_len=g.rollout.max_new_tokens, buffer=g.overlong_buffer))
+                    if g.overlong_buffer
+                    else np.zeros(n)
+                )
+                group = Group(task, self.prompt_of[task.task_id], rollouts, scores[i * n : (i + 1) * n], overlong)
                 informative = np.ptp(group.rewards) > 0
                 (kept if informative or not g.dynamic_sampling else dropped).append(group)
             calls += 1
         everything = kept + dropped
-        stats = {"groups/zero_variance_frac": float(np.mean([np.ptp(x.rewards) == 0 for x in everything])),
-                 "groups/sampling_calls": float(calls),
-                 "groups/refilled_zero_variance": float(max(0, wanted - len(kept)))}
+        stats = {
+            "groups/zero_variance_frac": float(np.mean([np.ptp(x.rewards) == 0 for x in everything])),
+            "groups/sampling_calls": float(calls),
+            "groups/refilled_zero_variance": float(max(0, wanted - len(kept))),
+        }
         if len(kept) < wanted:
-            _log.warning("dynamic sampling found %d informative groups of %d in %d calls; filling with groups whose "
-                         "rewards are all equal (their advantages are 0)", len(kept), wanted, calls)
-            kept += dropped[:wanted - len(kept)]
+            _log.warning(
+                "dynamic sampling found %d informative groups of %d in %d calls; filling with groups whose "
+                "rewards are all equal (their advantages are 0)",
+                len(kept),
+                wanted,
+                calls,
+            )
+            kept += dropped[: wanted - len(kept)]
         return kept, everything, stats, timing
 
     def _rows(self, groups: list[Group] | None) -> dict[str, np.ndarray]:
         """The update's rows with their advantages: process 0 builds them, every process gets them."""
         n = self.grpo.rollout.n
         if groups is not None:
-            batch = pack_rollouts([x.prompt for x in groups for _ in range(n)],
-                                  [r for x in groups for r in x.rollouts], self.layout)
-            advantages = group_advantages(np.stack([x.rewards for x in groups]),
-                                          norm_by_std=self.loss_cfg.norm_adv_by_std, eps=self.loss_cfg.eps)
+            batch = pack_rollouts(
+                [x.prompt for x in groups for _ in range(n)], [r for x in groups for r in x.rollouts], self.layout
+            )
+            advantages = group_advantages(
+                np.stack([x.rewards for x in groups]), norm_by_std=self.loss_cfg.norm_adv_by_std, eps=self.loss_cfg.eps
+            )
             batch["advantages"] = np.asarray(advantages.advantages, np.float32).reshape(-1)
         if jax.process_count() > 1:
             batch = multihost_utils.broadcast_one_to_all(batch if groups is not None else self._empty_batch())
@@ -228,8 +269,14 @@ class GRPORun:
 
     def _empty_batch(self) -> dict[str, np.ndarray]:
         p, r = self.layout.prompt_len, self.layout.response_len
-        shapes = {"input_ids": (p + r, np.int32), "positions": (p + r, np.int32), "segment_ids": (p + r, np.int32),
-                  "targets": (r, np.int32), "mask": (r, np.float32), "rollout_logp": (r, np.float32)}
+        shapes = {
+            "input_ids": (p + r, np.int32),
+            "positions": (p + r, np.int32),
+            "segment_ids": (p + r, np.int32),
+            "targets": (r, np.int32),
+            "mask": (r, np.float32),
+            "rollout_logp": (r, np.float32),
+        }
         batch = {k: np.zeros((self.rows, width), dtype) for k, (width, dtype) in shapes.items()}
         batch["advantages"] = np.zeros((self.rows,), np.float32)
         return batch
@@ -240,24 +287,42 @@ class GRPORun:
             save_pretrained(model, self.sync_dir)
             return {}
         sync = sync_weights(client, model, self.sync_dir, weight_version=version)
-        return {"sync/gigabytes": sync.gigabytes, "sync/seconds_per_gb": sync.seconds_per_gb,
-                "time/sync_write_s": sync.write_s, "time/sync_load_s": sync.load_s}
+        return {
+            "sync/gigabytes": sync.gigabytes,
+            "sync/seconds_per_gb": sync.seconds_per_gb,
+            "time/sync_write_s": sync.write_s,
+            "time/sync_load_s": sync.load_s,
+        }
 
     def _evaluate(self, client: RolloutClient, sandbox_url: str, round_index: int) -> EvalReport:
         ev = self.grpo.eval
-        seeds = (sampling_seeds(self.train.seed, round_index, EVAL_CALL, count=len(self.eval_tasks) * ev.n)
-                 if ev.temperature else None)
-        report = evaluate(client, sandbox_url, self.mode, self.eval_tasks, self.eval_prompts,
-                          split=self.grpo.data.eval_split, n=ev.n, ks=ev.k, params=eval_params(self.grpo),
-                          seeds=seeds)
+        seeds = (
+            sampling_seeds(self.train.seed, round_index, EVAL_CALL, count=len(self.eval_tasks) * ev.n)
+            if ev.temperature
+            else None
+        )
+        report = evaluate(
+            client,
+            sandbox_url,
+            self.mode,
+            self.eval_tasks,
+            self.eval_prompts,
+            split=self.grpo.data.eval_split,
+            n=ev.n,
+            ks=ev.k,
+            params=eval_params(self.grpo),
+            seeds=seeds,
+        )
         _log.info("held-out after round %d: %s (%.1fs)", round_index, report.line(), report.seconds)
         return report
 
     def _round_scalars(self, everything: list[Group]) -> dict[str, float]:
         scores = [s for x in everything for s in x.scores]
         rollouts = [r for x in everything for r in x.rollouts]
-        out = {f"reward/{k}": float(np.mean([s.reward.as_dict()[k] for s in scores]))
-               for k in ("performance", "complexity", "efficiency", "format")}
+        out = {
+            f"reward/{k}": float(np.mean([s.reward.as_dict()[k] for s in scores]))
+            for k in ("performance", "complexity", "efficiency", "format")
+        }
         out["reward/overlong"] = float(np.mean(np.concatenate([x.overlong for x in everything])))
         out["reward/total"] = float(np.mean(np.concatenate([x.rewards for x in everything])))
         out["pass_rate"] = float(np.mean([s.pass_rate for s in scores]))
@@ -273,11 +338,13 @@ class GRPORun:
 
     def _samples_text(self, groups: list[Group]) -> str:
         parts = []
-        for x in groups[:self.grpo.samples_shown]:
+        for x in groups[: self.grpo.samples_shown]:
             best = int(np.argmax(x.rewards))
             terms = ", ".join(f"{k} {v:.3f}" for k, v in x.scores[best].reward.as_dict().items())
-            parts.append(f"## {x.task.task_id} (rewards {np.round(x.rewards, 3).tolist()})\n### prompt\n"
-                         f"{self.tokenizer.decode(x.prompt)}\n### best completion ({terms})\n{x.rollouts[best].text}")
+            parts.append(
+                f"## {x.task.task_id} (rewards {np.round(x.rewards, 3).tolist()})\n### prompt\n"
+                f"{self.tokenizer.decode(x.prompt)}\n### best completion ({terms})\n{x.rollouts[best].text}"
+            )
         return "\n\n".join(parts)
 
     # ------------------------------------------------------------------------------------------- run
@@ -287,13 +354,23 @@ class GRPORun:
         start, state, version = self._restore()
         self.ref_params = self._initial_params() if needs_reference(self.loss_cfg.beta) else None
         main = self.rt.is_main
-        writer = MetricsWriter(self.rt.run_dir, total_steps=self.train.steps, start_step=start,
-                               tensorboard=self.cfg.monitor.tensorboard, progress_bar=self.cfg.monitor.progress_bar,
-                               desc="grpo")
+        writer = MetricsWriter(
+            self.rt.run_dir,
+            total_steps=self.train.steps,
+            start_step=start,
+            tensorboard=self.cfg.monitor.tensorboard,
+            progress_bar=self.cfg.monitor.progress_bar,
+            desc="grpo",
+        )
         writer.text("config", self.cfg.to_yaml())
-        summary: dict[str, Any] = {"start_round": start, "rounds": self.train.steps,
-                                   "train_tasks": len(self.train_tasks), "eval_tasks": len(self.eval_tasks),
-                                   "layout": dataclasses.asdict(self.layout), "round_rewards": []}
+        summary: dict[str, Any] = {
+            "start_round": start,
+            "rounds": self.train.steps,
+            "train_tasks": len(self.train_tasks),
+            "eval_tasks": len(self.eval_tasks),
+            "layout": dataclasses.asdict(self.layout),
+            "round_rewards": [],
+        }
         g = self.grpo
         try:
             if g.rollout.launch != "none":  # a launched server starts on the current weights
@@ -331,14 +408,17 @@ class GRPORun:
             yield None, None
             return
         log_dir = self.rt.run_dir / "logs"
-        with rollout_service(self.grpo.rollout, self.sync_dir, weight_version=version, seed=self.train.seed,
-                             log_dir=log_dir) as client, \
-                sandbox_service(self.grpo.sandbox, log_dir=log_dir,
-                                workers=self.mode.sandbox_workers(client.base_url)) as sandbox_url:
+        with (
+            rollout_service(
+                self.grpo.rollout, self.sync_dir, weight_version=version, seed=self.train.seed, log_dir=log_dir
+            ) as client,
+            sandbox_service(
+                self.grpo.sandbox, log_dir=log_dir, workers=self.mode.sandbox_workers(client.base_url)
+            ) as sandbox_url,
+        ):
             yield client, sandbox_url
 
-    def _train(self, state, version: str, start: int, client, sandbox_url, writer: MetricsWriter,
-               summary: dict) -> Any:
+    def _train(self, state, version: str, start: int, client, sandbox_url, writer: MetricsWriter, summary: dict) -> Any:
         g, main = self.grpo, self.rt.is_main
         for round_index in range(start, self.train.steps):
             round_started = time.perf_counter()
@@ -354,10 +434,15 @@ class GRPORun:
             if np.any(batch["advantages"]):
                 train_started = time.perf_counter()
                 self._add_logprobs(batch, state)
-                state, history = ppo_update(self.step_fn, state, batch, epochs=g.ppo_epochs,
-                                            rows_per_step=self.train.batch_size,
-                                            micro_batches=self.train.micro_batches,
-                                            rng=np.random.default_rng([self.train.seed, round_index]))
+                state, history = ppo_update(
+                    self.step_fn,
+                    state,
+                    batch,
+                    epochs=g.ppo_epochs,
+                    rows_per_step=self.train.batch_size,
+                    micro_batches=self.train.micro_batches,
+                    rng=np.random.default_rng([self.train.seed, round_index]),
+                )
                 scalars["time/train_s"] = time.perf_counter() - train_started
                 scalars.update({f"train/{k}": v for k, v in summarize_updates(history).items()})
                 version = str(done)
@@ -377,8 +462,12 @@ class GRPORun:
                 writer.scalars(done, scalars)
                 if g.samples_every and (done % g.samples_every == 0 or done == start + 1):
                     writer.text("samples", self._samples_text(groups), done)
-                writer.progress(done, reward=scalars["reward/total"], pass_rate=scalars["pass_rate"],
-                                round_s=scalars["time/round_s"])
+                writer.progress(
+                    done,
+                    reward=scalars["reward/total"],
+                    pass_rate=scalars["pass_rate"],
+                    round_s=scalars["time/round_s"],
+                )
             if self.ckpt.due(done) or done == self.train.steps:
                 self.ckpt.save(done, state, {"tasks": self.stream.get_state(), "weight_version": version})
         return state
@@ -386,13 +475,17 @@ class GRPORun:
 
 def final_report(summary: dict[str, Any]) -> str:
     """The before/after lines printed at the end of a run."""
-    lines = [f"GRPO rounds {summary['start_round'] + 1}-{summary['rounds']} done in {summary['wall_s']:.0f} s: "
-             f"{summary['train_tasks']} training tasks, {summary['eval_tasks']} held-out tasks"]
+    lines = [
+        f"GRPO rounds {summary['start_round'] + 1}-{summary['rounds']} done in {summary['wall_s']:.0f} s: "
+        f"{summary['train_tasks']} training tasks, {summary['eval_tasks']} held-out tasks"
+    ]
     rewards = summary["round_rewards"]
     if rewards:
         k = max(1, min(3, len(rewards) // 2))
-        lines.append(f"  training reward (mean over a round's samples): first {k} round(s) {np.mean(rewards[:k]):.3f} "
-                     f"-> last {k} round(s) {np.mean(rewards[-k:]):.3f}")
+        lines.append(
+            f"  training reward (mean over a round's samples): first {k} round(s) {np.mean(rewards[:k]):.3f} "
+            f"-> last {k} round(s) {np.mean(rewards[-k:]):.3f}"
+        )
     before, after = summary.get("eval_before"), summary.get("eval_after")
     if after:
         for key, value in after["pass_at_k"].items():

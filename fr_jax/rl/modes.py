@@ -26,9 +26,10 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from fr_jax.data.tasks import Task, TestSuite
+from fr_jax.data.tasks import Task
 from fr_jax.rl.reward import RewardBreakdown, RewardConfig, extract_code, multi_purpose_reward
-from fr_jax.rl.sandbox_client import AssertTests, EvalItem, Evaluation, HumanEvalTests, SandboxClient, SandboxError
+from fr_jax.sandbox.client import EvalItem, Evaluation, SandboxClient, SandboxError
+from fr_jax.sandbox.suites import suite_item
 
 _log = logging.getLogger(__name__)
 
@@ -61,8 +62,10 @@ def worker_usage(scores: Sequence[Score]) -> dict[str, float]:
     """Mean worker-LLM calls and tokens per answer, when every score has them ({} otherwise)."""
     if not scores or any(s.worker_calls is None or s.worker_tokens is None for s in scores):
         return {}
-    return {"worker_calls": sum(s.worker_calls for s in scores) / len(scores),
-            "worker_tokens": sum(s.worker_tokens for s in scores) / len(scores)}
+    return {
+        "worker_calls": sum(s.worker_calls for s in scores) / len(scores),
+        "worker_tokens": sum(s.worker_tokens for s in scores) / len(scores),
+    }
 
 
 class Mode(Protocol):
@@ -71,37 +74,18 @@ class Mode(Protocol):
     def messages(self, task: Task) -> list[dict[str, str]]:
         """The chat the policy answers (without the assistant turn)."""
 
-    async def score(self, sandbox: SandboxClient, tasks: Sequence[Task], completions: Sequence[str], *,
-                    hidden: bool) -> list[Score]:
+    async def score(
+        self, sandbox: SandboxClient, tasks: Sequence[Task], completions: Sequence[str], *, hidden: bool
+    ) -> list[Score]:
         """One Score per completion; tasks[i] is the task completions[i] answers."""
 
     def sandbox_workers(self, rollout_url: str) -> list[str]:
         """Worker LLMs (`name=URL[,model=M]`) that a sandbox launched for this mode must allowlist."""
 
 
-def humaneval_check(suite: TestSuite) -> str:
-    """The one check() program of a humaneval-format suite (all-or-nothing: it counts as one test)."""
-    if len(suite.cases) != 1 or suite.setup:
-        raise ValueError(f"a humaneval suite holds one check() program and no setup, got {len(suite.cases)} "
-                         f"cases and setup {suite.setup!r}")
-    return suite.cases[0]
-
-
-def suite_item(suite: TestSuite, entry_point: str, solution: str, *, timeout_s: float,
-               memory_limit_mb: int) -> EvalItem:
-    """The sandbox request that runs `solution` against one test suite, as Task.test_programs lays it out:
-    prelude, solution, setup, then each case (HumanEval's check() counts as one all-or-nothing test)."""
-    if suite.format == "humaneval":
-        code = f"{suite.prelude}\n\n{solution}" if suite.prelude else solution
-        tests = HumanEvalTests(humaneval_check(suite), entry_point, split_asserts=False)
-    else:
-        code = solution
-        tests = AssertTests(list(suite.cases), setup_code=suite.setup, imports=[suite.prelude] if suite.prelude else [])
-    return EvalItem(code, tests, timeout_s=timeout_s, memory_limit_mb=memory_limit_mb)
-
-
-async def evaluate_with_retries(sandbox: SandboxClient, items: Sequence[EvalItem], labels: Sequence[str], *,
-                                retries: int) -> list[Evaluation]:
+async def evaluate_with_retries(
+    sandbox: SandboxClient, items: Sequence[EvalItem], labels: Sequence[str], *, retries: int
+) -> list[Evaluation]:
     """Evaluations of `items`; those the sandbox could not judge are sent again up to `retries` times, then raise
     SandboxFailure naming the first one (labels[i] names items[i])."""
     results = list(await sandbox.evaluate_batch(items)) if items else []
@@ -112,10 +96,17 @@ async def evaluate_with_retries(sandbox: SandboxClient, items: Sequence[EvalItem
             raise SandboxFailure(
                 f"the sandbox could not judge {len(failed)} of {len(items)} programs after {retries} retries "
                 f"(first: {labels[failed[0]]}: {first.message or 'no message'}); a sandbox error is not a wrong "
-                f"answer, so nothing was scored")
+                f"answer, so nothing was scored"
+            )
         attempt += 1
-        _log.warning("sandbox could not judge %d programs (%s: %s); retry %d/%d", len(failed), labels[failed[0]],
-                     first.message, attempt, retries)
+        _log.warning(
+            "sandbox could not judge %d programs (%s: %s); retry %d/%d",
+            len(failed),
+            labels[failed[0]],
+            first.message,
+            attempt,
+            retries,
+        )
         for i, result in zip(failed, await sandbox.evaluate_batch([items[i] for i in failed])):
             results[i] = result
     return results
@@ -134,9 +125,18 @@ class DirectCode:
 
     name = "direct"
 
-    def __init__(self, *, reward: RewardConfig, count_tokens: Callable[[str], int], instruction: str,
-                 system: str | None = None, show_public_tests: bool = True, timeout_s: float = 5.0,
-                 memory_limit_mb: int = 1024, retries: int = 2):
+    def __init__(
+        self,
+        *,
+        reward: RewardConfig,
+        count_tokens: Callable[[str], int],
+        instruction: str,
+        system: str | None = None,
+        show_public_tests: bool = True,
+        timeout_s: float = 5.0,
+        memory_limit_mb: int = 1024,
+        retries: int = 2,
+    ):
         self.reward = reward
         self.count_tokens = count_tokens
         self.instruction = instruction
@@ -157,8 +157,9 @@ class DirectCode:
         chat = [{"role": "system", "content": self.system}] if self.system else []
         return chat + [{"role": "user", "content": "\n\n".join(parts)}]
 
-    async def score(self, sandbox: SandboxClient, tasks: Sequence[Task], completions: Sequence[str], *,
-                    hidden: bool) -> list[Score]:
+    async def score(
+        self, sandbox: SandboxClient, tasks: Sequence[Task], completions: Sequence[str], *, hidden: bool
+    ) -> list[Score]:
         if len(tasks) != len(completions):
             raise ValueError(f"{len(tasks)} tasks for {len(completions)} completions")
         codes = [extract_code(text) for text in completions]
@@ -166,24 +167,42 @@ class DirectCode:
         suites = [task.hidden_tests if hidden else task.public_tests for task in tasks]
         empty = [tasks[i].task_id for i in runnable if not suites[i].cases]
         if empty:
-            raise ValueError(f"task {empty[0]} has no {'hidden' if hidden else 'public'} tests to score against "
-                             f"(HumanEval has 8 tasks without public tests; use sandbox.reward_tests: hidden)")
-        items = [suite_item(suites[i], tasks[i].entry_point, codes[i], timeout_s=self.timeout_s,
-                            memory_limit_mb=self.memory_limit_mb) for i in runnable]
-        evaluations = await evaluate_with_retries(sandbox, items, [tasks[i].task_id for i in runnable],
-                                                  retries=self.retries)
+            raise ValueError(
+                f"task {empty[0]} has no {'hidden' if hidden else 'public'} tests to score against "
+                f"(HumanEval has 8 tasks without public tests; use sandbox.reward_tests: hidden)"
+            )
+        items = [
+            suite_item(
+                suites[i],
+                tasks[i].entry_point,
+                codes[i],
+                timeout_s=self.timeout_s,
+                memory_limit_mb=self.memory_limit_mb,
+            )
+            for i in runnable
+        ]
+        evaluations = await evaluate_with_retries(
+            sandbox, items, [tasks[i].task_id for i in runnable], retries=self.retries
+        )
         scores = [Score(multi_purpose_reward(well_formed=False, config=self.reward), False, 0, 0)] * len(tasks)
         for i, ev in zip(runnable, evaluations):
             total = len(ev.tests)
             status = "error" if ev.load_error is not None else "ok"
-            reward = multi_purpose_reward(well_formed=True, passed=ev.num_passed, total=total, status=status,
-                                          code_tokens=self.count_tokens(codes[i]), config=self.reward)
+            reward = multi_purpose_reward(
+                well_formed=True,
+                passed=ev.num_passed,
+                total=total,
+                status=status,
+                code_tokens=self.count_tokens(codes[i]),
+                config=self.reward,
+            )
             scores[i] = Score(reward, True, ev.num_passed, total)
         return scores
 
 
-def score_completions(sandbox_url: str, mode: Mode, tasks: Sequence[Task], completions: Sequence[str], *,
-                      hidden: bool) -> list[Score]:
+def score_completions(
+    sandbox_url: str, mode: Mode, tasks: Sequence[Task], completions: Sequence[str], *, hidden: bool
+) -> list[Score]:
     """`mode.score` against the sandbox at `sandbox_url`, from synchronous code."""
 
     async def run() -> list[Score]:

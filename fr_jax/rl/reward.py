@@ -87,6 +87,7 @@ def complexity_term(
         raise ValueError("complexity_term needs exactly one of operator_calls (workflow) or code_tokens (plain code)")
     if operator_calls is not None:
         return -_saturating(operator_calls, config.max_operator_calls, "operator_calls")
+    assert code_tokens is not None
     return -_saturating(code_tokens, config.max_code_tokens, "code_tokens")
 
 

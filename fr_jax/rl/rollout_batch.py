@@ -61,8 +61,10 @@ class TaskStream:
 
     def set_state(self, state: dict[str, Any]) -> None:
         if state["size"] != len(self.tasks):
-            raise ValueError(f"the checkpoint's task stream had {state['size']} tasks, this run has {len(self.tasks)} "
-                             f"(the grpo.data settings changed since it was written)")
+            raise ValueError(
+                f"the checkpoint's task stream had {state['size']} tasks, this run has {len(self.tasks)} "
+                f"(the grpo.data settings changed since it was written)"
+            )
         self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
         self._order = self._permutation()
 
@@ -86,8 +88,13 @@ def sampling_seeds(seed: int, round_index: int, call: int, *, count: int) -> lis
     return np.random.default_rng([seed, round_index, call]).integers(0, 2**31 - 1, size=count).tolist()
 
 
-def generate_groups(client: RolloutClient, prompts: Sequence[Sequence[int]], params: SamplingParams, n: int,
-                    seeds: Sequence[int] | None = None) -> list[list[Rollout]]:
+def generate_groups(
+    client: RolloutClient,
+    prompts: Sequence[Sequence[int]],
+    params: SamplingParams,
+    n: int,
+    seeds: Sequence[int] | None = None,
+) -> list[list[Rollout]]:
     """n samples of every prompt, as one /generate batch of prompts x n single-sample requests.
 
     Each sample is its own request so that it can carry its own sampling_seed: with SGLang, the n samples of a
@@ -110,8 +117,9 @@ class Layout:
     response_len: int  # R
 
 
-def pack_rollouts(prompts: Sequence[Sequence[int]], rollouts: Sequence[Rollout],
-                  layout: Layout) -> dict[str, np.ndarray]:
+def pack_rollouts(
+    prompts: Sequence[Sequence[int]], rollouts: Sequence[Rollout], layout: Layout
+) -> dict[str, np.ndarray]:
     """The rows of the module docstring, one per (prompt, rollout) pair, in order."""
     if len(prompts) != len(rollouts):
         raise ValueError(f"{len(prompts)} prompts for {len(rollouts)} rollouts")
@@ -127,12 +135,18 @@ def pack_rollouts(prompts: Sequence[Sequence[int]], rollouts: Sequence[Rollout],
             raise ValueError(f"row {i}: prompt of {len(prompt)} tokens does not fit the layout's {p}")
         if len(out) > r:
             raise ValueError(f"row {i}: the server returned {len(out)} tokens, more than max_new_tokens={r}")
-        input_ids[i, p - len(prompt):p] = prompt
-        input_ids[i, p:p + len(out)] = out
-        segment_ids[i, p - len(prompt):p + len(out)] = 1
-        targets[i, :len(out)] = out
-        mask[i, :len(out)] = 1.0
-        rollout_logp[i, :len(out)] = rollout.logprobs
+        input_ids[i, p - len(prompt) : p] = prompt
+        input_ids[i, p : p + len(out)] = out
+        segment_ids[i, p - len(prompt) : p + len(out)] = 1
+        targets[i, : len(out)] = out
+        mask[i, : len(out)] = 1.0
+        rollout_logp[i, : len(out)] = rollout.logprobs
     positions = np.where(segment_ids > 0, np.cumsum(segment_ids, axis=1) - 1, 0).astype(np.int32)
-    return {"input_ids": input_ids, "positions": positions, "segment_ids": segment_ids, "targets": targets,
-            "mask": mask, "rollout_logp": rollout_logp}
+    return {
+        "input_ids": input_ids,
+        "positions": positions,
+        "segment_ids": segment_ids,
+        "targets": targets,
+        "mask": mask,
+        "rollout_logp": rollout_logp,
+    }

@@ -18,8 +18,9 @@ import re
 from collections.abc import Iterator, Sequence
 
 from fr_jax.config import GRPORolloutSection, GRPOSandboxSection
-from fr_jax.rl.sandbox_client import LocalSandbox, SandboxClient, SandboxUnavailable
 from fr_jax.rollout import RolloutClient, launch_server
+from fr_jax.sandbox.client import SandboxClient, SandboxUnavailable
+from fr_jax.sandbox.local import LocalSandbox
 
 _log = logging.getLogger(__name__)
 _DEVICE_COUNT_FLAG = re.compile(r"--xla_force_host_platform_device_count=\d+")
@@ -35,8 +36,9 @@ def server_env() -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def rollout_service(section: GRPORolloutSection, model_dir, *, weight_version: str, seed: int,
-                    log_dir: pathlib.Path) -> Iterator[RolloutClient]:
+def rollout_service(
+    section: GRPORolloutSection, model_dir, *, weight_version: str, seed: int, log_dir: pathlib.Path
+) -> Iterator[RolloutClient]:
     """A client of the rollout server; a launched server serves `model_dir` (weights + tokenizer) as
     `weight_version`. A server at `url` is used as it is: the caller syncs its weights."""
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -47,8 +49,13 @@ def rollout_service(section: GRPORolloutSection, model_dir, *, weight_version: s
             flags = dict(weight_version=weight_version, random_seed=seed)
             if section.launch == "local":
                 flags.update(mesh=section.mesh, max_running_requests=section.max_running_requests, env=server_env())
-            process = launch_server(section.launch, model_dir, startup_timeout=section.startup_timeout_s,
-                                    log_path=log_dir / f"rollout_server_{section.launch}.log", **flags)
+            process = launch_server(
+                section.launch,
+                model_dir,
+                startup_timeout=section.startup_timeout_s,
+                log_path=log_dir / f"rollout_server_{section.launch}.log",
+                **flags,
+            )
             stack.enter_context(process)
             url = process.url
         client = stack.enter_context(RolloutClient(url, max_retries=section.max_retries))
@@ -57,8 +64,9 @@ def rollout_service(section: GRPORolloutSection, model_dir, *, weight_version: s
 
 
 @contextlib.contextmanager
-def sandbox_service(section: GRPOSandboxSection, *, log_dir: pathlib.Path,
-                    workers: Sequence[str] = ()) -> Iterator[str]:
+def sandbox_service(
+    section: GRPOSandboxSection, *, log_dir: pathlib.Path, workers: Sequence[str] = ()
+) -> Iterator[str]:
     """The sandbox's URL, healthy. A launched sandbox allowlists `workers` (`name=URL[,model=M]`, the worker LLMs
     that workflows may call); a running one has its own allowlist."""
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -67,8 +75,9 @@ def sandbox_service(section: GRPOSandboxSection, *, log_dir: pathlib.Path,
         yield section.url
         return
     allowlist = [flag for spec in workers for flag in ("--worker", spec)]
-    with LocalSandbox(workers=section.workers, insecure=section.insecure, log_path=log_dir / "sandbox.log",
-                      extra_args=allowlist) as local:
+    with LocalSandbox(
+        workers=section.workers, insecure=section.insecure, log_path=log_dir / "sandbox.log", extra_args=allowlist
+    ) as local:
         _log.info("sandbox_service at %s (log %s)", local.url, log_dir / "sandbox.log")
         yield local.url
 

@@ -19,8 +19,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fr_jax.rl.grpo import (GRPOLossConfig, MaxStat, MeanStat, MinStat, finalize_metrics, grpo_loss, merge_metrics,
-                            token_entropy)
+from fr_jax.rl.grpo import (
+    GRPOLossConfig,
+    MaxStat,
+    MeanStat,
+    MinStat,
+    finalize_metrics,
+    grpo_loss,
+    merge_metrics,
+    token_entropy,
+)
 from fr_jax.trainer.step import Batch, LossFn, TrainState, TrainStep
 
 
@@ -32,7 +40,7 @@ def response_logits(model: nnx.Module, batch: Batch, temperature: float) -> jax.
     hidden = model.hidden_states(batch["input_ids"], batch["positions"], batch["segment_ids"])
     width = batch["targets"].shape[-1]
     start = hidden.shape[1] - width - 1
-    return model.logits(hidden[:, start:start + width]).astype(jnp.float32) / temperature
+    return model.logits(hidden[:, start : start + width]).astype(jnp.float32) / temperature
 
 
 def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -50,8 +58,15 @@ def grpo_loss_fn(config: GRPOLossConfig, temperature: float) -> LossFn:
         logits = response_logits(model, batch, temperature)
         logp = token_logprobs(logits, batch["targets"])
         loss_sum, denom, metrics = grpo_loss(
-            logp, batch.get("old_logp"), batch.get("ref_logp"), batch["advantages"], batch["mask"], config,
-            rollout_logp=batch["rollout_logp"], entropy=token_entropy(jax.lax.stop_gradient(logits)))
+            logp,
+            batch.get("old_logp"),
+            batch.get("ref_logp"),
+            batch["advantages"],
+            batch["mask"],
+            config,
+            rollout_logp=batch["rollout_logp"],
+            entropy=token_entropy(jax.lax.stop_gradient(logits)),
+        )
         del metrics["loss"]  # TrainStep reports loss_sum / denominator itself
         return loss_sum, denom, metrics
 
@@ -79,14 +94,22 @@ class LogprobPass:
             raise ValueError(f"{total} rows are not a multiple of {self.rows} rows per call")
         out = []
         for start in range(0, total, self.rows):
-            chunk = {k: batch[k][None, start:start + self.rows] for k in keys}
+            chunk = {k: batch[k][None, start : start + self.rows] for k in keys}
             logp = self._jitted(params, self.step_fn.put_global_batch(chunk))
             out.append(np.asarray(logp.addressable_data(0)))
         return np.concatenate(out)
 
 
-def ppo_update(step_fn: TrainStep, state: TrainState, batch: dict[str, np.ndarray], *, epochs: int,
-               rows_per_step: int, micro_batches: int, rng: np.random.Generator) -> tuple[TrainState, list[dict]]:
+def ppo_update(
+    step_fn: TrainStep,
+    state: TrainState,
+    batch: dict[str, np.ndarray],
+    *,
+    epochs: int,
+    rows_per_step: int,
+    micro_batches: int,
+    rng: np.random.Generator,
+) -> tuple[TrainState, list[dict]]:
     """`epochs` passes over the rollout batch in shuffled mini-batches of `rows_per_step` rows (one optimizer step
     each, split into `micro_batches`). Returns the new state and each step's metrics (on the host)."""
     rows = len(batch["mask"])
@@ -97,7 +120,7 @@ def ppo_update(step_fn: TrainStep, state: TrainState, batch: dict[str, np.ndarra
     for _ in range(epochs):
         order = rng.permutation(rows) if epochs * steps_per_epoch > 1 else np.arange(rows)
         for j in range(steps_per_epoch):
-            index = order[j * rows_per_step:(j + 1) * rows_per_step]
+            index = order[j * rows_per_step : (j + 1) * rows_per_step]
             mini = {k: v[index].reshape(micro_batches, -1, *v.shape[1:]) for k, v in batch.items()}
             state, metrics = step_fn(state, step_fn.put_global_batch(mini))
             metrics = jax.device_get(metrics)

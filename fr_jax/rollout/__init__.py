@@ -7,5 +7,15 @@ either real SGLang (`launch: sglang`, GPU) or fr_jax's engine served by `python 
 from fr_jax.rollout.client import Rollout, RolloutClient, RolloutError, WeightSync, sync_weights
 from fr_jax.rollout.launch import ServerProcess, free_port, launch_local, launch_server, launch_sglang
 
-__all__ = ["Rollout", "RolloutClient", "RolloutError", "ServerProcess", "WeightSync", "free_port", "launch_local",
-           "launch_server", "launch_sglang", "sync_weights"]
+__all__ = [
+    "Rollout",
+    "RolloutClient",
+    "RolloutError",
+    "ServerProcess",
+    "WeightSync",
+    "free_port",
+    "launch_local",
+    "launch_server",
+    "launch_sglang",
+    "sync_weights",
+]

@@ -39,7 +39,7 @@ class Rollout:
     output_ids: list[int]
     logprobs: list[float]
     text: str
-    finish_reason: str                 # "stop" | "length"
+    finish_reason: str  # "stop" | "length"
     matched_stop: int | str | None
     prompt_tokens: int
     weight_version: str | None
@@ -91,17 +91,26 @@ class RolloutClient:
                 if response.status_code < 500:
                     raise RolloutError(f"{method} {self.base_url}{path} was refused ({problem})")
             if attempt < self.max_retries:
-                wait = self.retry_backoff_s * 2 ** attempt
-                _log.warning("%s %s failed (%s); retry %d/%d in %.0fs", method, path, problem, attempt + 1,
-                             self.max_retries, wait)
+                wait = self.retry_backoff_s * 2**attempt
+                _log.warning(
+                    "%s %s failed (%s); retry %d/%d in %.0fs",
+                    method,
+                    path,
+                    problem,
+                    attempt + 1,
+                    self.max_retries,
+                    wait,
+                )
                 time.sleep(wait)
         raise RolloutError(f"{method} {self.base_url}{path} failed after {self.max_retries + 1} attempts ({problem})")
 
     # ----------------------------------------------------------------------------------------- sampling
 
-    def generate(self, prompts: Sequence[Sequence[int]] | Sequence[str],
-                 sampling_params: SamplingParams | dict | Sequence[SamplingParams | dict] | None = None,
-                 ) -> list[list[Rollout]]:
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]] | Sequence[str],
+        sampling_params: SamplingParams | dict | Sequence[SamplingParams | dict] | None = None,
+    ) -> list[list[Rollout]]:
         """For each prompt (token ids, or text the server tokenizes), its n samples.
 
         sampling_params: one set for every prompt, or one per prompt (SGLang requires the same n in all of them).
@@ -117,14 +126,17 @@ class RolloutClient:
             raise ValueError(f"every prompt must ask for the same n, got {sorted({p.n for p in params})}")
         dumped = [p.model_dump(exclude_defaults=True) for p in params]
         key = "text" if isinstance(prompts[0], str) else "input_ids"
-        body = {key: [p if isinstance(p, str) else list(map(int, p)) for p in prompts],
-                "sampling_params": dumped if per_prompt else dumped[0], "return_logprob": True}
+        body = {
+            key: [p if isinstance(p, str) else list(map(int, p)) for p in prompts],
+            "sampling_params": dumped if per_prompt else dumped[0],
+            "return_logprob": True,
+        }
         answers = self._request("POST", "/generate", json=body).json()
         if not isinstance(answers, list) or len(answers) != len(prompts) * n:
             count = len(answers) if isinstance(answers, list) else type(answers).__name__
             raise RolloutError(f"/generate answered {count} outputs for {len(prompts)} prompts x n={n}")
         rollouts = [_rollout(GenerateOutput.model_validate(a), k) for k, a in enumerate(answers)]
-        return [rollouts[i * n:(i + 1) * n] for i in range(len(prompts))]
+        return [rollouts[i * n : (i + 1) * n] for i in range(len(prompts))]
 
     # ------------------------------------------------------------------------------------------ control
 
@@ -154,18 +166,24 @@ class RolloutClient:
     def flush_cache(self) -> None:
         self._request("POST", "/flush_cache")
 
-    def update_weights_from_disk(self, model_path, *, weight_version: str | None = None,
-                                 load_format: str | None = None, flush_cache: bool = True) -> str:
+    def update_weights_from_disk(
+        self, model_path, *, weight_version: str | None = None, load_format: str | None = None, flush_cache: bool = True
+    ) -> str:
         """Ask the server to load the HF checkpoint at `model_path`; returns its message, raises if it refused."""
-        body = {"model_path": str(model_path), "load_format": load_format, "flush_cache": flush_cache,
-                "weight_version": weight_version}
+        body = {
+            "model_path": str(model_path),
+            "load_format": load_format,
+            "flush_cache": flush_cache,
+            "weight_version": weight_version,
+        }
         try:
             response = self._http.post("/update_weights_from_disk", json=body)
         except httpx.TransportError as error:
             raise RolloutError(f"/update_weights_from_disk at {self.base_url}: {error}") from error
         if response.status_code >= 500:
-            raise RolloutError(f"/update_weights_from_disk failed: HTTP {response.status_code}: "
-                               f"{_error_message(response)}")
+            raise RolloutError(
+                f"/update_weights_from_disk failed: HTTP {response.status_code}: {_error_message(response)}"
+            )
         out = UpdateWeightFromDiskReqOutput.model_validate(response.json())
         if not out.success:
             raise RolloutError(f"the server refused the weights at {model_path}: {out.message}")
@@ -203,14 +221,21 @@ def _rollout(out: GenerateOutput, index: int) -> Rollout:
     if out.output_ids is not None and out.output_ids != ids:
         raise RolloutError(f"output {index} ({meta.id}): output_ids and the ids of output_token_logprobs differ")
     if len(ids) != meta.completion_tokens:
-        raise RolloutError(f"output {index} ({meta.id}): {len(ids)} log-probs for completion_tokens="
-                           f"{meta.completion_tokens}")
-    return Rollout(output_ids=ids, logprobs=logprobs, text=out.text, finish_reason=reason.type,
-                   matched_stop=reason.matched, prompt_tokens=meta.prompt_tokens, weight_version=meta.weight_version)
+        raise RolloutError(
+            f"output {index} ({meta.id}): {len(ids)} log-probs for completion_tokens={meta.completion_tokens}"
+        )
+    return Rollout(
+        output_ids=ids,
+        logprobs=logprobs,
+        text=out.text,
+        finish_reason=reason.type,
+        matched_stop=reason.matched,
+        prompt_tokens=meta.prompt_tokens,
+        weight_version=meta.weight_version,
+    )
 
 
-def sync_weights(client: RolloutClient, model, out_dir, *, weight_version: str,
-                 max_shard_size="2GB") -> WeightSync:
+def sync_weights(client: RolloutClient, model, out_dir, *, weight_version: str, max_shard_size="2GB") -> WeightSync:
     """Push `model`'s parameters to the server: save_pretrained to `out_dir` (a fast local path), have the server
     load it, and check it reports `weight_version`. Every process calls this (saving gathers shards); only
     process 0 talks to the server."""
@@ -223,9 +248,16 @@ def sync_weights(client: RolloutClient, model, out_dir, *, weight_version: str,
         client.update_weights_from_disk(out_dir, weight_version=weight_version)
         served = client.weight_version()
         if served != weight_version:
-            raise RolloutError(f"after loading {out_dir} the server reports weight_version {served!r}, "
-                               f"not {weight_version!r}")
+            raise RolloutError(
+                f"after loading {out_dir} the server reports weight_version {served!r}, not {weight_version!r}"
+            )
     sync = WeightSync(weight_version, gigabytes, written - started, time.perf_counter() - written)
-    _log.info("weights %s synced: %.3f GB, write %.2fs + load %.2fs = %.2f s/GB", weight_version, sync.gigabytes,
-              sync.write_s, sync.load_s, sync.seconds_per_gb)
+    _log.info(
+        "weights %s synced: %.3f GB, write %.2fs + load %.2fs = %.2f s/GB",
+        weight_version,
+        sync.gigabytes,
+        sync.write_s,
+        sync.load_s,
+        sync.seconds_per_gb,
+    )
     return sync

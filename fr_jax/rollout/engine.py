@@ -38,7 +38,7 @@ import numpy as np
 from flax import nnx
 
 from fr_jax.models.config import ModelConfig
-from fr_jax.models.qwen import CACHE_AXES, Decoder, KVCache
+from fr_jax.models.decoder import CACHE_AXES, Decoder, KVCache
 from fr_jax.parallel.rules import constrain, named_sharding
 from fr_jax.rollout.sampling import sample_tokens
 
@@ -98,7 +98,7 @@ class Completion:
     logprobs: list[float]
     finish_reason: dict
     prompt_tokens: int
-    weight_version: str            # the weights that generated it
+    weight_version: str  # the weights that generated it
 
 
 class _Row(NamedTuple):
@@ -113,27 +113,27 @@ class DecodeState(NamedTuple):
     """The carry of the decode loop; it stays on device between chunks."""
 
     cache: KVCache
-    tokens: jax.Array      # int32 [R, N] generated ids
-    logprobs: jax.Array    # float32 [R, N]
-    current: jax.Array     # int32 [R] the token fed at the next step
-    lengths: jax.Array     # int32 [R] tokens generated so far
-    finish: jax.Array      # int32 [R] RUNNING / STOP_TOKEN / LENGTH / STOP_STRING
-    step: jax.Array        # int32 scalar
+    tokens: jax.Array  # int32 [R, N] generated ids
+    logprobs: jax.Array  # float32 [R, N]
+    current: jax.Array  # int32 [R] the token fed at the next step
+    lengths: jax.Array  # int32 [R] tokens generated so far
+    finish: jax.Array  # int32 [R] RUNNING / STOP_TOKEN / LENGTH / STOP_STRING
+    step: jax.Array  # int32 scalar
 
 
 class RowSettings(NamedTuple):
     """Per-row constants of one batch."""
 
-    kv_mask: jax.Array     # bool [R, P - 1 + N]
+    kv_mask: jax.Array  # bool [R, P - 1 + N]
     first_position: jax.Array  # int32 [R] position of the last prompt token
-    seeds: jax.Array       # int32 [R]
-    samples: jax.Array     # int32 [R] sample index within its request (folded into the key)
+    seeds: jax.Array  # int32 [R]
+    samples: jax.Array  # int32 [R] sample index within its request (folded into the key)
     temperature: jax.Array
     top_k: jax.Array
     top_p: jax.Array
     min_p: jax.Array
-    max_new: jax.Array     # int32 [R]
-    stop_ids: jax.Array    # int32 [R, S], -1 padded
+    max_new: jax.Array  # int32 [R]
+    stop_ids: jax.Array  # int32 [R, S], -1 padded
 
 
 def bucket(n: int, minimum: int = 1) -> int:
@@ -152,11 +152,22 @@ class Engine:
     min_rows_bucket: decode at least this many rows (padding is nearly free in memory-bound decode, compiles are not).
     """
 
-    def __init__(self, model: Decoder, *, mesh, eos_token_ids: Sequence[int] = (),
-                 detokenize: Callable[[list[int]], str] | None = None, max_seq_len: int | None = None,
-                 max_batch_rows: int = 64, chunk_steps: int = 32, min_rows_bucket: int = 4,
-                 min_prompt_bucket: int = 16, min_new_tokens_bucket: int = 16, seed: int = 0,
-                 weight_version: str = "default"):
+    def __init__(
+        self,
+        model: Decoder,
+        *,
+        mesh,
+        eos_token_ids: Sequence[int] = (),
+        detokenize: Callable[[list[int]], str] | None = None,
+        max_seq_len: int | None = None,
+        max_batch_rows: int = 64,
+        chunk_steps: int = 32,
+        min_rows_bucket: int = 4,
+        min_prompt_bucket: int = 16,
+        min_new_tokens_bucket: int = 16,
+        seed: int = 0,
+        weight_version: str = "default",
+    ):
         self.cfg: ModelConfig = model.cfg
         self.mesh = mesh
         self._served = self._param_specs(model)
@@ -181,8 +192,10 @@ class Engine:
 
     @staticmethod
     def _param_specs(model: Decoder) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-        return {".".join(map(str, path)): (var.get_value().shape, var.get_value().dtype)
-                for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+        return {
+            ".".join(map(str, path)): (var.get_value().shape, var.get_value().dtype)
+            for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))
+        }
 
     def swap_state(self, model: Decoder, weight_version: str | None = None) -> None:
         """Serve `model`'s parameters (between batches); their names, shapes and dtypes must equal the current ones.
@@ -194,7 +207,9 @@ class Engine:
             raise ValueError(f"new parameters do not match the served model: missing {missing}, unexpected {extra}")
         for name, (shape, dtype) in self._served.items():
             if new[name] != (shape, dtype):
-                raise ValueError(f"parameter {name}: served {dtype}{list(shape)}, new {new[name][1]}{list(new[name][0])}")
+                raise ValueError(
+                    f"parameter {name}: served {dtype}{list(shape)}, new {new[name][1]}{list(new[name][0])}"
+                )
         state = nnx.split(model.unstacked(consume=True))[1]
         with self._lock:
             self.state = state
@@ -227,7 +242,8 @@ class Engine:
             current=last_tokens,
             lengths=jnp.zeros((rows,), jnp.int32),
             finish=jnp.full((rows,), RUNNING, jnp.int32),
-            step=jnp.int32(0))
+            step=jnp.int32(0),
+        )
 
     def _decode_fn(self, state, carry: DecodeState, rows: RowSettings, step_limit) -> DecodeState:
         """Decode until every row is done or `step_limit` steps have run in total."""
@@ -235,7 +251,7 @@ class Engine:
         keys = jax.vmap(lambda s, j: jax.random.fold_in(jax.random.key(s), j))(rows.seeds, rows.samples)
         finish0 = jnp.where(rows.max_new <= 0, LENGTH, carry.finish)
 
-        model = nnx.merge(self.graphdef, state)   # closed over: the loop carries only what changes
+        model = nnx.merge(self.graphdef, state)  # closed over: the loop carries only what changes
 
         def cond(c):
             return (c.step < step_limit) & jnp.any(c.finish == RUNNING)
@@ -244,18 +260,24 @@ class Engine:
             positions = (rows.first_position + c.step)[:, None]
             logits, cache = model.decode(c.current[:, None], positions, c.cache, prefix_len + c.step, rows.kv_mask)
             step_keys = jax.vmap(lambda k: jax.random.fold_in(k, c.step))(keys)
-            tokens, logprobs = sample_tokens(logits[:, 0], step_keys, rows.temperature, rows.top_k, rows.top_p,
-                                             rows.min_p)
+            tokens, logprobs = sample_tokens(
+                logits[:, 0], step_keys, rows.temperature, rows.top_k, rows.top_p, rows.min_p
+            )
             running = c.finish == RUNNING
             lengths = c.lengths + running
             stopped = jnp.any(tokens[:, None] == rows.stop_ids, axis=-1)
-            finish = jnp.where(running & stopped, STOP_TOKEN,
-                               jnp.where(running & (lengths >= rows.max_new), LENGTH, c.finish))
+            finish = jnp.where(
+                running & stopped, STOP_TOKEN, jnp.where(running & (lengths >= rows.max_new), LENGTH, c.finish)
+            )
             return DecodeState(
                 cache=cache,
                 tokens=jax.lax.dynamic_update_slice(c.tokens, tokens[:, None], (0, c.step)),
                 logprobs=jax.lax.dynamic_update_slice(c.logprobs, logprobs[:, None], (0, c.step)),
-                current=tokens, lengths=lengths, finish=finish, step=c.step + 1)
+                current=tokens,
+                lengths=lengths,
+                finish=finish,
+                step=c.step + 1,
+            )
 
         return jax.lax.while_loop(cond, body, carry._replace(finish=finish0))
 
@@ -267,8 +289,13 @@ class Engine:
     def _log_compile(self, fn, name: str, shapes: dict, started: float, before: int) -> None:
         if fn._cache_size() > before:
             self.compiles += 1
-            _log.info("compiled %s %s in %.1fs (engine compile #%d)", name, shapes, time.perf_counter() - started,
-                      self.compiles)
+            _log.info(
+                "compiled %s %s in %.1fs (engine compile #%d)",
+                name,
+                shapes,
+                time.perf_counter() - started,
+                self.compiles,
+            )
 
     def _call(self, fn, name: str, shapes: dict, *args):
         before, started = fn._cache_size(), time.perf_counter()
@@ -282,7 +309,7 @@ class Engine:
         results: dict[tuple[int, int], Completion] = {}
         with self._lock:
             for start in range(0, len(rows), self.max_batch_rows):
-                batch = rows[start:start + self.max_batch_rows]
+                batch = rows[start : start + self.max_batch_rows]
                 for row, completion in zip(batch, self._generate_batch(batch)):
                     results[(row.request, row.sample)] = completion
         return [[results[(i, j)] for j in range(req.n)] for i, req in enumerate(requests)]
@@ -297,11 +324,14 @@ class Engine:
                 raise ValueError(f"request {i}: n must be >= 1, got {req.n}")
             bad = [t for t in prompt if not 0 <= t < self.cfg.vocab_size]
             if bad:
-                raise ValueError(f"request {i}: token ids {bad[:5]} are outside the vocabulary "
-                                 f"[0, {self.cfg.vocab_size})")
+                raise ValueError(
+                    f"request {i}: token ids {bad[:5]} are outside the vocabulary [0, {self.cfg.vocab_size})"
+                )
             if len(prompt) + max(req.options.max_new_tokens, 1) > self.max_seq_len:
-                raise ValueError(f"request {i}: prompt ({len(prompt)} tokens) + max_new_tokens "
-                                 f"({req.options.max_new_tokens}) exceeds the context length ({self.max_seq_len})")
+                raise ValueError(
+                    f"request {i}: prompt ({len(prompt)} tokens) + max_new_tokens "
+                    f"({req.options.max_new_tokens}) exceeds the context length ({self.max_seq_len})"
+                )
             if req.options.stop and self.detokenize is None:
                 raise ValueError(f"request {i}: stop strings need a tokenizer, and this engine has none")
 
@@ -315,7 +345,7 @@ class Engine:
 
     def _generate_batch(self, batch: list[_Row]) -> list[Completion]:
         started = time.perf_counter()
-        prompts = list(dict.fromkeys(row.prompt for row in batch))     # unique, in order
+        prompts = list(dict.fromkeys(row.prompt for row in batch))  # unique, in order
         source = np.array([prompts.index(row.prompt) for row in batch], np.int32)
         max_new = np.array([r.options.max_new_tokens for r in batch], np.int32)
         num_rows, num_unique = bucket(len(batch), self.min_rows_bucket), bucket(len(prompts))
@@ -325,21 +355,23 @@ class Engine:
         ids = np.zeros((num_unique, prompt_len), np.int32)
         mask = np.zeros((num_unique, prompt_len), bool)
         for u, p in enumerate(prompts):
-            ids[u, prompt_len - len(p):] = p
-            mask[u, prompt_len - len(p):] = True
+            ids[u, prompt_len - len(p) :] = p
+            mask[u, prompt_len - len(p) :] = True
         row_source = np.zeros(num_rows, np.int32)
-        row_source[:len(batch)] = source
+        row_source[: len(batch)] = source
 
         def per_row(values, dtype, pad):
             out = np.full(num_rows, pad, dtype)
-            out[:len(batch)] = values
+            out[: len(batch)] = values
             return out
 
-        stops = [() if r.options.ignore_eos else tuple(dict.fromkeys(self.eos_token_ids + r.options.stop_token_ids))
-                 for r in batch]
+        stops = [
+            () if r.options.ignore_eos else tuple(dict.fromkeys(self.eos_token_ids + r.options.stop_token_ids))
+            for r in batch
+        ]
         stop_ids = np.full((num_rows, bucket(max(map(len, stops)), 4)), -1, np.int32)
         for i, s in enumerate(stops):
-            stop_ids[i, :len(s)] = s
+            stop_ids[i, : len(s)] = s
         kv_mask = np.concatenate([mask[row_source, :-1], np.ones((num_rows, new_tokens), bool)], axis=1)
         lengths_in = np.array([len(r.prompt) for r in batch])
         settings = RowSettings(
@@ -352,14 +384,28 @@ class Engine:
             top_p=self._put(per_row([r.options.top_p for r in batch], np.float32, 1.0), ("batch",)),
             min_p=self._put(per_row([r.options.min_p for r in batch], np.float32, 0.0), ("batch",)),
             max_new=self._put(per_row(max_new, np.int32, 0), ("batch",)),
-            stop_ids=self._put(stop_ids, ("batch", None)))
+            stop_ids=self._put(stop_ids, ("batch", None)),
+        )
 
         shapes = dict(unique_prompts=num_unique, prompt_len=prompt_len, rows=num_rows, new_tokens=new_tokens)
         with jax.set_mesh(self.mesh):
-            prefix = self._call(self._prefill, "prefill", dict(unique_prompts=num_unique, prompt_len=prompt_len),
-                                self.state, self._put(ids, ("batch", "length")), self._put(mask, ("batch", "length")))
-            carry = self._call(self._begin, "begin", shapes, prefix, self._put(row_source, ("batch",)),
-                               self._put(ids[row_source, -1], ("batch",)), new_tokens)
+            prefix = self._call(
+                self._prefill,
+                "prefill",
+                dict(unique_prompts=num_unique, prompt_len=prompt_len),
+                self.state,
+                self._put(ids, ("batch", "length")),
+                self._put(mask, ("batch", "length")),
+            )
+            carry = self._call(
+                self._begin,
+                "begin",
+                shapes,
+                prefix,
+                self._put(row_source, ("batch",)),
+                self._put(ids[row_source, -1], ("batch",)),
+                new_tokens,
+            )
             prefill_s = time.perf_counter() - started
             has_stop_strings = any(r.options.stop for r in batch)
             chunk = self.chunk_steps if has_stop_strings else new_tokens
@@ -368,13 +414,13 @@ class Engine:
             while True:
                 limit = min(int(carry.step) + chunk, new_tokens)
                 carry = self._call(self._decode, "decode", shapes, self.state, carry, settings, jnp.int32(limit))
-                finish = np.array(carry.finish)          # a writable copy: stop strings edit it
+                finish = np.array(carry.finish)  # a writable copy: stop strings edit it
                 if has_stop_strings:
                     newly = self._match_stop_strings(batch, carry, finish, checked, matched)
                     if newly:
                         finish[newly] = STOP_STRING
                         carry = carry._replace(finish=self._put(finish, ("batch",)))
-                if limit >= new_tokens or not np.any(finish[:len(batch)] == RUNNING):
+                if limit >= new_tokens or not np.any(finish[: len(batch)] == RUNNING):
                     break
         tokens, logprobs, lengths = (np.asarray(x) for x in (carry.tokens, carry.logprobs, carry.lengths))
         completions = []
@@ -386,12 +432,23 @@ class Engine:
                 reason = {"type": "stop", "matched": int(tokens[i, n - 1])}
             else:
                 reason = {"type": "length", "length": n}
-            completions.append(Completion(tokens[i, :n].tolist(), logprobs[i, :n].tolist(), reason, len(row.prompt),
-                                          self.weight_version))
+            completions.append(
+                Completion(
+                    tokens[i, :n].tolist(), logprobs[i, :n].tolist(), reason, len(row.prompt), self.weight_version
+                )
+            )
         generated = int(sum(len(c.output_ids) for c in completions))
         elapsed = time.perf_counter() - started
-        _log.info("generated %d tokens for %d rows (%d unique prompts) in %.2fs (prefill %.2fs, %.1f tok/s) %s",
-                  generated, len(batch), len(prompts), elapsed, prefill_s, generated / max(elapsed, 1e-9), shapes)
+        _log.info(
+            "generated %d tokens for %d rows (%d unique prompts) in %.2fs (prefill %.2fs, %.1f tok/s) %s",
+            generated,
+            len(batch),
+            len(prompts),
+            elapsed,
+            prefill_s,
+            generated / max(elapsed, 1e-9),
+            shapes,
+        )
         return completions
 
     def _match_stop_strings(self, batch, carry: DecodeState, finish, checked, matched) -> list[int]:
@@ -401,7 +458,7 @@ class Engine:
         for i, row in enumerate(batch):
             if not row.options.stop or i in matched or lengths[i] == checked[i]:
                 continue
-            ids = tokens[i, :lengths[i]].tolist()
+            ids = tokens[i, : lengths[i]].tolist()
             checked[i] = lengths[i]
             hit = self._first_stop(ids, row.options.stop)
             if hit is not None:
@@ -415,7 +472,7 @@ class Engine:
         text = self.detokenize(ids)
         if not any(s in text for s in stops):
             return None
-        lo, hi = 1, len(ids)        # the text of ids[:hi] contains a stop string; find the smallest such hi
+        lo, hi = 1, len(ids)  # the text of ids[:hi] contains a stop string; find the smallest such hi
         while lo < hi:
             mid = (lo + hi) // 2
             if any(s in self.detokenize(ids[:mid]) for s in stops):

@@ -5,7 +5,7 @@ Two servers, one interface (`ServerProcess`: .url, .stop(), a context manager), 
   deterministic-inference flags configurable;
 - "local": fr_jax's own engine, `python -m fr_jax.serve --model ...` on a free loopback port (CPU/TPU, or any
   machine without SGLang).
-`ServerProcess` is also how fr_jax starts the sandbox service (fr_jax.rl.sandbox_client.LocalSandbox).
+`ServerProcess` is also how fr_jax starts the sandbox service (fr_jax.sandbox.local.LocalSandbox).
 The child runs in its own process group with its output in a log file; a child that dies or never gets healthy
 raises with the tail of that log. Servers still running when the interpreter exits are stopped, and the kernel
 stops them when the interpreter is killed (`setpriv --pdeathsig`): a SIGKILLed trainer leaves no server behind.
@@ -58,9 +58,18 @@ class ServerProcess:
     `port_file` (no race for a free port).
     """
 
-    def __init__(self, command: Sequence[str], *, host: str, port: int | None = None,
-                 port_file: str | os.PathLike | None = None, env: Mapping[str, str] | None = None,
-                 log_path: str | os.PathLike | None = None, startup_timeout: float = 600.0, name: str = "server"):
+    def __init__(
+        self,
+        command: Sequence[str],
+        *,
+        host: str,
+        port: int | None = None,
+        port_file: str | os.PathLike | None = None,
+        env: Mapping[str, str] | None = None,
+        log_path: str | os.PathLike | None = None,
+        startup_timeout: float = 600.0,
+        name: str = "server",
+    ):
         if (port is None) == (port_file is None):
             raise ValueError("give exactly one of port and port_file")
         self.command = list(command)
@@ -69,8 +78,11 @@ class ServerProcess:
         self.env = dict(env) if env is not None else None
         self.name = name
         self.startup_timeout = startup_timeout
-        self.log_path = pathlib.Path(log_path) if log_path else pathlib.Path(
-            tempfile.mkstemp(prefix=f"fr_jax-{name}-", suffix=".log")[1])
+        self.log_path = (
+            pathlib.Path(log_path)
+            if log_path
+            else pathlib.Path(tempfile.mkstemp(prefix=f"fr_jax-{name}-", suffix=".log")[1])
+        )
         self.process: subprocess.Popen | None = None
 
     @property
@@ -81,8 +93,14 @@ class ServerProcess:
         _log.info("starting %s: %s (log %s)", self.name, " ".join(self.command), self.log_path)
         started = time.perf_counter()
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(bound_to_parent(self.command), stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, env=self.env, start_new_session=True)
+            self.process = subprocess.Popen(
+                bound_to_parent(self.command),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.env,
+                start_new_session=True,
+            )
         _RUNNING.add(self)
         try:
             self._wait_healthy(time.monotonic() + self.startup_timeout)
@@ -101,11 +119,15 @@ class ServerProcess:
     def _check_alive(self, deadline: float, waiting_for: str) -> None:
         code = self.process.poll()
         if code is not None:
-            raise RuntimeError(f"{self.name} exited with code {code} before it was healthy; "
-                               f"last lines of {self.log_path}:\n{self.log_tail()}")
+            raise RuntimeError(
+                f"{self.name} exited with code {code} before it was healthy; "
+                f"last lines of {self.log_path}:\n{self.log_tail()}"
+            )
         if time.monotonic() > deadline:
-            raise TimeoutError(f"{self.name} did not {waiting_for} within {self.startup_timeout:.0f}s; "
-                               f"last lines of {self.log_path}:\n{self.log_tail()}")
+            raise TimeoutError(
+                f"{self.name} did not {waiting_for} within {self.startup_timeout:.0f}s; "
+                f"last lines of {self.log_path}:\n{self.log_tail()}"
+            )
 
     def _wait_healthy(self, deadline: float) -> None:
         if self.port_file is not None:
@@ -139,7 +161,7 @@ class ServerProcess:
                 self.process.kill()
                 self.process.wait()
         try:
-            os.killpg(self.process.pid, signal.SIGKILL)   # stragglers the server left behind
+            os.killpg(self.process.pid, signal.SIGKILL)  # stragglers the server left behind
         except (ProcessLookupError, PermissionError):
             pass
         _log.info("%s stopped (exit code %s)", self.name, self.process.returncode)
@@ -158,12 +180,33 @@ def _stop_all() -> None:
         server.stop(timeout=10.0)
 
 
-def sglang_command(model_path, *, host: str, port: int, tp_size: int = 1, mem_fraction_static: float | None = None,
-                   enable_memory_saver: bool = False, deterministic: bool = False, weight_version: str | None = None,
-                   dtype: str | None = None, random_seed: int | None = None,
-                   extra_args: Sequence[str] = ()) -> list[str]:
-    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_path), "--host", host,
-           "--port", str(port), "--tp-size", str(tp_size)]
+def sglang_command(
+    model_path,
+    *,
+    host: str,
+    port: int,
+    tp_size: int = 1,
+    mem_fraction_static: float | None = None,
+    enable_memory_saver: bool = False,
+    deterministic: bool = False,
+    weight_version: str | None = None,
+    dtype: str | None = None,
+    random_seed: int | None = None,
+    extra_args: Sequence[str] = (),
+) -> list[str]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "sglang.launch_server",
+        "--model-path",
+        str(model_path),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--tp-size",
+        str(tp_size),
+    ]
     if mem_fraction_static is not None:
         cmd += ["--mem-fraction-static", str(mem_fraction_static)]
     if enable_memory_saver:
@@ -179,33 +222,79 @@ def sglang_command(model_path, *, host: str, port: int, tp_size: int = 1, mem_fr
     return cmd + list(extra_args)
 
 
-def local_command(model_path, *, host: str, port: int, mesh: str | None = None, dtype: str | None = None,
-                  param_dtype: str | None = None, context_length: int | None = None,
-                  max_running_requests: int | None = None, weight_version: str | None = None,
-                  random_seed: int | None = None, extra_args: Sequence[str] = ()) -> list[str]:
+def local_command(
+    model_path,
+    *,
+    host: str,
+    port: int,
+    mesh: str | None = None,
+    dtype: str | None = None,
+    param_dtype: str | None = None,
+    context_length: int | None = None,
+    max_running_requests: int | None = None,
+    weight_version: str | None = None,
+    random_seed: int | None = None,
+    extra_args: Sequence[str] = (),
+) -> list[str]:
     cmd = [sys.executable, "-m", "fr_jax.serve", "--model", str(model_path), "--host", host, "--port", str(port)]
-    for flag, value in (("--mesh", mesh), ("--dtype", dtype), ("--param-dtype", param_dtype),
-                        ("--context-length", context_length), ("--max-running-requests", max_running_requests),
-                        ("--weight-version", weight_version), ("--random-seed", random_seed)):
+    for flag, value in (
+        ("--mesh", mesh),
+        ("--dtype", dtype),
+        ("--param-dtype", param_dtype),
+        ("--context-length", context_length),
+        ("--max-running-requests", max_running_requests),
+        ("--weight-version", weight_version),
+        ("--random-seed", random_seed),
+    ):
         if value is not None:
             cmd += [flag, str(value)]
     return cmd + list(extra_args)
 
 
-def launch_sglang(model_path, *, host: str = "127.0.0.1", port: int | None = None, startup_timeout: float = 900.0,
-                  log_path=None, env: dict[str, str] | None = None, **flags) -> ServerProcess:
+def launch_sglang(
+    model_path,
+    *,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    startup_timeout: float = 900.0,
+    log_path=None,
+    env: dict[str, str] | None = None,
+    **flags,
+) -> ServerProcess:
     """Real SGLang on `model_path` (flags: see sglang_command), healthy on return."""
     port = port or free_port(host)
-    return ServerProcess(sglang_command(model_path, host=host, port=port, **flags), host=host, port=port, env=env,
-                         log_path=log_path, startup_timeout=startup_timeout, name="sglang").start()
+    return ServerProcess(
+        sglang_command(model_path, host=host, port=port, **flags),
+        host=host,
+        port=port,
+        env=env,
+        log_path=log_path,
+        startup_timeout=startup_timeout,
+        name="sglang",
+    ).start()
 
 
-def launch_local(model_path, *, host: str = "127.0.0.1", port: int | None = None, startup_timeout: float = 600.0,
-                 log_path=None, env: dict[str, str] | None = None, **flags) -> ServerProcess:
+def launch_local(
+    model_path,
+    *,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    startup_timeout: float = 600.0,
+    log_path=None,
+    env: dict[str, str] | None = None,
+    **flags,
+) -> ServerProcess:
     """fr_jax's engine server on `model_path` (flags: see local_command), healthy on return."""
     port = port or free_port(host)
-    return ServerProcess(local_command(model_path, host=host, port=port, **flags), host=host, port=port, env=env,
-                         log_path=log_path, startup_timeout=startup_timeout, name="fr_jax.serve").start()
+    return ServerProcess(
+        local_command(model_path, host=host, port=port, **flags),
+        host=host,
+        port=port,
+        env=env,
+        log_path=log_path,
+        startup_timeout=startup_timeout,
+        name="fr_jax.serve",
+    ).start()
 
 
 def launch_server(launch: Literal["sglang", "local"], model_path, **kwargs) -> ServerProcess:

@@ -31,29 +31,71 @@ def _refuse_non_neutral(data: Any, neutral: dict[str, Any]) -> Any:
         if name in data:
             given = data.pop(name)
             if given is not None and given != value:
-                raise ValueError(f"{name}={given!r} is not supported by the fr_jax engine (only {value!r}); "
-                                 "use a real SGLang server for it")
+                raise ValueError(
+                    f"{name}={given!r} is not supported by the fr_jax engine (only {value!r}); "
+                    "use a real SGLang server for it"
+                )
     return data
 
 
 # SGLang fields the engine does not serve, each with the neutral value it accepts
 _SAMPLING_NEUTRAL = {
-    "frequency_penalty": 0.0, "presence_penalty": 0.0, "repetition_penalty": 1.0, "min_new_tokens": 0,
-    "json_schema": None, "regex": None, "ebnf": None, "structural_tag": None, "stop_regex": None, "logit_bias": None,
-    "custom_params": None, "stream_interval": None,
+    "frequency_penalty": 0.0,
+    "presence_penalty": 0.0,
+    "repetition_penalty": 1.0,
+    "min_new_tokens": 0,
+    "json_schema": None,
+    "regex": None,
+    "ebnf": None,
+    "structural_tag": None,
+    "stop_regex": None,
+    "logit_bias": None,
+    "custom_params": None,
+    "stream_interval": None,
 }
 _GENERATE_NEUTRAL = {
-    "input_embeds": None, "image_data": None, "video_data": None, "audio_data": None, "token_ids_logprob": None,
-    "return_hidden_states": False, "modalities": None, "session_params": None, "lora_path": None, "lora_id": None,
-    "custom_logit_processor": None, "bootstrap_host": None, "bootstrap_port": None, "bootstrap_room": None,
-    "data_parallel_rank": None, "routed_dp_rank": None, "priority": None, "extra_key": None, "cache_salt": None,
-    "return_routed_experts": False, "return_entropy": False, "background": False, "no_logs": False,
+    "input_embeds": None,
+    "image_data": None,
+    "video_data": None,
+    "audio_data": None,
+    "token_ids_logprob": None,
+    "return_hidden_states": False,
+    "modalities": None,
+    "session_params": None,
+    "lora_path": None,
+    "lora_id": None,
+    "custom_logit_processor": None,
+    "bootstrap_host": None,
+    "bootstrap_port": None,
+    "bootstrap_room": None,
+    "data_parallel_rank": None,
+    "routed_dp_rank": None,
+    "priority": None,
+    "extra_key": None,
+    "cache_salt": None,
+    "return_routed_experts": False,
+    "return_entropy": False,
+    "background": False,
+    "no_logs": False,
     "custom_labels": None,
 }
 _OPENAI_NEUTRAL = {
-    "stream": False, "logprobs": None, "top_logprobs": None, "frequency_penalty": 0.0, "presence_penalty": 0.0,
-    "logit_bias": None, "stream_options": None, "response_format": None, "tools": None, "tool_choice": None,
-    "echo": False, "best_of": None, "suffix": None, "repetition_penalty": 1.0, "regex": None, "json_schema": None,
+    "stream": False,
+    "logprobs": None,
+    "top_logprobs": None,
+    "frequency_penalty": 0.0,
+    "presence_penalty": 0.0,
+    "logit_bias": None,
+    "stream_options": None,
+    "response_format": None,
+    "tools": None,
+    "tool_choice": None,
+    "echo": False,
+    "best_of": None,
+    "suffix": None,
+    "repetition_penalty": 1.0,
+    "regex": None,
+    "json_schema": None,
 }
 
 
@@ -62,10 +104,10 @@ class SamplingParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_new_tokens: int | None = 128         # None: up to the context length
-    temperature: float = 1.0                 # 0: greedy
+    max_new_tokens: int | None = 128  # None: up to the context length
+    temperature: float = 1.0  # 0: greedy
     top_p: float = 1.0
-    top_k: int = -1                          # -1: whole vocabulary
+    top_k: int = -1  # -1: whole vocabulary
     min_p: float = 0.0
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
@@ -75,7 +117,6 @@ class SamplingParams(BaseModel):
     spaces_between_special_tokens: bool = True
     no_stop_trim: bool = False
     sampling_seed: int | None = None
-
 
     @model_validator(mode="before")
     @classmethod
@@ -127,7 +168,6 @@ class GenerateReqInput(BaseModel):
     rid: str | list[str] | None = None
     log_metrics: bool = True
 
-
     @model_validator(mode="before")
     @classmethod
     def _unsupported(cls, data: Any) -> Any:
@@ -145,8 +185,10 @@ class GenerateReqInput(BaseModel):
             if any(v not in (None, 0) for v in _as_list(getattr(self, name))):
                 raise ValueError(f"{name} > 0 is not supported by the fr_jax engine")
         if any(v not in (None, -1) for v in _as_list(self.logprob_start_len)):
-            raise ValueError("logprob_start_len >= 0 (prompt log-probs) is not supported by the fr_jax engine; "
-                             "use -1 (output tokens only)")
+            raise ValueError(
+                "logprob_start_len >= 0 (prompt log-probs) is not supported by the fr_jax engine; "
+                "use -1 (output tokens only)"
+            )
         return self
 
     @property
@@ -243,7 +285,7 @@ class GenerateOutput(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     text: str
-    output_ids: list[int] | None = None      # real SGLang may leave it out when its tokenizer is skipped
+    output_ids: list[int] | None = None  # real SGLang may leave it out when its tokenizer is skipped
     meta_info: MetaInfo
 
 
@@ -274,7 +316,7 @@ class _OpenAIBase(BaseModel):
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
-    top_k: int | None = None                 # SGLang extensions of the OpenAI API
+    top_k: int | None = None  # SGLang extensions of the OpenAI API
     min_p: float | None = None
     n: int = 1
     stop: str | list[str] | None = None
@@ -283,8 +325,7 @@ class _OpenAIBase(BaseModel):
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     no_stop_trim: bool = False
-    user: str | None = None                  # caller metadata, carries no sampling meaning
-
+    user: str | None = None  # caller metadata, carries no sampling meaning
 
     @model_validator(mode="before")
     @classmethod
@@ -294,10 +335,20 @@ class _OpenAIBase(BaseModel):
         return _refuse_non_neutral(data, _OPENAI_NEUTRAL)
 
     def sampling_params(self, max_tokens: int | None) -> SamplingParams:
-        given = {"max_new_tokens": max_tokens, "temperature": self.temperature, "top_p": self.top_p,
-                 "top_k": self.top_k, "min_p": self.min_p, "stop": self.stop, "stop_token_ids": self.stop_token_ids,
-                 "n": self.n, "ignore_eos": self.ignore_eos, "skip_special_tokens": self.skip_special_tokens,
-                 "no_stop_trim": self.no_stop_trim, "sampling_seed": self.seed}
+        given = {
+            "max_new_tokens": max_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "min_p": self.min_p,
+            "stop": self.stop,
+            "stop_token_ids": self.stop_token_ids,
+            "n": self.n,
+            "ignore_eos": self.ignore_eos,
+            "skip_special_tokens": self.skip_special_tokens,
+            "no_stop_trim": self.no_stop_trim,
+            "sampling_seed": self.seed,
+        }
         return SamplingParams(**given)
 
 
@@ -324,14 +375,16 @@ class ChatCompletionRequest(_OpenAIBase):
             if isinstance(m.content, list):
                 kinds = {part.get("type") for part in m.content}
                 if kinds - {"text"}:
-                    raise ValueError(f"messages[{i}].content has parts of type {sorted(kinds - {'text'})}; "
-                                     "the fr_jax engine serves text only")
+                    raise ValueError(
+                        f"messages[{i}].content has parts of type {sorted(kinds - {'text'})}; "
+                        "the fr_jax engine serves text only"
+                    )
         return messages
 
 
 class CompletionRequest(_OpenAIBase):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16               # OpenAI's default for /v1/completions
+    max_tokens: int | None = 16  # OpenAI's default for /v1/completions
 
     @property
     def max_new_tokens(self) -> int | None:

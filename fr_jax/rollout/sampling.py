@@ -26,11 +26,11 @@ def _rank_and_mass_threshold(probs: jax.Array, top_k: jax.Array, top_p: jax.Arra
     """(tau, overflow): the top-k/top-p threshold from the best `candidates` tokens, and the rows where the kept set
     may reach past them (so tau must come from the whole vocabulary)."""
     k = min(candidates, probs.shape[-1])
-    best, _ = jax.lax.top_k(probs, k)                                    # [R, k], descending
+    best, _ = jax.lax.top_k(probs, k)  # [R, k], descending
     mass_before = jnp.cumsum(best, axis=-1) - best
     rank = jnp.arange(k)[None, :]
     keep = (rank < top_k[:, None]) & (mass_before <= top_p[:, None])
-    last_kept = jnp.sum(keep, axis=-1) - 1                               # keep is a prefix; rank 0 is always kept
+    last_kept = jnp.sum(keep, axis=-1) - 1  # keep is a prefix; rank 0 is always kept
     tau = jnp.take_along_axis(best, last_kept[:, None], axis=-1)[:, 0]
     overflow = keep[:, -1] & (top_k > k) & (k < probs.shape[-1])
     return tau, overflow
@@ -55,8 +55,9 @@ def _bisect_threshold(probs: jax.Array, top_k: jax.Array, top_p: jax.Array) -> j
     return jax.lax.bitcast_convert_type(hi, jnp.float32)
 
 
-def keep_threshold(probs: jax.Array, top_k: jax.Array, top_p: jax.Array, min_p: jax.Array,
-                   candidates: int = CANDIDATES) -> jax.Array:
+def keep_threshold(
+    probs: jax.Array, top_k: jax.Array, top_p: jax.Array, min_p: jax.Array, candidates: int = CANDIDATES
+) -> jax.Array:
     """tau [R] such that the filtered distribution keeps exactly the tokens with probs >= tau.
 
     probs [R, V] (each row sums to 1); top_k int [R] (<= 0: off); top_p, min_p float [R] (1 and 0: off).
@@ -65,14 +66,14 @@ def keep_threshold(probs: jax.Array, top_k: jax.Array, top_p: jax.Array, min_p: 
     top_k = jnp.where((top_k <= 0) | (top_k > vocab), vocab + 1, top_k).astype(jnp.int32)
     top_p = jnp.where(top_p >= 1.0, jnp.inf, top_p).astype(jnp.float32)
     tau_min_p = min_p * jnp.max(probs, axis=-1)
-    filtered = (top_k <= vocab) | jnp.isfinite(top_p)                    # rows with a rank or mass filter
+    filtered = (top_k <= vocab) | jnp.isfinite(top_p)  # rows with a rank or mass filter
 
     def rank_or_mass(_):
         tau, overflow = _rank_and_mass_threshold(probs, top_k, top_p, candidates)
         overflow &= filtered
-        tau = jax.lax.cond(jnp.any(overflow),
-                           lambda: jnp.where(overflow, _bisect_threshold(probs, top_k, top_p), tau),
-                           lambda: tau)
+        tau = jax.lax.cond(
+            jnp.any(overflow), lambda: jnp.where(overflow, _bisect_threshold(probs, top_k, top_p), tau), lambda: tau
+        )
         return jnp.where(filtered, tau, 0.0)
 
     tau = jax.lax.cond(jnp.any(filtered), rank_or_mass, lambda _: jnp.zeros_like(tau_min_p), None)
@@ -103,8 +104,15 @@ def inverse_cdf_sample(weights: jax.Array, uniform: jax.Array) -> jax.Array:
     return block * _BLOCK + index
 
 
-def sample_tokens(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array,
-                  min_p: jax.Array, candidates: int = CANDIDATES) -> tuple[jax.Array, jax.Array]:
+def sample_tokens(
+    logits: jax.Array,
+    keys: jax.Array,
+    temperature: jax.Array,
+    top_k: jax.Array,
+    top_p: jax.Array,
+    min_p: jax.Array,
+    candidates: int = CANDIDATES,
+) -> tuple[jax.Array, jax.Array]:
     """(tokens int32 [R], log-probs float32 [R]) for logits [R, V], one PRNG key per row, per-row sampling settings.
 
     Temperature 0 is greedy. The log-prob is log_softmax(logits / temperature) of the chosen token (module docstring).
@@ -116,7 +124,7 @@ def sample_tokens(logits: jax.Array, keys: jax.Array, temperature: jax.Array, to
     probs = jnp.exp(scaled - log_norm[:, None])
     tau = keep_threshold(probs, top_k, top_p, min_p, candidates)
     weights = jnp.where(probs >= tau[:, None], probs, 0.0)
-    uniform = 1.0 - jax.vmap(lambda k: jax.random.uniform(k, dtype=jnp.float32))(keys)   # (0, 1]
+    uniform = 1.0 - jax.vmap(lambda k: jax.random.uniform(k, dtype=jnp.float32))(keys)  # (0, 1]
     sampled = inverse_cdf_sample(weights, uniform)
     tokens = jnp.where(greedy, jnp.argmax(logits, axis=-1), sampled).astype(jnp.int32)
     logprobs = jnp.take_along_axis(scaled, tokens[:, None], axis=-1)[:, 0] - log_norm

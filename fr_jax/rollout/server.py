@@ -35,12 +35,17 @@ from fastapi.responses import JSONResponse, Response
 
 import fr_jax
 from fr_jax.models.config import ModelConfig
+from fr_jax.models.decoder import Decoder
 from fr_jax.models.hf import load_pretrained
-from fr_jax.models.qwen import Decoder
 from fr_jax.models.tokenizer import load_tokenizer
 from fr_jax.rollout.engine import Completion, Engine, GenerationRequest, SamplingOptions
-from fr_jax.rollout.protocol import (ChatCompletionRequest, CompletionRequest, GenerateReqInput, SamplingParams,
-                                     UpdateWeightFromDiskReqInput)
+from fr_jax.rollout.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    GenerateReqInput,
+    SamplingParams,
+    UpdateWeightFromDiskReqInput,
+)
 
 _log = logging.getLogger(__name__)
 
@@ -84,7 +89,7 @@ class Scheduler:
         self._queue: collections.deque[_Job] = collections.deque()
         self._ready = threading.Condition()
         self._stopped = False
-        self.batches = 0          # engine batches run so far
+        self.batches = 0  # engine batches run so far
         self.rows_served = 0
         self._thread = threading.Thread(target=self._run, name="rollout-scheduler", daemon=True)
         self._thread.start()
@@ -136,7 +141,7 @@ class Scheduler:
                 continue
             start = 0
             for job in batch:
-                job.future.set_result(results[start:start + len(job.requests)])
+                job.future.set_result(results[start : start + len(job.requests)])
                 start += len(job.requests)
         with self._ready:
             for job in self._queue:
@@ -149,8 +154,17 @@ class Scheduler:
 class RolloutServer:
     """The engine, its tokenizer and the served checkpoint's identity (path, weight version)."""
 
-    def __init__(self, engine: Engine, tokenizer, *, model_path: str, served_model_name: str | None = None,
-                 tokenizer_path: str | None = None, max_running_requests: int = 64, batch_wait_s: float = 0.01):
+    def __init__(
+        self,
+        engine: Engine,
+        tokenizer,
+        *,
+        model_path: str,
+        served_model_name: str | None = None,
+        tokenizer_path: str | None = None,
+        max_running_requests: int = 64,
+        batch_wait_s: float = 0.01,
+    ):
         self.engine = engine
         self.tokenizer = tokenizer
         self.model_path = str(model_path)
@@ -160,19 +174,42 @@ class RolloutServer:
         self._update_lock = asyncio.Lock()
 
     @classmethod
-    def from_pretrained(cls, model_dir, *, mesh, tokenizer_path=None, param_dtype: str | None = None,
-                        dtype: str | None = None, context_length: int | None = None, max_running_requests: int = 64,
-                        seed: int = 0, weight_version: str = "default", **server_kwargs) -> RolloutServer:
+    def from_pretrained(
+        cls,
+        model_dir,
+        *,
+        mesh,
+        tokenizer_path=None,
+        param_dtype: str | None = None,
+        dtype: str | None = None,
+        context_length: int | None = None,
+        max_running_requests: int = 64,
+        seed: int = 0,
+        weight_version: str = "default",
+        **server_kwargs,
+    ) -> RolloutServer:
         """Load an HF checkpoint directory (weights sharded over `mesh`) and its tokenizer, ready to serve."""
         overrides = {k: v for k, v in (("param_dtype", param_dtype), ("dtype", dtype)) if v is not None}
         model = load_pretrained(model_dir, mesh=mesh, **overrides)
         tokenizer = load_tokenizer(tokenizer_path or model_dir)
-        engine = Engine(model, mesh=mesh, eos_token_ids=eos_token_ids(model_dir, tokenizer),
-                        detokenize=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
-                        max_seq_len=context_length, max_batch_rows=max_running_requests, seed=seed,
-                        weight_version=weight_version)
-        return cls(engine, tokenizer, model_path=str(model_dir), tokenizer_path=tokenizer_path,
-                   max_running_requests=max_running_requests, **server_kwargs)
+        engine = Engine(
+            model,
+            mesh=mesh,
+            eos_token_ids=eos_token_ids(model_dir, tokenizer),
+            detokenize=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
+            max_seq_len=context_length,
+            max_batch_rows=max_running_requests,
+            seed=seed,
+            weight_version=weight_version,
+        )
+        return cls(
+            engine,
+            tokenizer,
+            model_path=str(model_dir),
+            tokenizer_path=tokenizer_path,
+            max_running_requests=max_running_requests,
+            **server_kwargs,
+        )
 
     @property
     def weight_version(self) -> str:
@@ -185,18 +222,27 @@ class RolloutServer:
 
     def sampling_options(self, params: SamplingParams, prompt_len: int) -> SamplingOptions:
         # SGLang's max_new_tokens=None: whatever the context leaves (the engine refuses a prompt that fills it)
-        max_new = params.max_new_tokens if params.max_new_tokens is not None else max(
-            self.engine.max_seq_len - prompt_len, 1)
-        return SamplingOptions(max_new_tokens=max_new, temperature=params.temperature, top_p=params.top_p,
-                               top_k=params.top_k, min_p=params.min_p,
-                               stop_token_ids=tuple(params.stop_token_ids or ()), stop=params.stop_strings,
-                               ignore_eos=params.ignore_eos, seed=params.sampling_seed)
+        max_new = (
+            params.max_new_tokens if params.max_new_tokens is not None else max(self.engine.max_seq_len - prompt_len, 1)
+        )
+        return SamplingOptions(
+            max_new_tokens=max_new,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=params.top_k,
+            min_p=params.min_p,
+            stop_token_ids=tuple(params.stop_token_ids or ()),
+            stop=params.stop_strings,
+            ignore_eos=params.ignore_eos,
+            seed=params.sampling_seed,
+        )
 
     async def run(self, prompts: Sequence[list[int]], params: Sequence[SamplingParams]) -> list[list[Completion]]:
-        requests = [GenerationRequest(tuple(ids), self.sampling_options(p, len(ids)), p.n)
-                    for ids, p in zip(prompts, params)]
+        requests = [
+            GenerationRequest(tuple(ids), self.sampling_options(p, len(ids)), p.n) for ids, p in zip(prompts, params)
+        ]
         try:
-            self.engine.check(requests)   # a bad request must fail alone, not the batch it would join
+            self.engine.check(requests)  # a bad request must fail alone, not the batch it would join
         except ValueError as error:
             raise BadRequest(str(error)) from error
         return await asyncio.wrap_future(self.scheduler.submit(requests))
@@ -207,18 +253,24 @@ class RolloutServer:
         matched = completion.finish_reason.get("matched")
         if isinstance(matched, int) and not params.no_stop_trim:
             ids = ids[:-1]
-        text = self.tokenizer.decode(ids, skip_special_tokens=params.skip_special_tokens,
-                                     spaces_between_special_tokens=params.spaces_between_special_tokens)
+        text = self.tokenizer.decode(
+            ids,
+            skip_special_tokens=params.skip_special_tokens,
+            spaces_between_special_tokens=params.spaces_between_special_tokens,
+        )
         if isinstance(matched, str) and not params.no_stop_trim and matched in text:
-            text = text[:text.index(matched)]
+            text = text[: text.index(matched)]
         return text
 
     async def generate(self, req: GenerateReqInput) -> dict | list[dict]:
         started = time.perf_counter()
         prompts = [self.encode(p) for p in req.prompts()]
         n = req.parallel_sample_num
-        params = req.sampling_params if isinstance(req.sampling_params, list) else [
-            req.sampling_params or SamplingParams()] * len(prompts)
+        params = (
+            req.sampling_params
+            if isinstance(req.sampling_params, list)
+            else [req.sampling_params or SamplingParams()] * len(prompts)
+        )
         if len(params) != len(prompts):
             raise BadRequest(f"sampling_params has {len(params)} entries for {len(prompts)} prompts")
         return_logprob = req.per_prompt("return_logprob", False)
@@ -228,15 +280,25 @@ class RolloutServer:
         outputs = []
         for i, completions in enumerate(results):
             for j, c in enumerate(completions):
-                meta = {"id": rids[i * n + j], "finish_reason": c.finish_reason, "prompt_tokens": c.prompt_tokens,
-                        "weight_version": c.weight_version, "completion_tokens": len(c.output_ids),
-                        "cached_tokens": 0, "e2e_latency": latency}
+                meta = {
+                    "id": rids[i * n + j],
+                    "finish_reason": c.finish_reason,
+                    "prompt_tokens": c.prompt_tokens,
+                    "weight_version": c.weight_version,
+                    "completion_tokens": len(c.output_ids),
+                    "cached_tokens": 0,
+                    "e2e_latency": latency,
+                }
                 if return_logprob[i]:
-                    texts = ([self.tokenizer.decode([t]) for t in c.output_ids] if req.return_text_in_logprobs
-                             else [None] * len(c.output_ids))
+                    texts = (
+                        [self.tokenizer.decode([t]) for t in c.output_ids]
+                        if req.return_text_in_logprobs
+                        else [None] * len(c.output_ids)
+                    )
                     meta["output_token_logprobs"] = [[lp, t, s] for lp, t, s in zip(c.logprobs, c.output_ids, texts)]
-                outputs.append({"text": self.completion_text(c, params[i]), "output_ids": c.output_ids,
-                                "meta_info": meta})
+                outputs.append(
+                    {"text": self.completion_text(c, params[i]), "output_ids": c.output_ids, "meta_info": meta}
+                )
         return outputs[0] if req.is_single else outputs
 
     @staticmethod
@@ -256,18 +318,23 @@ class RolloutServer:
     def _load_model(self, model_path: str) -> Decoder:
         cfg = self.engine.cfg
         try:
-            new_cfg = ModelConfig.from_pretrained(model_path, param_dtype=cfg.param_dtype, dtype=cfg.dtype,
-                                                  remat=cfg.remat)
+            new_cfg = ModelConfig.from_pretrained(
+                model_path, param_dtype=cfg.param_dtype, dtype=cfg.dtype, remat=cfg.remat
+            )
         except (FileNotFoundError, ValueError) as error:
             raise BadRequest(f"cannot read the checkpoint at {model_path}: {error}") from error
-        differ = {f.name: (getattr(cfg, f.name), getattr(new_cfg, f.name)) for f in dataclasses.fields(cfg)
-                  if getattr(cfg, f.name) != getattr(new_cfg, f.name)}
+        differ = {
+            f.name: (getattr(cfg, f.name), getattr(new_cfg, f.name))
+            for f in dataclasses.fields(cfg)
+            if getattr(cfg, f.name) != getattr(new_cfg, f.name)
+        }
         if differ:
             detail = ", ".join(f"{k}: served {a!r}, checkpoint {b!r}" for k, (a, b) in differ.items())
             raise BadRequest(f"the checkpoint at {model_path} does not match the served model ({detail})")
         try:
-            model = load_pretrained(model_path, mesh=self.engine.mesh, param_dtype=cfg.param_dtype, dtype=cfg.dtype,
-                                    remat=cfg.remat)
+            model = load_pretrained(
+                model_path, mesh=self.engine.mesh, param_dtype=cfg.param_dtype, dtype=cfg.dtype, remat=cfg.remat
+            )
         except (FileNotFoundError, KeyError, ValueError) as error:
             raise BadRequest(f"cannot load the checkpoint at {model_path}: {error}") from error
         return model
@@ -284,19 +351,31 @@ class RolloutServer:
             except ValueError as error:  # a refused checkpoint (BadRequest) or mismatched parameters
                 return False, str(error)
             self.model_path = req.model_path
-        _log.info("updated weights from %s (weight_version %s) in %.2fs", req.model_path, self.weight_version,
-                  time.perf_counter() - started)
+        _log.info(
+            "updated weights from %s (weight_version %s) in %.2fs",
+            req.model_path,
+            self.weight_version,
+            time.perf_counter() - started,
+        )
         return True, "Succeeded to update model weights."
 
     # --------------------------------------------------------------------------------------- OpenAI API
 
     def chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
-        messages = [{"role": m.role, "content": m.content if not isinstance(m.content, list)
-                     else "".join(part.get("text", "") for part in m.content)} for m in req.messages]
+        messages = [
+            {
+                "role": m.role,
+                "content": m.content
+                if not isinstance(m.content, list)
+                else "".join(part.get("text", "") for part in m.content),
+            }
+            for m in req.messages
+        ]
         if self.tokenizer.chat_template is None:
             raise BadRequest(f"the tokenizer at {self.tokenizer_path} has no chat template; use /v1/completions")
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                 **(req.chat_template_kwargs or {}))
+        ids = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, **(req.chat_template_kwargs or {})
+        )
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
     async def openai(self, req: ChatCompletionRequest | CompletionRequest) -> dict:
@@ -316,24 +395,42 @@ class RolloutServer:
             for j, c in enumerate(completions):
                 text = self.completion_text(c, params)
                 reason = c.finish_reason
-                choice = {"index": i * req.n + j, "finish_reason": reason["type"], "logprobs": None,
-                          "matched_stop": reason.get("matched")}
+                choice = {
+                    "index": i * req.n + j,
+                    "finish_reason": reason["type"],
+                    "logprobs": None,
+                    "matched_stop": reason.get("matched"),
+                }
                 choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
                 choices.append(choice)
                 completion_tokens += len(c.output_ids)
         prompt_tokens = sum(map(len, prompts))
-        return {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
-                "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-                "model": req.model or self.served_model_name, "choices": choices,
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                          "total_tokens": prompt_tokens + completion_tokens}}
+        return {
+            "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+            "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": req.model or self.served_model_name,
+            "choices": choices,
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
+        }
 
     def model_info(self) -> dict:
         cfg = self.engine.cfg
-        return {"model_path": self.model_path, "tokenizer_path": self.tokenizer_path, "is_generation": True,
-                "preferred_sampling_params": None, "weight_version": self.weight_version,
-                "has_image_understanding": False, "has_audio_understanding": False, "model_type": cfg.model_type,
-                "architectures": cfg.to_hf()["architectures"]}
+        return {
+            "model_path": self.model_path,
+            "tokenizer_path": self.tokenizer_path,
+            "is_generation": True,
+            "preferred_sampling_params": None,
+            "weight_version": self.weight_version,
+            "has_image_understanding": False,
+            "has_audio_understanding": False,
+            "model_type": cfg.model_type,
+            "architectures": cfg.to_hf()["architectures"],
+        }
 
 
 # ---------------------------------------------------------------------------------------------- the app
@@ -393,14 +490,15 @@ def create_app(server: RolloutServer) -> FastAPI:
     async def generate(req: GenerateReqInput):
         try:
             return await server.generate(req)
-        except ValueError as error:       # per-prompt fields that disagree with the number of prompts
+        except ValueError as error:  # per-prompt fields that disagree with the number of prompts
             raise BadRequest(str(error)) from error
 
     @app.post("/update_weights_from_disk")
     async def update_weights_from_disk(req: UpdateWeightFromDiskReqInput):
         success, message = await server.update_weights_from_disk(req)
-        return JSONResponse({"success": success, "message": message, "num_paused_requests": 0},
-                            status_code=200 if success else 400)
+        return JSONResponse(
+            {"success": success, "message": message, "num_paused_requests": 0}, status_code=200 if success else 400
+        )
 
     @app.get("/model_info")
     @app.get("/get_model_info")
@@ -416,12 +514,22 @@ def create_app(server: RolloutServer) -> FastAPI:
     @app.get("/get_server_info")
     async def server_info():
         engine = server.engine
-        return {"model_path": server.model_path, "served_model_name": server.served_model_name,
-                "weight_version": server.weight_version, "context_length": engine.max_seq_len,
-                "max_running_requests": server.scheduler.max_rows, "mesh": dict(engine.mesh.shape),
-                "dtype": engine.cfg.dtype, "param_dtype": engine.cfg.param_dtype, "engine_compiles": engine.compiles,
-                "queued_rows": server.scheduler.queued_rows(), "batches": server.scheduler.batches,
-                "rows_served": server.scheduler.rows_served, "version": fr_jax.__version__, "backend": "fr_jax"}
+        return {
+            "model_path": server.model_path,
+            "served_model_name": server.served_model_name,
+            "weight_version": server.weight_version,
+            "context_length": engine.max_seq_len,
+            "max_running_requests": server.scheduler.max_rows,
+            "mesh": dict(engine.mesh.shape),
+            "dtype": engine.cfg.dtype,
+            "param_dtype": engine.cfg.param_dtype,
+            "engine_compiles": engine.compiles,
+            "queued_rows": server.scheduler.queued_rows(),
+            "batches": server.scheduler.batches,
+            "rows_served": server.scheduler.rows_served,
+            "version": fr_jax.__version__,
+            "backend": "fr_jax",
+        }
 
     @app.api_route("/flush_cache", methods=["GET", "POST"])
     async def flush_cache():
@@ -430,8 +538,18 @@ def create_app(server: RolloutServer) -> FastAPI:
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": server.served_model_name, "object": "model", "owned_by": "fr_jax",
-                                            "root": server.model_path, "max_model_len": server.engine.max_seq_len}]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": server.served_model_name,
+                    "object": "model",
+                    "owned_by": "fr_jax",
+                    "root": server.model_path,
+                    "max_model_len": server.engine.max_seq_len,
+                }
+            ],
+        }
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest):

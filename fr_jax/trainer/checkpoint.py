@@ -68,11 +68,14 @@ class Checkpointer:
     def __init__(self, directory: str | os.PathLike, *, every_steps: int, keep: int, async_save: bool = True):
         self.directory = pathlib.Path(directory).absolute()
         self.every_steps = every_steps
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
-                                               save_interval_steps=1)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=async_save, create=True, save_interval_steps=1
+        )
         self._manager = ocp.CheckpointManager(
-            self.directory, options=options,
-            item_handlers={"state": ocp.StandardCheckpointHandler(), "host": HostStateHandler()})
+            self.directory,
+            options=options,
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "host": HostStateHandler()},
+        )
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -85,8 +88,11 @@ class Checkpointer:
 
     def save(self, step: int, state, host_state: dict[str, Any]) -> None:
         """Start saving `state` (device pytree) and this process's `host_state`; returns once arrays are copied."""
-        self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                         host=HostStateSave(host_state)), force=True)
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state), host=HostStateSave(host_state)),
+            force=True,
+        )
         _log.info("checkpoint of step %d started in %s", step, self.directory)
 
     def restore(self, abstract_state, step: int | None = None) -> tuple[Any, list[dict[str, Any]]]:
@@ -94,8 +100,9 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), host=HostStateRestore()))
+        restored = self._manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), host=HostStateRestore())
+        )
         _log.info("restored step %d from %s", step, self.directory)
         return restored["state"], restored["host"]
 

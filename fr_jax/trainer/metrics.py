@@ -46,8 +46,11 @@ def jaxpr_matmul_flops(jaxpr) -> int:
         for value in eqn.params.values():
             if isinstance(value, (jex_core.Jaxpr, jex_core.ClosedJaxpr)):
                 subs.append(jaxpr_matmul_flops(value))
-            elif isinstance(value, (tuple, list)) and value and all(
-                    isinstance(v, (jex_core.Jaxpr, jex_core.ClosedJaxpr)) for v in value):
+            elif (
+                isinstance(value, (tuple, list))
+                and value
+                and all(isinstance(v, (jex_core.Jaxpr, jex_core.ClosedJaxpr)) for v in value)
+            ):
                 subs.append(max(jaxpr_matmul_flops(v) for v in value))  # cond branches: the costliest
         total += times * sum(subs)
     return total
@@ -102,8 +105,17 @@ class MetricsWriter:
     dropped and TensorBoard purges them, so the logs read as one uninterrupted run.
     """
 
-    def __init__(self, run_dir: str | os.PathLike, *, total_steps: int, start_step: int = 0, tensorboard: bool = True,
-                 progress_bar: bool = True, enabled: bool | None = None, desc: str = "train"):
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        *,
+        total_steps: int,
+        start_step: int = 0,
+        tensorboard: bool = True,
+        progress_bar: bool = True,
+        enabled: bool | None = None,
+        desc: str = "train",
+    ):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self.path = pathlib.Path(run_dir) / METRICS_FILE
         self._tb = None

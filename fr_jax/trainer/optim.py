@@ -22,6 +22,7 @@ def learning_rate_schedule(cfg: OptimSection, total_steps: int) -> optax.Schedul
 
 def decay_mask(params, no_decay: tuple[str, ...]):
     """True for parameters that get weight decay: those whose path names none of `no_decay` (norms, biases)."""
+
     def wants_decay(path, _):
         name = "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
         return not any(part in name for part in no_decay)
@@ -31,8 +32,14 @@ def decay_mask(params, no_decay: tuple[str, ...]):
 
 def build_optimizer(cfg: OptimSection, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
     schedule = learning_rate_schedule(cfg, total_steps)
-    adamw = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                        mask=lambda params: decay_mask(params, cfg.no_decay))
+    adamw = optax.adamw(
+        schedule,
+        b1=cfg.b1,
+        b2=cfg.b2,
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        mask=lambda params: decay_mask(params, cfg.no_decay),
+    )
     if cfg.clip_grad_norm is None:
         return adamw, schedule
     return optax.chain(optax.clip_by_global_norm(cfg.clip_grad_norm), adamw), schedule

@@ -43,11 +43,15 @@ def check_batch_layout(train: TrainSection, mesh: Mesh) -> None:
     rows = train.batch_size // train.micro_batches
     ways = mesh.shape["data"] * mesh.shape["fsdp"]
     if rows % ways:
-        raise ConfigError(f"train.batch_size / train.micro_batches = {rows} rows per micro-batch must be divisible by "
-                          f"mesh.data x mesh.fsdp = {ways}")
+        raise ConfigError(
+            f"train.batch_size / train.micro_batches = {rows} rows per micro-batch must be divisible by "
+            f"mesh.data x mesh.fsdp = {ways}"
+        )
     if rows % jax.process_count():
-        raise ConfigError(f"{rows} rows per micro-batch cannot be split over {jax.process_count()} processes "
-                          "(train.batch_size / train.micro_batches)")
+        raise ConfigError(
+            f"{rows} rows per micro-batch cannot be split over {jax.process_count()} processes "
+            "(train.batch_size / train.micro_batches)"
+        )
 
 
 def start_runtime(cfg: Config) -> Runtime:
@@ -77,8 +81,12 @@ def pretrained_dir(name: str) -> pathlib.Path:
 
 def _compute_choices(section: ModelSection) -> dict:
     """The section's choices of how to compute (not what): dtypes, remat, attention chunking."""
-    return dict(dtype=section.dtype, param_dtype=section.param_dtype, remat=section.remat,
-                attention_chunk=section.attention_chunk)
+    return dict(
+        dtype=section.dtype,
+        param_dtype=section.param_dtype,
+        remat=section.remat,
+        attention_chunk=section.attention_chunk,
+    )
 
 
 def model_config(section: ModelSection) -> ModelConfig:
@@ -101,8 +109,8 @@ def model_config(section: ModelSection) -> ModelConfig:
 
 def load_model(section: ModelSection, mesh: Mesh):
     """The Decoder the section names: pretrained weights, or a random init from `init_seed`, sharded over `mesh`."""
+    from fr_jax.models.decoder import create_model
     from fr_jax.models.hf import load_pretrained
-    from fr_jax.models.qwen import create_model
 
     cfg = model_config(section)
     if section.pretrained is not None:
@@ -112,7 +120,8 @@ def load_model(section: ModelSection, mesh: Mesh):
 
 def load_tokenizer(section: ModelSection):
     """The tokenizer with the chat template: model.tokenizer if given, else the pretrained model's."""
-    from fr_jax.models.tokenizer import load_tokenizer as load_dir, qwen_tokenizer
+    from fr_jax.models.tokenizer import load_tokenizer as load_dir
+    from fr_jax.models.tokenizer import qwen_tokenizer
 
     name = section.tokenizer or section.pretrained
     if name is None:

@@ -12,7 +12,7 @@ from flax import nnx
 
 from fr_jax.config import Config, ConfigError
 from fr_jax.data.sft import build_sft_data
-from fr_jax.models.qwen import abstract_model
+from fr_jax.models.decoder import abstract_model
 from fr_jax.trainer.checkpoint import Checkpointer
 from fr_jax.trainer.metrics import MetricsWriter, Throughput, measure_peak_flops
 from fr_jax.trainer.optim import build_optimizer
@@ -44,18 +44,36 @@ def run_sft(rt: Runtime) -> dict[str, Any]:
     model_cfg = model_config(cfg.model)
     tokenizer = load_tokenizer(cfg.model)
     if len(tokenizer) > model_cfg.vocab_size:
-        raise ConfigError(f"model.tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {model_cfg.vocab_size}")
+        raise ConfigError(
+            f"model.tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {model_cfg.vocab_size}"
+        )
     try:
-        data = build_sft_data(cfg.sft.data, tokenizer, batch_size=train.batch_size, micro_batches=train.micro_batches,
-                              eval_batches=train.eval_batches, process_index=jax.process_index(),
-                              process_count=jax.process_count())
+        data = build_sft_data(
+            cfg.sft.data,
+            tokenizer,
+            batch_size=train.batch_size,
+            micro_batches=train.micro_batches,
+            eval_batches=train.eval_batches,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
     except ValueError as err:
         raise ConfigError(str(err)) from None
     optimizer, schedule = build_optimizer(cfg.optim, train.steps)
-    step_fn = TrainStep(abstract_model(model_cfg), sft_loss, optimizer, mesh=rt.mesh, micro_batches=train.micro_batches,
-                        learning_rate_fn=schedule)
-    ckpt = Checkpointer(rt.run_dir / "checkpoints", every_steps=cfg.checkpoint.every_steps, keep=cfg.checkpoint.keep,
-                        async_save=cfg.checkpoint.async_save)
+    step_fn = TrainStep(
+        abstract_model(model_cfg),
+        sft_loss,
+        optimizer,
+        mesh=rt.mesh,
+        micro_batches=train.micro_batches,
+        learning_rate_fn=schedule,
+    )
+    ckpt = Checkpointer(
+        rt.run_dir / "checkpoints",
+        every_steps=cfg.checkpoint.every_steps,
+        keep=cfg.checkpoint.keep,
+        async_save=cfg.checkpoint.async_save,
+    )
     start = ckpt.latest_step()
     if start is not None:
         state, host_states = ckpt.restore(step_fn.abstract_state())
@@ -65,8 +83,14 @@ def run_sft(rt: Runtime) -> dict[str, Any]:
         start = 0
         state = step_fn.init_state(nnx.to_pure_dict(nnx.state(load_model(cfg.model, rt.mesh))), train.seed)
 
-    writer = MetricsWriter(rt.run_dir, total_steps=train.steps, start_step=start, tensorboard=cfg.monitor.tensorboard,
-                           progress_bar=cfg.monitor.progress_bar, desc="sft")
+    writer = MetricsWriter(
+        rt.run_dir,
+        total_steps=train.steps,
+        start_step=start,
+        tensorboard=cfg.monitor.tensorboard,
+        progress_bar=cfg.monitor.progress_bar,
+        desc="sft",
+    )
     writer.text("config", cfg.to_yaml())
     eval_batches = [step_fn.put_global_batch(b) for b in data.eval_batches]
     summary: dict[str, Any] = {"start_step": start, "train_data": data.train_report.summary()}
@@ -77,8 +101,7 @@ def run_sft(rt: Runtime) -> dict[str, Any]:
     batch = step_fn.put_local_batch(next(data.train))
     if start < train.steps:
         compile_s = step_fn.precompile(state, batch)
-        peak = (cfg.monitor.peak_tflops_per_device * 1e12 if cfg.monitor.peak_tflops_per_device
-                else measure_peak_flops())
+        peak = cfg.monitor.peak_tflops_per_device * 1e12 if cfg.monitor.peak_tflops_per_device else measure_peak_flops()
         flops = step_fn.model_flops_per_step(batch)
         _log.info("step compiled in %.1fs; %.3g model FLOPs/step; peak %.3g FLOP/s per device", compile_s, flops, peak)
         throughput = Throughput(flops, peak, rt.mesh.size)

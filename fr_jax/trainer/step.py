@@ -27,7 +27,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from fr_jax.models.qwen import param_shardings
+from fr_jax.models.decoder import param_shardings
 from fr_jax.parallel.rules import named_sharding
 from fr_jax.trainer.metrics import forward_flops
 
@@ -41,27 +41,39 @@ class NonFiniteError(FloatingPointError):
 
 @flax.struct.dataclass
 class TrainState:
-    step: jax.Array  # int32 scalar: optimizer steps taken
+    # Any: the same tree also holds the state's shardings and abstract shapes
+    step: Any  # int32 scalar: optimizer steps taken
     params: dict  # nested dict of parameter arrays (nnx pure-dict layout)
     opt_state: Any
-    rng: jax.Array  # uint32 raw key data; step s uses fold_in(key, s)
+    rng: Any  # uint32 raw key data; step s uses fold_in(key, s)
 
 
 def param_paths(params: dict) -> list[str]:
     """Dotted names of the parameter leaves, in tree-flatten order."""
-    return [".".join(str(getattr(k, "key", k)) for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    return [
+        ".".join(str(getattr(k, "key", k)) for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]
+    ]
 
 
 class TrainStep:
     """Owns the model structure, the optimizer and the compiled step for one loss function.
 
-    `model` may be abstract (`fr_jax.models.qwen.abstract_model`): only its structure and each parameter's
+    `model` may be abstract (`fr_jax.models.decoder.abstract_model`): only its structure and each parameter's
     logical axes are used, so a resumed run never materialises initial weights.
     """
 
-    def __init__(self, model: nnx.Module, loss_fn: LossFn, optimizer: optax.GradientTransformation, *, mesh: Mesh,
-                 micro_batches: int = 1, learning_rate_fn: optax.Schedule | None = None,
-                 combine_metrics: Callable[[dict, dict], dict] | None = None, donate: bool = True):
+    def __init__(
+        self,
+        model: nnx.Module,
+        loss_fn: LossFn,
+        optimizer: optax.GradientTransformation,
+        *,
+        mesh: Mesh,
+        micro_batches: int = 1,
+        learning_rate_fn: optax.Schedule | None = None,
+        combine_metrics: Callable[[dict, dict], dict] | None = None,
+        donate: bool = True,
+    ):
         """`combine_metrics(a, b)` merges two micro-batches' metrics (default: add, for sums); a max is no sum."""
         self.mesh = mesh
         self.combine_metrics = combine_metrics or functools.partial(jax.tree.map, jnp.add)
@@ -70,39 +82,50 @@ class TrainStep:
         self.micro_batches = micro_batches
         self.learning_rate_fn = learning_rate_fn
         self.graphdef, abstract_params = nnx.split(model)
-        self.abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                                            nnx.to_pure_dict(abstract_params))
+        self.abstract_params = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(abstract_params)
+        )
         self.param_shardings = nnx.to_pure_dict(param_shardings(model, mesh))
         self.param_names = param_paths(self.abstract_params)
         self.replicated = NamedSharding(mesh, PartitionSpec())
         abstract_opt = jax.eval_shape(optimizer.init, self.abstract_params)
-        opt_shardings = optax.tree_map_params(optimizer, lambda _, s: s, abstract_opt, self.param_shardings,
-                                              transform_non_params=lambda _: self.replicated)
-        self.state_shardings = TrainState(step=self.replicated, params=self.param_shardings, opt_state=opt_shardings,
-                                          rng=self.replicated)
+        opt_shardings = optax.tree_map_params(
+            optimizer,
+            lambda _, s: s,
+            abstract_opt,
+            self.param_shardings,
+            transform_non_params=lambda _: self.replicated,
+        )
+        self.state_shardings = TrainState(
+            step=self.replicated, params=self.param_shardings, opt_state=opt_shardings, rng=self.replicated
+        )
         self._abstract_opt = abstract_opt
         self._donate = donate
-        self._jitted: dict[Any, Callable] = {}
+        self._jitted: dict[Any, Any] = {}  # jitted or compiled steps by batch layout
 
     # ------------------------------------------------------------------ state
 
     def init_state(self, params: dict, seed: int) -> TrainState:
         """Step 0: the given parameters (consumed: their buffers become the state's), fresh moments, the rng."""
+
         @functools.partial(jax.jit, out_shardings=self.state_shardings, donate_argnums=0)
         def init(params):
             key = jax.random.key_data(jax.random.key(seed))
-            return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.optimizer.init(params),
-                              rng=key)
+            return TrainState(
+                step=jnp.zeros((), jnp.int32), params=params, opt_state=self.optimizer.init(params), rng=key
+            )
 
         return init(params)
 
     def abstract_state(self) -> TrainState:
         """ShapeDtypeStructs with shardings: the restore target for a checkpointed TrainState."""
         key = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
-        shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=self.abstract_params,
-                            opt_state=self._abstract_opt, rng=key)
-        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
-                            self.state_shardings)
+        shapes = TrainState(
+            step=jax.ShapeDtypeStruct((), jnp.int32), params=self.abstract_params, opt_state=self._abstract_opt, rng=key
+        )
+        return jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, self.state_shardings
+        )
 
     def model(self, params: dict) -> nnx.Module:
         """An nnx model viewing `params` (for export, evaluation or rollout weight sync)."""
@@ -124,13 +147,16 @@ class TrainStep:
 
     def put_global_batch(self, batch: dict[str, np.ndarray]) -> Batch:
         """Global arrays from a batch every process holds whole (e.g. fixed evaluation batches)."""
-        return {k: jax.make_array_from_callback(v.shape, self.batch_sharding(v.shape), lambda idx, v=v: v[idx])
-                for k, v in batch.items()}
+        return {
+            k: jax.make_array_from_callback(v.shape, self.batch_sharding(v.shape), v.__getitem__)
+            for k, v in batch.items()
+        }
 
     # ------------------------------------------------------------------ the step
 
     def _sums(self, params, batch: Batch, rng, with_grad: bool):
         """Sum over micro-batches of (loss_sum, grad of loss_sum, denominator, metric sums)."""
+
         def one(params, micro, key):
             loss_sum, denom, metrics = self.loss_fn(nnx.merge(self.graphdef, params), micro, key)
             return loss_sum.astype(jnp.float32), (jnp.asarray(denom, jnp.float32), metrics)
@@ -155,8 +181,9 @@ class TrainStep:
             micro, i = xs
             out = micro_step(micro, i)
             # metrics: the first micro-batch's own, then combined (combine_metrics needs no identity element)
-            metrics = jax.tree.map(lambda merged, own: jnp.where(i == 0, own, merged),
-                                   self.combine_metrics(carry[3], out[3]), out[3])
+            metrics = jax.tree.map(
+                lambda merged, own: jnp.where(i == 0, own, merged), self.combine_metrics(carry[3], out[3]), out[3]
+            )
             carry = (*jax.tree.map(jnp.add, carry[:3], out[:3]), metrics)
             if with_grad:
                 carry = (carry[0], jax.lax.with_sharding_constraint(carry[1], self.param_shardings), *carry[2:])
@@ -192,18 +219,22 @@ class TrainStep:
     def _compiled(self, kind: str, batch: Batch) -> Callable:
         return self._lookup(kind, batch)[1]
 
-    def _lookup(self, kind: str, batch: Batch) -> tuple[Any, Callable]:
+    def _lookup(self, kind: str, batch: Batch) -> tuple[Any, Any]:
         """The jitted step or evaluation for this batch layout, with every input and output placement explicit."""
         key = (kind, jax.tree.structure(batch), tuple(x.shape for x in jax.tree.leaves(batch)))
         if key not in self._jitted:
             batch_shardings = jax.tree.map(lambda x: self.batch_sharding(x.shape), batch)
             if kind == "train":
-                self._jitted[key] = jax.jit(self._train_step, in_shardings=(self.state_shardings, batch_shardings),
-                                            out_shardings=(self.state_shardings, self.replicated),
-                                            donate_argnums=(0,) if self._donate else ())
+                self._jitted[key] = jax.jit(
+                    self._train_step,
+                    in_shardings=(self.state_shardings, batch_shardings),
+                    out_shardings=(self.state_shardings, self.replicated),
+                    donate_argnums=(0,) if self._donate else (),
+                )
             else:
-                self._jitted[key] = jax.jit(self._eval_sums, in_shardings=(self.param_shardings, batch_shardings),
-                                            out_shardings=self.replicated)
+                self._jitted[key] = jax.jit(
+                    self._eval_sums, in_shardings=(self.param_shardings, batch_shardings), out_shardings=self.replicated
+                )
         return key, self._jitted[key]
 
     def precompile(self, state: TrainState, batch: Batch) -> float:
@@ -216,8 +247,10 @@ class TrainStep:
     def model_flops_per_step(self, batch: Batch) -> int:
         """Matmul FLOPs of one step on this batch layout: 3 x forward (forward + backward), remat not counted."""
         micro = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), batch)
+
         def loss(params, micro):
             return self.loss_fn(nnx.merge(self.graphdef, params), micro, jax.random.key(0))[0]
+
         return 3 * self.micro_batches * forward_flops(loss, self.abstract_params, micro)
 
     def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -236,6 +269,7 @@ class TrainStep:
         if np.isfinite(loss) and np.isfinite(grad_norm):
             return
         bad = [name for name, ok in zip(self.param_names, np.asarray(metrics["grads_finite"])) if not ok]
-        culprit = (f"non-finite gradient in {len(bad)} parameter(s): {', '.join(bad[:8])}" if bad
-                   else "all gradients finite")
+        culprit = (
+            f"non-finite gradient in {len(bad)} parameter(s): {', '.join(bad[:8])}" if bad else "all gradients finite"
+        )
         raise NonFiniteError(f"step {step}: loss={loss}, grad_norm={grad_norm}; {culprit}")

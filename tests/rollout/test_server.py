@@ -1,0 +1,281 @@
+"""The rollout server over real HTTP, started by the launchers as a child process: SGLang protocol conformance,
+OpenAI routes, weight updates with RolloutClient/sync_weights, bad requests, batching of concurrent requests.
+
+Every conformance and weight-update test runs against fr_jax's server (`launch: local`) and, on a machine with a
+CUDA GPU and sglang installed, against real SGLang (`launch: sglang`, marked gpu) with the same assertions: the
+field-by-field check of one is the check of the other.
+"""
+
+import concurrent.futures
+import importlib.util
+import json
+import os
+import shutil
+
+import httpx
+import jax
+import pytest
+from flax import nnx
+
+from fr_jax.models.hf import load_pretrained
+from fr_jax.parallel.mesh import make_mesh
+from fr_jax.rollout import RolloutClient, RolloutError, launch_server, sync_weights
+from fr_jax.rollout.protocol import GenerateOutput
+from tests.support.rollout import build_tiny_qwen2
+
+PROMPT = "def fibonacci(n):"
+
+
+def _sglang_missing() -> str | None:
+    if importlib.util.find_spec("sglang") is None:
+        return "sglang is not installed (pip install 'fr_jax[sglang]')"
+    import torch
+
+    if not torch.cuda.is_available():
+        return "no CUDA GPU"
+    return None
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, smollm2_dir):
+    return build_tiny_qwen2(tmp_path_factory.mktemp("tiny_qwen2"), smollm2_dir)
+
+
+@pytest.fixture(scope="module", params=["local", pytest.param("sglang", marks=pytest.mark.gpu)])
+def server(request, tiny_dir):
+    kind = request.param
+    if kind == "sglang":
+        missing = _sglang_missing()
+        if missing:
+            pytest.skip(f"real SGLang needs a CUDA GPU and the sglang package: {missing}")
+        process = launch_server("sglang", tiny_dir, mem_fraction_static=0.3, weight_version="v0")
+    else:
+        env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+        process = launch_server("local", tiny_dir, env=env, mesh="1,1,1", weight_version="v0", max_running_requests=8)
+    with process, RolloutClient(process.url, retry_backoff_s=0.5) as client:
+        yield kind, process, client
+
+
+@pytest.fixture
+def local_server(server):
+    if server[0] != "local":
+        pytest.skip("fr_jax-specific behaviour (real SGLang differs here by design)")
+    return server
+
+
+def post(process, path, body, status=200):
+    response = httpx.post(process.url + path, json=body, timeout=300)
+    assert response.status_code == status, response.text
+    return response.json()
+
+
+def check_generate_output(out: dict, *, logprobs: bool, logprob_text: bool = False) -> None:
+    """One /generate answer, field by field as SGLang's tokenizer manager builds it."""
+    assert {"text", "output_ids", "meta_info"} <= out.keys()
+    assert isinstance(out["text"], str)
+    assert isinstance(out["output_ids"], list) and all(isinstance(t, int) for t in out["output_ids"])
+    meta = out["meta_info"]
+    assert {"id", "finish_reason", "prompt_tokens", "completion_tokens", "cached_tokens", "e2e_latency"} <= meta.keys()
+    assert isinstance(meta["id"], str) and meta["id"]
+    for key in ("prompt_tokens", "completion_tokens", "cached_tokens"):
+        assert isinstance(meta[key], int), key
+    assert isinstance(meta["e2e_latency"], float) and meta["e2e_latency"] > 0
+    assert meta["completion_tokens"] == len(out["output_ids"])
+    reason = meta["finish_reason"]
+    assert reason["type"] in ("stop", "length")
+    if reason["type"] == "length":
+        assert reason["length"] == meta["completion_tokens"]
+    else:
+        assert isinstance(reason["matched"], (int, str))
+    if logprobs:
+        triples = meta["output_token_logprobs"]
+        assert [t[1] for t in triples] == out["output_ids"]
+        for logprob, token, text in triples:
+            assert isinstance(logprob, float) and logprob <= 0 and isinstance(token, int)
+            assert isinstance(text, str) if logprob_text else text is None
+    else:
+        assert meta.get("output_token_logprobs") is None
+    GenerateOutput.model_validate(out)  # what RolloutClient parses
+
+
+def test_generate_single_text(server):
+    _, process, _ = server
+    out = post(
+        process,
+        "/generate",
+        {
+            "text": PROMPT,
+            "sampling_params": {"max_new_tokens": 8, "temperature": 0},
+            "return_logprob": True,
+            "return_text_in_logprobs": True,
+        },
+    )
+    assert isinstance(out, dict), "a single prompt gets a single object"
+    check_generate_output(out, logprobs=True, logprob_text=True)
+    assert out["meta_info"]["completion_tokens"] <= 8
+
+
+def test_generate_batch_of_ids_with_n(server):
+    _, process, _ = server
+    prompts = [[11, 12, 13, 14, 15], [21, 22, 23, 24, 25, 26, 27, 28, 29]]
+    outs = post(
+        process,
+        "/generate",
+        {
+            "input_ids": prompts,
+            "return_logprob": True,
+            "sampling_params": {"max_new_tokens": 8, "temperature": 1.0, "n": 2},
+        },
+    )
+    assert isinstance(outs, list) and len(outs) == 4
+    for out in outs:
+        check_generate_output(out, logprobs=True)
+    # prompt-major: both samples of prompt 0, then both of prompt 1
+    assert [o["meta_info"]["prompt_tokens"] for o in outs] == [5, 5, 9, 9]
+    assert len({o["meta_info"]["id"] for o in outs}) == 4
+    plain = post(process, "/generate", {"input_ids": prompts[0], "sampling_params": {"max_new_tokens": 4}})
+    check_generate_output(plain, logprobs=False)
+
+
+def test_stop_string_is_trimmed_from_text(server):
+    _, process, _ = server
+    base = {"text": PROMPT, "return_logprob": True}
+    full = post(
+        process, "/generate", {**base, "sampling_params": {"max_new_tokens": 16, "temperature": 0, "ignore_eos": True}}
+    )
+    stop = full["text"][6:9]
+    cut = post(
+        process, "/generate", {**base, "sampling_params": {"max_new_tokens": 16, "temperature": 0, "stop": [stop]}}
+    )
+    check_generate_output(cut, logprobs=True)
+    assert cut["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop}
+    assert full["text"].startswith(cut["text"]) and stop not in cut["text"]
+    assert cut["output_ids"] == full["output_ids"][: len(cut["output_ids"])]
+
+
+def test_openai_routes_report_usage(server):
+    _, process, _ = server
+    chat = post(
+        process,
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 6, "temperature": 0, "n": 2},
+    )
+    assert chat["object"] == "chat.completion" and len(chat["choices"]) == 2
+    for choice in chat["choices"]:
+        assert choice["message"]["role"] == "assistant" and isinstance(choice["message"]["content"], str)
+        assert choice["finish_reason"] in ("stop", "length")
+    usage = chat["usage"]
+    assert usage["prompt_tokens"] > 5 and 2 <= usage["completion_tokens"] <= 12
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+    done = post(process, "/v1/completions", {"prompt": [PROMPT, "x = 1"], "max_tokens": 5, "temperature": 0})
+    assert done["object"] == "text_completion" and [c["index"] for c in done["choices"]] == [0, 1]
+    assert done["usage"]["completion_tokens"] <= 10 and done["usage"]["prompt_tokens"] >= 6
+
+
+def test_client_returns_checked_rollouts(server):
+    kind, _, client = server
+    assert client.health()
+    [[a, b], [c, d]] = client.generate([[5, 6, 7], [8, 9, 10, 11]], {"max_new_tokens": 6, "temperature": 1.0, "n": 2})
+    for rollout in (a, b, c, d):
+        assert len(rollout.output_ids) == len(rollout.logprobs) >= 1
+        assert rollout.finish_reason in ("stop", "length") and all(lp <= 0 for lp in rollout.logprobs)
+    assert (a.prompt_tokens, c.prompt_tokens) == (3, 4)
+    [[greedy]] = client.generate([PROMPT], {"max_new_tokens": 6, "temperature": 0})
+    assert greedy.text
+    per_prompt = [{"max_new_tokens": 6, "temperature": 1.0, "sampling_seed": seed} for seed in (1, 2)]
+    first = client.generate([[5, 6, 7]] * 2, per_prompt)
+    assert [len(group) for group in first] == [1, 1]
+    if kind == "local":  # real SGLang honours sampling_seed only with --enable-deterministic-inference
+        assert client.generate([[5, 6, 7]] * 2, per_prompt) == first
+        assert first[0][0].output_ids != first[1][0].output_ids
+    if kind == "local":  # older SGLang releases leave weight_version out of meta_info
+        assert greedy.weight_version == "v0"
+
+
+def test_control_endpoints(server):
+    kind, process, client = server
+    assert httpx.get(process.url + "/health").status_code == 200
+    assert client.model_info().weight_version == client.weight_version() == "v0"
+    assert httpx.post(process.url + "/flush_cache").status_code == 200
+    if kind == "local":
+        assert httpx.get(process.url + "/get_weight_version").json() == {"weight_version": "v0"}
+        assert httpx.get(process.url + "/health_generate").status_code == 200
+
+
+def test_bad_requests_get_400_naming_the_problem(local_server):
+    _, process, client = local_server
+    cases = [
+        ({"text": "a", "input_ids": [1]}, "exactly one of text and input_ids"),
+        ({"text": "a", "sampling_params": {"frequency_penalty": 0.5}}, "frequency_penalty"),
+        ({"text": "a", "sampling_params": {"max_new_token": 5}}, "max_new_token"),
+        ({"text": "a", "bogus": 1}, "bogus"),
+        ({"input_ids": [1, 49152]}, "outside the vocabulary"),
+        ({"input_ids": [1] * 500, "sampling_params": {"max_new_tokens": 100}}, "context length"),
+        ({"text": "a", "sampling_params": {"top_p": 0}}, "top_p"),
+        ({"text": "a", "stream": True}, "stream"),
+    ]
+    for body, expected in cases:
+        error = post(process, "/generate", body, status=400)["error"]["message"]
+        assert expected in error, (body, error)
+    with pytest.raises(RolloutError, match="refused.*outside the vocabulary"):
+        client.generate([[1, 49152]])  # the server's refusal reaches the caller at once
+    with pytest.raises(ValueError, match="top_k"):
+        client.generate([[1, 2]], {"top_k": 0})  # checked before sending
+    assert client.generate([[1, 2]], {"max_new_tokens": 2})[0][0].output_ids  # still serving
+
+
+def test_concurrent_requests_share_batches(local_server):
+    _, process, _ = local_server
+    before = httpx.get(process.url + "/server_info").json()
+    bodies = [
+        {"input_ids": [3, 4, 5 + i], "sampling_params": {"max_new_tokens": 16, "temperature": 0}} for i in range(6)
+    ]
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        outs = list(pool.map(lambda body: post(process, "/generate", body), bodies))
+    assert all(len(o["output_ids"]) >= 1 for o in outs)
+    after = httpx.get(process.url + "/server_info").json()
+    assert after["rows_served"] - before["rows_served"] == 6
+    assert after["batches"] - before["batches"] < 6, "concurrent requests should have been batched together"
+
+
+def test_client_retries_then_fails_clearly():
+    client = RolloutClient("http://127.0.0.1:9", max_retries=1, retry_backoff_s=0.01)  # nothing listens on port 9
+    with pytest.raises(RolloutError, match="after 2 attempts"):
+        client.generate([[1, 2, 3]])
+    assert not client.health()
+
+
+def test_launcher_reports_a_server_that_cannot_start(tmp_path):
+    with pytest.raises(RuntimeError, match="(?s)exited with code 1 .*does not exist"):
+        launch_server("local", tmp_path / "missing", startup_timeout=120)
+
+
+def test_weight_update_changes_outputs_and_version(server, tiny_dir, tmp_path):
+    """Last in the file: it leaves the server on new weights."""
+    kind, process, client = server
+    body = {"input_ids": [[7, 8, 9, 10]], "sampling_params": {"max_new_tokens": 12, "temperature": 0}}
+    before = post(process, "/generate", body)[0]["output_ids"]
+
+    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    model = load_pretrained(tiny_dir, mesh=mesh)
+    params = nnx.state(model, nnx.Param)
+    noise = jax.tree.map(lambda x: 0.2 * jax.random.normal(jax.random.key(3), x.shape, x.dtype), params)
+    nnx.update(model, jax.tree.map(lambda x, e: x + e, params, noise))
+    sync = sync_weights(client, model, tmp_path / "v1", weight_version="v1")
+    assert sync.gigabytes > 0.05 and sync.seconds_per_gb > 0
+    assert client.weight_version() == "v1"
+    after = post(process, "/generate", body)[0]
+    assert after["output_ids"] != before
+    assert after["meta_info"].get("weight_version", "v1") == "v1"
+
+    wrong = shutil.copytree(tiny_dir, tmp_path / "wrong")  # same tensors, a config that does not match them
+    config = json.loads((wrong / "config.json").read_text())
+    (wrong / "config.json").write_text(json.dumps({**config, "hidden_size": 128}))
+    with pytest.raises(RolloutError, match="refused the weights"):
+        client.update_weights_from_disk(wrong, weight_version="v2")
+    assert client.weight_version() == "v1"
+    assert post(process, "/generate", body)[0]["output_ids"] == after["output_ids"]
+    if kind == "local":
+        refusal = post(process, "/update_weights_from_disk", {"model_path": str(wrong)}, status=400)
+        assert refusal["success"] is False and "hidden_size: served 256, checkpoint 128" in refusal["message"]
