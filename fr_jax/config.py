@@ -276,7 +276,7 @@ class GRPOEvalSection(_Section):
 
 
 class GRPOWorkflowSection(_Section):
-    """grpo.mode: workflow (fr_jax.flow.task): the policy writes a workflow, the sandbox runs it, its operators call
+    """grpo.mode: workflow (fr_jax.flow.mode): the policy writes a workflow, the sandbox runs it, its operators call
     the worker LLM named `worker` on the sandbox's allowlist. Used by no other mode."""
 
     worker: str = "local"
@@ -292,18 +292,92 @@ class GRPOWorkflowSection(_Section):
     wall_s: float = Field(120.0, gt=0)
 
 
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+KL_ESTIMATORS = ("k1", "k3")
+
+
+def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+class GRPOLossConfig(_Section):
+    """grpo.loss: every knob of the GRPO loss (fr_jax.rl.grpo; docs/rl.md). Frozen and hashable, so it can be a
+    static argument of `jax.jit`."""
+
+    clip_low: float = 0.2  # ratio may fall to 1 - clip_low before a negative-advantage token stops pushing
+    clip_high: float = 0.28  # ratio may rise to 1 + clip_high before a positive-advantage token stops pushing
+    dual_clip: float | None = None  # c > 1: bounds the loss of a negative-advantage token at c * |A|
+    logratio_clamp: float = 20.0  # |log ratio| is clamped before exp, so one wild token cannot overflow
+    agg: str = "token-mean"  # one of AGGREGATIONS
+    beta: float = 0.0  # KL coefficient; 0 means the reference model is never run (see `needs_reference`)
+    kl_estimator: str = "k3"  # one of KL_ESTIMATORS
+    is_cap: float | None = 2.0  # truncated importance-sampling cap for rollout/trainer mismatch; None = off
+    norm_adv_by_std: bool = True  # False = Dr.GRPO (no std division)
+    eps: float = 1e-6
+    max_gen_len: int | None = None  # the constant L of seq-mean-token-sum-norm (a GRPO run: max_new_tokens)
+
+    @model_validator(mode="after")
+    def _ranges(self):
+        if not 0.0 <= self.clip_low < 1.0:
+            raise ValueError(f"GRPOLossConfig.clip_low must be in [0, 1), got {self.clip_low}")
+        if self.clip_high < 0.0:
+            raise ValueError(f"GRPOLossConfig.clip_high must be >= 0, got {self.clip_high}")
+        if self.dual_clip is not None and self.dual_clip <= 1.0:
+            raise ValueError(f"GRPOLossConfig.dual_clip must be > 1 (or None), got {self.dual_clip}")
+        if self.logratio_clamp <= 0.0:
+            raise ValueError(f"GRPOLossConfig.logratio_clamp must be > 0, got {self.logratio_clamp}")
+        check_choice("GRPOLossConfig.agg", self.agg, AGGREGATIONS)
+        check_choice("GRPOLossConfig.kl_estimator", self.kl_estimator, KL_ESTIMATORS)
+        if self.beta < 0.0:
+            raise ValueError(f"GRPOLossConfig.beta must be >= 0, got {self.beta}")
+        if self.is_cap is not None and self.is_cap <= 0.0:
+            raise ValueError(f"GRPOLossConfig.is_cap must be > 0 (or None), got {self.is_cap}")
+        if self.eps <= 0.0:
+            raise ValueError(f"GRPOLossConfig.eps must be > 0, got {self.eps}")
+        if self.agg == "seq-mean-token-sum-norm" and not (self.max_gen_len and self.max_gen_len > 0):
+            raise ValueError("GRPOLossConfig.max_gen_len must be a positive int when agg='seq-mean-token-sum-norm'")
+        return self
+
+
+class RewardConfig(_Section):
+    """grpo.reward: weights and normalisers of the multi-purpose reward (fr_jax.rl.reward). Defaults: performance
+    dominates; see docs/rl.md for the arithmetic."""
+
+    w_performance: float = 1.0
+    w_complexity: float = 0.05
+    w_efficiency: float = 0.05
+    w_format: float = 0.2
+    all_pass_bonus: float = 0.0  # added to performance when every test passes
+    max_operator_calls: int = 10  # the FlowReasoner prompt's "graph complexity should not exceed 10"
+    max_code_tokens: int = 1024  # plain-code answers: length (in tokens) at which the complexity penalty saturates
+    max_worker_calls: int = 20  # efficiency saturates at this many worker-LLM calls per query ...
+    max_worker_tokens: int = 32_000  # ... this many worker tokens (prompt + completion) ...
+    max_latency_s: float = 120.0  # ... and this much wall-clock time for the workflow's run
+
+    @model_validator(mode="after")
+    def _ranges(self):
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if name.startswith("max_") and value <= 0:
+                raise ValueError(f"RewardConfig.{name} must be > 0, got {value}")
+            if (name.startswith("w_") or name == "all_pass_bonus") and value < 0:
+                raise ValueError(f"RewardConfig.{name} must be >= 0, got {value}")
+        return self
+
+
 class GRPOSection(_Section):
     """GRPO with the multi-purpose reward. train.steps counts rounds (rollout batches); train.batch_size counts
     rows (samples) per optimizer step, so a round makes ppo_epochs x prompts_per_step x n / batch_size steps."""
 
-    mode: str = "direct"  # what the policy writes: direct, or workflow (fr_jax.rl.components.MODE_BUILDERS)
+    mode: str = "direct"  # what the policy writes: direct, or workflow (fr_jax.cli.MODES)
     data: GRPODataSection = GRPODataSection()
     prompt: GRPOPromptSection = GRPOPromptSection()
     rollout: GRPORolloutSection = GRPORolloutSection()
     sandbox: GRPOSandboxSection = GRPOSandboxSection()
     eval: GRPOEvalSection = GRPOEvalSection()
-    loss: dict[str, Any] = Field(default_factory=dict)  # fr_jax.rl.grpo.GRPOLossConfig fields (docs/rl.md)
-    reward: dict[str, Any] = Field(default_factory=dict)  # fr_jax.rl.reward.RewardConfig fields (docs/rl.md)
+    loss: GRPOLossConfig = GRPOLossConfig()
+    reward: RewardConfig = RewardConfig()
     ppo_epochs: int = Field(1, ge=1)  # passes over each rollout batch
     dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal and sample more prompts
     max_sampling_rounds: int = Field(4, ge=1)  # dynamic sampling: rollout calls per round at most
@@ -311,6 +385,18 @@ class GRPOSection(_Section):
     samples_every: int = Field(5, ge=0)  # rounds between sample prompts/completions in TensorBoard (0: never)
     samples_shown: int = Field(2, ge=1)
     workflow: GRPOWorkflowSection = GRPOWorkflowSection()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dr_grpo_length(cls, values):
+        """Dr.GRPO's constant L (loss.max_gen_len) defaults to rollout.max_new_tokens."""
+        if isinstance(values, dict) and isinstance(values.get("loss"), dict):
+            loss = values["loss"]
+            if loss.get("agg") == "seq-mean-token-sum-norm" and loss.get("max_gen_len") is None:
+                rollout = values.get("rollout") or {}
+                max_new = rollout.get("max_new_tokens", GRPORolloutSection.model_fields["max_new_tokens"].default)
+                values = {**values, "loss": {**loss, "max_gen_len": max_new}}
+        return values
 
     @model_validator(mode="after")
     def _workflow_worker(self):

@@ -1,4 +1,4 @@
-"""CLI: python -m fr_jax.eval --config FILE.yaml [--split test] [--mode direct|workflow] [--model DIR] [--n N --k K]
+"""python -m fr_jax.eval --config FILE.yaml [--split test] [--mode direct|workflow] [--model DIR] [--n N --k K]
 
 Evaluates a policy on a held-out split through the same rollout server and sandbox as GRPO training (the config's
 `grpo:` section: data, prompt, rollout, sandbox, eval): pass@1, and pass@k from n samples per task with the
@@ -15,18 +15,26 @@ The report is printed and written to <run_dir>/eval/<split>.json (or --out).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import logging
 import pathlib
 import sys
 
+from fr_jax import cli
 from fr_jax.config import Config, ConfigError, load_config
-from fr_jax.flow.task import WorkflowMode, direct_worker_report  # importing it registers grpo.mode: workflow
+from fr_jax.flow.mode import direct_worker_report
 from fr_jax.models.tokenizer import TOKENIZER_FILES, load_tokenizer
-from fr_jax.rl.components import MODE_BUILDERS, build_mode, eval_params, load_prompts
-from fr_jax.rl.evaluation import EvalReport, evaluate
-from fr_jax.rl.rollout_batch import EVAL_CALL, sampling_seeds
-from fr_jax.rl.services import rollout_service, sandbox_service
+from fr_jax.rl.collect import EVAL_CALL, sampling_seeds
+from fr_jax.rl.heldout import EvalReport, heldout_report
+from fr_jax.rl.setup import (
+    build_mode,
+    check_external_services,
+    eval_params,
+    load_prompts,
+    planned_rollout,
+    rollout_service,
+    sandbox_session,
+)
 from fr_jax.trainer.runtime import load_tokenizer as config_tokenizer
 from fr_jax.trainer.runtime import pretrained_dir
 
@@ -34,20 +42,27 @@ EVAL_VERSION = "eval"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m fr_jax.eval", description=__doc__.splitlines()[0])
+    p = cli.parser("python -m fr_jax.eval", __doc__)
     p.add_argument("--config", required=True, help="YAML config with a grpo: section")
     p.add_argument("--split", default=None, help="the split to evaluate (default: grpo.data.eval_split)")
     p.add_argument(
-        "--mode", choices=sorted(MODE_BUILDERS), default=None, help="what the policy writes (default: grpo.mode)"
+        "--mode", choices=sorted(cli.MODES), default=None, help="what the policy writes (default: grpo.mode)"
     )
     p.add_argument("--model", default=None, help="HF model directory (default: <run_dir>/hf, else model.pretrained)")
     p.add_argument("--n", type=int, default=None, help="samples per task (default: grpo.eval.n)")
-    p.add_argument("--k", type=int, nargs="+", default=None, help="report pass@k for these k (default: grpo.eval.k)")
+    p.add_argument("--k", nargs="+", default=None, help="report pass@k for these k (default: grpo.eval.k)")
     p.add_argument("--temperature", type=float, default=None, help="default: grpo.eval.temperature (0: greedy)")
     p.add_argument("--limit", type=int, default=None, help="the first tasks of the split only")
     p.add_argument("--out", default=None, help="report JSON path (default: <run_dir>/eval/<split>.json)")
     p.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.k is not None:  # `--k 1 5 key=value`: argparse hands the override to --k; give it back
+        args.overrides += [item for item in args.k if "=" in item]
+        try:
+            args.k = [int(item) for item in args.k if "=" not in item]
+        except ValueError:
+            p.error(f"--k takes whole numbers, got {args.k}")
+    return args
 
 
 def _flag_overrides(args: argparse.Namespace) -> list[str]:
@@ -78,21 +93,23 @@ def model_dir(cfg: Config, given: str | None) -> pathlib.Path:
 
 
 def run_eval(cfg: Config, weights: pathlib.Path, *, given_model: bool) -> tuple[EvalReport, EvalReport | None]:
-    """The policy's report, and for a workflow policy that of its worker prompted directly (None without a
-    grpo.workflow.worker_url to ask it at)."""
+    """The policy's report, and for a mode whose answers call a worker LLM that of the worker prompted directly
+    (None when the worker's URL is not known here)."""
     grpo = cfg.grpo
     has_tokenizer = any((weights / name).is_file() for name in TOKENIZER_FILES)
     tokenizer = load_tokenizer(weights) if has_tokenizer else config_tokenizer(cfg.model)
-    mode = build_mode(grpo, tokenizer)
-    split = grpo.data.eval_split
-    tasks, prompts = load_prompts(grpo, split, mode, tokenizer, limit=grpo.data.eval_limit)
-    log_dir = pathlib.Path(cfg.run_dir) / "logs"
-    with (
-        rollout_service(
-            grpo.rollout, weights, weight_version=EVAL_VERSION, seed=cfg.train.seed, log_dir=log_dir
-        ) as client,
-        sandbox_service(grpo.sandbox, log_dir=log_dir, workers=mode.sandbox_workers(client.base_url)) as sandbox_url,
-    ):
+    mode = build_mode(grpo, tokenizer, cli.MODES)
+    check_external_services(grpo, mode)
+    split, log_dir = grpo.data.eval_split, pathlib.Path(cfg.run_dir) / "logs"
+    rollout_url, port = planned_rollout(grpo.rollout)
+    with contextlib.ExitStack() as services:
+        sandbox = services.enter_context(sandbox_session(grpo.sandbox, mode, rollout_url=rollout_url, log_dir=log_dir))
+        tasks, prompts = load_prompts(grpo, split, mode, tokenizer, limit=grpo.data.eval_limit)
+        client = services.enter_context(
+            rollout_service(
+                grpo.rollout, weights, weight_version=EVAL_VERSION, seed=cfg.train.seed, log_dir=log_dir, port=port
+            )
+        )
         if grpo.rollout.launch == "none" and given_model:
             client.update_weights_from_disk(weights, weight_version=EVAL_VERSION)
         seeds = (
@@ -100,9 +117,9 @@ def run_eval(cfg: Config, weights: pathlib.Path, *, given_model: bool) -> tuple[
             if grpo.eval.temperature
             else None
         )
-        report = evaluate(
+        report, _ = heldout_report(
             client,
-            sandbox_url,
+            sandbox,
             mode,
             tasks,
             prompts,
@@ -112,11 +129,11 @@ def run_eval(cfg: Config, weights: pathlib.Path, *, given_model: bool) -> tuple[
             params=eval_params(grpo),
             seeds=seeds,
         )
-        worker_url = mode.resolved_worker_url(client.base_url) if isinstance(mode, WorkflowMode) else None
+        worker_url = mode.worker.resolved_url(client.base_url) if mode.worker is not None else None
         if worker_url is None:
             return report, None
         baseline = direct_worker_report(
-            grpo, tokenizer, tasks, worker_url=worker_url, sandbox_url=sandbox_url, split=split, seeds=seeds
+            grpo, tokenizer, tasks, worker_url=worker_url, sandbox=sandbox, split=split, seeds=seeds
         )
         return report, baseline
 
@@ -132,18 +149,12 @@ def side_by_side(report: EvalReport, baseline: EvalReport) -> str:
     return "\n".join([f"{report.split}: {len(report.per_task)} queries x {report.n} samples", header, *rows])
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = load_config(args.config, [*args.overrides, *_flag_overrides(args)])
-        if cfg.grpo is None:
-            raise ConfigError("evaluation reads the config's grpo: section (data, prompt, rollout, sandbox, eval)")
-        weights = model_dir(cfg, args.model)
-        report, baseline = run_eval(cfg, weights, given_model=args.model is not None)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
+def evaluate_policy(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, [*args.overrides, *_flag_overrides(args)])
+    if cfg.grpo is None:
+        raise ConfigError("evaluation reads the config's grpo: section (data, prompt, rollout, sandbox, eval)")
+    weights = model_dir(cfg, args.model)
+    report, baseline = run_eval(cfg, weights, given_model=args.model is not None)
     out = pathlib.Path(args.out) if args.out else pathlib.Path(cfg.run_dir) / "eval" / f"{report.split}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     document = {"model": str(weights), "mode": cfg.grpo.mode, **report.to_json()}
@@ -157,6 +168,10 @@ def main(argv=None) -> int:
         print("(set grpo.workflow.worker_url to also evaluate the worker prompted directly)")
     print(f"report: {out}")
     return 0
+
+
+def main(argv=None) -> int:
+    return cli.run(evaluate_policy, parse_args(argv))
 
 
 if __name__ == "__main__":

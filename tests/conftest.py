@@ -56,7 +56,7 @@ def api(sandbox):
 def workflow_worker(smollm2_dir):
     """ONE real worker LLM for the workflow tests: fr_jax.serve on SmolLM2 (the context fits a design prompt, so
     the flow tests can also use it as the designer)."""
-    from fr_jax.rl.services import server_env
+    from fr_jax.rl.setup import server_env
     from fr_jax.rollout.launch import launch_local
 
     # the machine's one CPU device: the 8 fake devices the tests get would make it a slow 8-way tensor-parallel decode
@@ -71,10 +71,8 @@ def workflow_sandbox(workflow_worker):
     """ONE real sandbox_service whose allowlist has the worker as `local` (and `dead`: allowlisted, nothing there)."""
     from fr_jax.sandbox.local import LocalSandbox
 
-    # its own jail uids: the `sandbox` fixture's service uses the default base
+    # no --uid-base: each service claims a free block of jail uids, so concurrent test sessions never collide
     args = [
-        "--uid-base",
-        "61300",
         "--worker",
         f"local={workflow_worker.url}/v1",
         "--worker",

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import pathlib
 
-from fr_jax.data.tasks import Task, TestSuite
+from fr_jax.data.tasks import Task, TestSuite, load_tasks
 
 _REQUIRED = ("task_id", "split", "prompt", "entry_point", "tests")
 _OPTIONAL = ("public_tests", "prelude", "setup", "reference_solution")
@@ -67,3 +67,12 @@ def load_task_file(path, split: str) -> list[Task]:
     if not tasks:
         raise ValueError(f"{path} has no task of split {split!r} (its splits: {sorted(splits)})")
     return tasks
+
+
+def load_task_set(dataset: str, split: str, *, file: str | None = None, data_dir: str | None = None) -> list[Task]:
+    """A config's task set: a benchmark of fr_jax.data.tasks, or (dataset "jsonl") the tasks of `file`."""
+    if dataset == "jsonl":
+        if file is None:
+            raise ValueError("dataset 'jsonl' needs a file")
+        return load_task_file(file, split)
+    return load_tasks(dataset, split, data_dir=data_dir)

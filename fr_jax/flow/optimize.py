@@ -54,6 +54,7 @@ from fr_jax.data.task_file import load_task_file
 from fr_jax.data.tasks import Task, load_tasks
 from fr_jax.flow.chat import ChatClient
 from fr_jax.flow.data import RecordFilter, sft_records
+from fr_jax.flow.mode import FLOW_SYSTEM_PROMPT, WorkflowRunSettings, is_design_failure, run_design, run_pass_rate
 from fr_jax.flow.prompt import (
     MAX_OPERATOR_CALLS,
     SEED_GRAPH,
@@ -65,8 +66,7 @@ from fr_jax.flow.prompt import (
     build_design_prompt,
     parse_design,
 )
-from fr_jax.flow.task import FLOW_SYSTEM_PROMPT, WorkflowRunSettings, is_design_failure, run_design, run_pass_rate
-from fr_jax.rl.services import server_env
+from fr_jax.rl.setup import server_env
 from fr_jax.rollout.launch import launch_local
 from fr_jax.sandbox.client import SandboxClient, WorkflowRun
 from fr_jax.sandbox.local import LocalSandbox

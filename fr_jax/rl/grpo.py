@@ -18,57 +18,13 @@ Which flags give which recipe (see docs/rl.md):
 
 from __future__ import annotations
 
-import dataclasses
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
-KL_ESTIMATORS = ("k1", "k3")
-
-
-@dataclasses.dataclass(frozen=True)
-class GRPOLossConfig:
-    """Every knob of the loss. Frozen (hashable), so it can be a static argument of `jax.jit`."""
-
-    clip_low: float = 0.2  # ratio may fall to 1 - clip_low before a negative-advantage token stops pushing
-    clip_high: float = 0.28  # ratio may rise to 1 + clip_high before a positive-advantage token stops pushing
-    dual_clip: float | None = None  # c > 1: bounds the loss of a negative-advantage token at c * |A|
-    logratio_clamp: float = 20.0  # |log ratio| is clamped before exp, so one wild token cannot overflow
-    agg: str = "token-mean"
-    beta: float = 0.0  # KL coefficient; 0 means the reference model is never run (see `needs_reference`)
-    kl_estimator: str = "k3"
-    is_cap: float | None = 2.0  # truncated importance-sampling cap for rollout/trainer mismatch; None = off
-    norm_adv_by_std: bool = True  # False = Dr.GRPO (no std division)
-    eps: float = 1e-6
-    max_gen_len: int | None = None  # the constant L of seq-mean-token-sum-norm
-
-    def __post_init__(self):
-        if not 0.0 <= self.clip_low < 1.0:
-            raise ValueError(f"GRPOLossConfig.clip_low must be in [0, 1), got {self.clip_low}")
-        if self.clip_high < 0.0:
-            raise ValueError(f"GRPOLossConfig.clip_high must be >= 0, got {self.clip_high}")
-        if self.dual_clip is not None and self.dual_clip <= 1.0:
-            raise ValueError(f"GRPOLossConfig.dual_clip must be > 1 (or None), got {self.dual_clip}")
-        if self.logratio_clamp <= 0.0:
-            raise ValueError(f"GRPOLossConfig.logratio_clamp must be > 0, got {self.logratio_clamp}")
-        _check_choice("GRPOLossConfig.agg", self.agg, AGGREGATIONS)
-        _check_choice("GRPOLossConfig.kl_estimator", self.kl_estimator, KL_ESTIMATORS)
-        if self.beta < 0.0:
-            raise ValueError(f"GRPOLossConfig.beta must be >= 0, got {self.beta}")
-        if self.is_cap is not None and self.is_cap <= 0.0:
-            raise ValueError(f"GRPOLossConfig.is_cap must be > 0 (or None), got {self.is_cap}")
-        if self.eps <= 0.0:
-            raise ValueError(f"GRPOLossConfig.eps must be > 0, got {self.eps}")
-        if self.agg == "seq-mean-token-sum-norm" and not (self.max_gen_len and self.max_gen_len > 0):
-            raise ValueError("GRPOLossConfig.max_gen_len must be a positive int when agg='seq-mean-token-sum-norm'")
-
-
-def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+from fr_jax.config import AGGREGATIONS, KL_ESTIMATORS, GRPOLossConfig, check_choice
 
 
 def needs_reference(beta: float) -> bool:
@@ -230,7 +186,7 @@ def kl_to_reference(logp: jax.Array, ref_logp: jax.Array, estimator: str = "k3",
     k1 = logp - ref_logp (unbiased, can be negative); k3 = exp(ref - logp) - (ref - logp) - 1 (unbiased,
     always >= 0, lower variance; DeepSeekMath's choice).
     """
-    _check_choice("kl estimator", estimator, KL_ESTIMATORS)
+    check_choice("kl estimator", estimator, KL_ESTIMATORS)
     log_ratio = jnp.clip(
         jnp.asarray(ref_logp, jnp.float32) - jnp.asarray(logp, jnp.float32), -logratio_clamp, logratio_clamp
     )
@@ -291,7 +247,7 @@ def aggregate_loss(
       then mean over sequences. loss_sum = sum over sequences of (token sum / max_gen_len), denom = sequences.
     Rows without any unmasked token (padding rows that fill a fixed batch shape) count in no denominator.
     """
-    _check_choice("loss aggregation", mode, AGGREGATIONS)
+    check_choice("loss aggregation", mode, AGGREGATIONS)
     mask = jnp.asarray(mask, jnp.float32)
     token_sums = jnp.sum(per_token * mask, axis=-1)
     token_counts = jnp.sum(mask, axis=-1)

@@ -14,11 +14,12 @@ from collections.abc import Sequence
 import numpy as np
 
 from fr_jax.data.tasks import Task
-from fr_jax.rl.modes import Mode, Score, score_completions, worker_usage
+from fr_jax.rl.collect import generate_groups
+from fr_jax.rl.modes import Mode, Score, worker_usage
 from fr_jax.rl.reward import pass_at_k
-from fr_jax.rl.rollout_batch import generate_groups
 from fr_jax.rollout import RolloutClient
 from fr_jax.rollout.protocol import SamplingParams
+from fr_jax.sandbox.session import SandboxSession
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,9 +65,9 @@ class EvalReport:
         )
 
 
-def evaluate(
+def heldout_report(
     client: RolloutClient,
-    sandbox_url: str,
+    sandbox: SandboxSession,
     mode: Mode,
     tasks: Sequence[Task],
     prompts: Sequence[Sequence[int]],
@@ -76,12 +77,15 @@ def evaluate(
     ks: Sequence[int],
     params: SamplingParams,
     seeds: Sequence[int] | None,
-) -> EvalReport:
+) -> tuple[EvalReport, list[Score]]:
+    """n samples per task from the rollout server, scored on the hidden tests: the report, and every sample's
+    score (task-major: the n of tasks[0] first)."""
     started = time.perf_counter()
     groups = generate_groups(client, prompts, params, n, seeds)
     flat_tasks = [task for task in tasks for _ in range(n)]
-    scores = score_completions(sandbox_url, mode, flat_tasks, [r.text for g in groups for r in g], hidden=True)
-    return summarize(tasks, scores, split=split, n=n, ks=ks, seconds=time.perf_counter() - started)
+    completions = [r.text for g in groups for r in g]
+    scores = sandbox.run(lambda sb: mode.score(sb, flat_tasks, completions, hidden=True))
+    return summarize(tasks, scores, split=split, n=n, ks=ks, seconds=time.perf_counter() - started), scores
 
 
 def summarize(

@@ -1,12 +1,12 @@
 """How a task becomes a prompt and a completion becomes a score: the "mode" of a GRPO run or an evaluation.
 
-A mode has two jobs. `messages(task)` writes the chat the policy answers. `score(sandbox, tasks, completions)` runs
-what the completions produced in the sandbox and turns the execution feedback into the multi-purpose reward
-(fr_jax.rl.reward), one `Score` per completion (with the worker-LLM calls and tokens it cost, for a mode that runs
-one). `sandbox_workers(rollout_url)` names the worker LLMs a sandbox launched for the mode must allowlist. The loop
-and `python -m fr_jax.eval --mode ...` know modes only through these methods, so FlowReasoner's workflow mode
-(fr_jax.flow.task: the policy writes a Workflow that calls a worker LLM) plugs in beside `DirectCode` (the policy
-writes the solution itself) without touching either; it registers in fr_jax.rl.components.MODE_BUILDERS.
+A mode (`Mode`) says which worker LLM its answers call (`worker`: the sandbox launched for the run allowlists it),
+gets what its prompts need from the sandbox once it is up (`prepare`), writes the chat the policy answers
+(`messages(task)`), and runs what the completions produced in the sandbox, turning the execution feedback into
+the multi-purpose reward (fr_jax.rl.reward): one `Score` per completion (`score`). The GRPO round and
+`python -m fr_jax.eval` know modes only through this protocol, so FlowReasoner's workflow mode (fr_jax.flow.mode:
+the policy writes a Workflow that calls a worker LLM) sits beside `DirectCode` (the policy writes the solution
+itself). The CLIs hold the one table of modes (fr_jax.cli.MODES) and hand it down; building a mode starts nothing.
 
 Which tests score what: a training reward runs the task's *hidden* tests by default (every MBPP assert, HumanEval's
 check()). They belong to training tasks, which are never evaluated on, and using all of them gives partial credit
@@ -20,12 +20,12 @@ stops with an error naming the task: a broken sandbox must never look like a wro
 from __future__ import annotations
 
 import ast
-import asyncio
 import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
+from fr_jax.config import GRPOSection
 from fr_jax.data.tasks import Task
 from fr_jax.rl.reward import RewardBreakdown, RewardConfig, extract_code, multi_purpose_reward
 from fr_jax.sandbox.client import EvalItem, Evaluation, SandboxClient, SandboxError
@@ -38,6 +38,32 @@ class SandboxFailure(SandboxError):
     """Programs the sandbox could not judge even after retries (not wrong answers: nothing was scored)."""
 
 
+ROLLOUT_WORKER = "rollout"  # WorkerSpec.url: the run's rollout server is also the worker (its /v1 routes)
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerSpec:
+    """The worker LLM a mode's answers call: a name on the sandbox's allowlist, and where it answers."""
+
+    name: str
+    url: str | None  # an OpenAI-compatible base URL (.../v1), ROLLOUT_WORKER, or None: a running sandbox knows it
+    model: str | None = None  # the `model` field sent to it (default: the name)
+
+    def resolved_url(self, rollout_url: str | None) -> str | None:
+        if self.url == ROLLOUT_WORKER:
+            if rollout_url is None:
+                raise ValueError("the worker is the rollout server, but there is no rollout server")
+            return f"{rollout_url.rstrip('/')}/v1"
+        return self.url
+
+    def allowlist_entry(self, rollout_url: str | None) -> str | None:
+        """The sandbox's `--worker` value (`name=URL[,model=M]`), or None when no URL is known here."""
+        url = self.resolved_url(rollout_url)
+        if url is None:
+            return None
+        return f"{self.name}={url}" + (f",model={self.model}" if self.model else "")
+
+
 @dataclasses.dataclass(frozen=True)
 class Score:
     """The reward of one completion and the test counts behind it (passed = total = 0 when it was not run)."""
@@ -48,6 +74,8 @@ class Score:
     total: int
     worker_calls: int | None = None  # what running the answer cost in worker-LLM calls and tokens (None: no worker)
     worker_tokens: int | None = None
+    # the sandbox's verdict (per-test results) behind the counts; None when nothing was run
+    evaluation: Evaluation | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def pass_rate(self) -> float:
@@ -70,6 +98,10 @@ def worker_usage(scores: Sequence[Score]) -> dict[str, float]:
 
 class Mode(Protocol):
     name: str
+    worker: WorkerSpec | None  # the worker LLM its answers call (None: they call none)
+
+    async def prepare(self, sandbox: SandboxClient) -> None:
+        """Fetch what the prompts need from the sandbox that will run the answers (called once, before messages)."""
 
     def messages(self, task: Task) -> list[dict[str, str]]:
         """The chat the policy answers (without the assistant turn)."""
@@ -78,9 +110,6 @@ class Mode(Protocol):
         self, sandbox: SandboxClient, tasks: Sequence[Task], completions: Sequence[str], *, hidden: bool
     ) -> list[Score]:
         """One Score per completion; tasks[i] is the task completions[i] answers."""
-
-    def sandbox_workers(self, rollout_url: str) -> list[str]:
-        """Worker LLMs (`name=URL[,model=M]`) that a sandbox launched for this mode must allowlist."""
 
 
 async def evaluate_with_retries(
@@ -124,6 +153,7 @@ class DirectCode:
     """The policy writes the solution itself, in a ```python block; it is run against the task's tests."""
 
     name = "direct"
+    worker = None
 
     def __init__(
         self,
@@ -146,8 +176,8 @@ class DirectCode:
         self.memory_limit_mb = memory_limit_mb
         self.retries = retries
 
-    def sandbox_workers(self, rollout_url: str) -> list[str]:
-        return []
+    async def prepare(self, sandbox: SandboxClient) -> None:
+        pass
 
     def messages(self, task: Task) -> list[dict[str, str]]:
         parts = [task.prompt.strip()]
@@ -196,17 +226,19 @@ class DirectCode:
                 code_tokens=self.count_tokens(codes[i]),
                 config=self.reward,
             )
-            scores[i] = Score(reward, True, ev.num_passed, total)
+            scores[i] = Score(reward, True, ev.num_passed, total, evaluation=ev)
         return scores
 
 
-def score_completions(
-    sandbox_url: str, mode: Mode, tasks: Sequence[Task], completions: Sequence[str], *, hidden: bool
-) -> list[Score]:
-    """`mode.score` against the sandbox at `sandbox_url`, from synchronous code."""
-
-    async def run() -> list[Score]:
-        async with SandboxClient(sandbox_url) as sandbox:
-            return await mode.score(sandbox, tasks, completions, hidden=hidden)
-
-    return asyncio.run(run())
+def build_direct_mode(grpo: GRPOSection, tokenizer) -> DirectCode:
+    """grpo.mode: direct, from the config (the complexity term counts the policy's code tokens)."""
+    return DirectCode(
+        reward=grpo.reward,
+        count_tokens=lambda code: len(tokenizer.encode(code, add_special_tokens=False)),
+        instruction=grpo.prompt.instruction,
+        system=grpo.prompt.system,
+        show_public_tests=grpo.prompt.show_public_tests,
+        timeout_s=grpo.sandbox.timeout_s,
+        memory_limit_mb=grpo.sandbox.memory_limit_mb,
+        retries=grpo.sandbox.max_retries,
+    )

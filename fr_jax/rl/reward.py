@@ -18,31 +18,11 @@ import dataclasses
 import math
 import re
 
+from fr_jax.config import RewardConfig
+
+DEFAULT_REWARD = RewardConfig()
+
 EXECUTION_STATUSES = ("ok", "timeout", "error")
-
-
-@dataclasses.dataclass(frozen=True)
-class RewardConfig:
-    """Weights and normalisers. Defaults: performance dominates; see docs/rl.md for the arithmetic."""
-
-    w_performance: float = 1.0
-    w_complexity: float = 0.05
-    w_efficiency: float = 0.05
-    w_format: float = 0.2
-    all_pass_bonus: float = 0.0  # added to performance when every test passes
-    max_operator_calls: int = 10  # the FlowReasoner prompt's "graph complexity should not exceed 10"
-    max_code_tokens: int = 1024  # plain-code answers: length (in tokens) at which the complexity penalty saturates
-    max_worker_calls: int = 20  # efficiency saturates at this many worker-LLM calls per query ...
-    max_worker_tokens: int = 32_000  # ... this many worker tokens (prompt + completion) ...
-    max_latency_s: float = 120.0  # ... and this much wall-clock time for the workflow's run
-
-    def __post_init__(self):
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if field.name.startswith("max_") and value <= 0:
-                raise ValueError(f"RewardConfig.{field.name} must be > 0, got {value}")
-            if (field.name.startswith("w_") or field.name == "all_pass_bonus") and value < 0:
-                raise ValueError(f"RewardConfig.{field.name} must be >= 0, got {value}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +59,7 @@ def performance_term(passed: int, total: int, *, status: str = "ok", all_pass_bo
 
 
 def complexity_term(
-    *, operator_calls: int | None = None, code_tokens: int | None = None, config: RewardConfig = RewardConfig()
+    *, operator_calls: int | None = None, code_tokens: int | None = None, config: RewardConfig = DEFAULT_REWARD
 ) -> float:
     """Size penalty in [-1, 0]: -min(operator_calls / max_operator_calls, 1) for a workflow, or
     -min(code_tokens / max_code_tokens, 1) for a plain-code answer. Give exactly one of the two."""
@@ -92,7 +72,7 @@ def complexity_term(
 
 
 def efficiency_term(
-    *, worker_calls: int, worker_tokens: int, latency_s: float, config: RewardConfig = RewardConfig()
+    *, worker_calls: int, worker_tokens: int, latency_s: float, config: RewardConfig = DEFAULT_REWARD
 ) -> float:
     """Cost penalty in [-1, 0] of running a workflow: the mean of worker calls, worker tokens and latency,
     each divided by its normaliser and capped at 1. (Plain code has no worker: the reward gives it 0.)"""
@@ -126,7 +106,7 @@ def multi_purpose_reward(
     worker_calls: int = 0,
     worker_tokens: int = 0,
     latency_s: float = 0.0,
-    config: RewardConfig = RewardConfig(),
+    config: RewardConfig = DEFAULT_REWARD,
 ) -> RewardBreakdown:
     """The reward of one completion.
 

@@ -1,5 +1,5 @@
-"""The trainer side of a GRPO round: the loss TrainStep differentiates, the forward-only log-prob passes (old policy,
-frozen reference), and the PPO epochs over mini-batches.
+"""Update, the third phase of a GRPO round: the loss TrainStep differentiates, the forward-only log-prob passes (old
+policy, frozen reference), and the PPO epochs over mini-batches.
 
 The loss follows TrainStep's contract, `(model, micro_batch, rng) -> (loss_sum, denominator, metrics)`, with the
 math of fr_jax.rl.grpo: the same update comes out of 1 or 4 micro-batches and 1 or 8 devices. Its metrics are
@@ -33,7 +33,7 @@ from fr_jax.trainer.step import Batch, LossFn, TrainState, TrainStep
 
 
 def response_logits(model: nnx.Module, batch: Batch, temperature: float) -> jax.Array:
-    """float32 logits / temperature at the positions that predict the R response tokens (rollout_batch's layout).
+    """float32 logits / temperature at the positions that predict the R response tokens (fr_jax.rl.batch's layout).
 
     Only those positions go through the output head: the prompt's logits are never formed (for SmolLM2, whose
     head is a third of its forward FLOPs, that saves 13% of a step at P=112, R=64, and rows x P x V of memory)."""
@@ -141,3 +141,47 @@ def summarize_updates(history: Sequence[dict]) -> dict[str, float]:
         out["learning_rate"] = float(history[-1]["learning_rate"])
     out["optimizer_steps"] = float(len(history))
     return out
+
+
+class RoundUpdate:
+    """One round's update: the old policy's log-probs (only when the batch gets several optimizer steps), the frozen
+    reference's (only when loss.beta > 0), then ppo_epochs passes of shuffled mini-batches."""
+
+    def __init__(
+        self,
+        step_fn: TrainStep,
+        *,
+        temperature: float,
+        epochs: int,
+        rows_per_step: int,
+        micro_batches: int,
+        steps_per_round: int,
+        seed: int,
+        reference_params: dict | None,
+    ):
+        self.step_fn, self.epochs, self.rows_per_step, self.micro_batches, self.seed = (
+            step_fn,
+            epochs,
+            rows_per_step,
+            micro_batches,
+            seed,
+        )
+        self.needs_old = steps_per_round > 1
+        self.reference_params = reference_params
+        self.logp_pass = LogprobPass(step_fn, temperature, rows_per_step // micro_batches)
+
+    def __call__(self, state: TrainState, batch: dict[str, np.ndarray], round_index: int) -> tuple[TrainState, dict]:
+        if self.needs_old:
+            batch["old_logp"] = self.logp_pass(state.params, batch)
+        if self.reference_params is not None:
+            batch["ref_logp"] = self.logp_pass(self.reference_params, batch)
+        state, history = ppo_update(
+            self.step_fn,
+            state,
+            batch,
+            epochs=self.epochs,
+            rows_per_step=self.rows_per_step,
+            micro_batches=self.micro_batches,
+            rng=np.random.default_rng([self.seed, round_index]),
+        )
+        return state, summarize_updates(history)

@@ -12,12 +12,10 @@ from flax import nnx
 
 from fr_jax.config import Config, ConfigError
 from fr_jax.data.sft import build_sft_data
-from fr_jax.models.decoder import abstract_model
-from fr_jax.trainer.checkpoint import Checkpointer
-from fr_jax.trainer.metrics import MetricsWriter, Throughput, measure_peak_flops
-from fr_jax.trainer.optim import build_optimizer
-from fr_jax.trainer.runtime import Runtime, export_hf, load_model, load_tokenizer, model_config
-from fr_jax.trainer.step import Batch, TrainStep
+from fr_jax.trainer.metrics import Throughput, measure_peak_flops
+from fr_jax.trainer.runtime import Runtime
+from fr_jax.trainer.stage import Stage, policy_of, start_stage
+from fr_jax.trainer.step import Batch, TrainState, TrainStep
 
 _log = logging.getLogger(__name__)
 
@@ -41,16 +39,11 @@ def run_sft(rt: Runtime) -> dict[str, Any]:
     """Train (resuming from the run's newest checkpoint if any), evaluate, checkpoint, export to <run_dir>/hf."""
     cfg: Config = rt.cfg
     train = cfg.train
-    model_cfg = model_config(cfg.model)
-    tokenizer = load_tokenizer(cfg.model)
-    if len(tokenizer) > model_cfg.vocab_size:
-        raise ConfigError(
-            f"model.tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {model_cfg.vocab_size}"
-        )
+    policy = policy_of(rt)
     try:
         data = build_sft_data(
             cfg.sft.data,
-            tokenizer,
+            policy.tokenizer,
             batch_size=train.batch_size,
             micro_batches=train.micro_batches,
             eval_batches=train.eval_batches,
@@ -59,39 +52,23 @@ def run_sft(rt: Runtime) -> dict[str, Any]:
         )
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    optimizer, schedule = build_optimizer(cfg.optim, train.steps)
-    step_fn = TrainStep(
-        abstract_model(model_cfg),
-        sft_loss,
-        optimizer,
-        mesh=rt.mesh,
-        micro_batches=train.micro_batches,
-        learning_rate_fn=schedule,
-    )
-    ckpt = Checkpointer(
-        rt.run_dir / "checkpoints",
-        every_steps=cfg.checkpoint.every_steps,
-        keep=cfg.checkpoint.keep,
-        async_save=cfg.checkpoint.async_save,
-    )
-    start = ckpt.latest_step()
-    if start is not None:
-        state, host_states = ckpt.restore(step_fn.abstract_state())
-        data.train.set_state([h["data"] for h in host_states])
-        _log.info("resuming at step %d", start)
-    else:
-        start = 0
-        state = step_fn.init_state(nnx.to_pure_dict(nnx.state(load_model(cfg.model, rt.mesh))), train.seed)
+    stage = start_stage(rt, policy, sft_loss, optimizer_steps=train.steps, desc="sft")
+    try:
+        state, summary = _train(stage, data)
+    finally:
+        stage.close()
+    export = stage.export(state)
+    if export is not None:
+        summary["export_dir"] = str(export)
+    _log.info("SFT done: %s", summary)
+    return summary
 
-    writer = MetricsWriter(
-        rt.run_dir,
-        total_steps=train.steps,
-        start_step=start,
-        tensorboard=cfg.monitor.tensorboard,
-        progress_bar=cfg.monitor.progress_bar,
-        desc="sft",
-    )
-    writer.text("config", cfg.to_yaml())
+
+def _train(stage: Stage, data) -> tuple[TrainState, dict[str, Any]]:
+    cfg, step_fn, start, state, writer = stage.rt.cfg, stage.step_fn, stage.start, stage.state, stage.writer
+    train = cfg.train
+    if stage.host_states is not None:
+        data.train.set_state([h["data"] for h in stage.host_states])
     eval_batches = [step_fn.put_global_batch(b) for b in data.eval_batches]
     summary: dict[str, Any] = {"start_step": start, "train_data": data.train_report.summary()}
     if eval_batches and start == 0:
@@ -104,7 +81,7 @@ def run_sft(rt: Runtime) -> dict[str, Any]:
         peak = cfg.monitor.peak_tflops_per_device * 1e12 if cfg.monitor.peak_tflops_per_device else measure_peak_flops()
         flops = step_fn.model_flops_per_step(batch)
         _log.info("step compiled in %.1fs; %.3g model FLOPs/step; peak %.3g FLOP/s per device", compile_s, flops, peak)
-        throughput = Throughput(flops, peak, rt.mesh.size)
+        throughput = Throughput(flops, peak, stage.rt.mesh.size)
 
     for step in range(start, train.steps):
         state, metrics = step_fn(state, batch)
@@ -121,17 +98,12 @@ def run_sft(rt: Runtime) -> dict[str, Any]:
             throughput.reset()
         writer.scalars(done, scalars)
         writer.progress(done, loss=scalars["loss"], tok_s=scalars["tokens_per_s"])
-        if ckpt.due(done) or done == train.steps:
-            ckpt.save(done, state, {"data": data_state})
+        if stage.ckpt.due(done) or done == train.steps:
+            stage.ckpt.save(done, state, {"data": data_state})
             throughput.reset()
         summary["final_loss"] = float(metrics["loss"])
 
     if eval_batches:
         summary["eval_loss_after"] = evaluate(step_fn, state.params, eval_batches)
         writer.scalars(train.steps, {"eval/loss": summary["eval_loss_after"]})
-    ckpt.close()
-    writer.close()
-    if train.export_hf:
-        summary["export_dir"] = str(export_hf(rt, step_fn.model(state.params), tokenizer))
-    _log.info("SFT done: %s", summary)
-    return summary
+    return state, summary

@@ -13,13 +13,14 @@ import yaml
 
 from fr_jax import eval as fr_eval
 from fr_jax import train
+from fr_jax.cli import MODES
 from fr_jax.config import ConfigError, GRPOSection, parse_config
 from fr_jax.data.tasks import Task, TestSuite
+from fr_jax.flow.mode import FLOW_SYSTEM_PROMPT, WorkflowMode, WorkflowRunSettings
 from fr_jax.flow.prompt import parse_design
-from fr_jax.flow.task import FLOW_SYSTEM_PROMPT, WorkflowMode, WorkflowRunSettings
-from fr_jax.rl.components import build_mode
 from fr_jax.rl.modes import SandboxFailure
 from fr_jax.rl.reward import RewardConfig, count_operator_calls
+from fr_jax.rl.setup import build_mode
 from fr_jax.sandbox.client import AssertTests, SandboxClient
 from fr_jax.sandbox.suites import suite_tests
 from fr_jax.trainer.metrics import read_metrics
@@ -201,11 +202,16 @@ def test_workflow_mode_from_the_config(workflow_sandbox):
         sandbox={"launch": "none", "url": workflow_sandbox.url},
         workflow={"worker": "local", "worker_url": "rollout", "worker_model": "smol", "max_tokens": 24},
     )
-    mode = build_mode(grpo, tokenizer=None)
+    mode = build_mode(grpo, None, MODES)
     assert isinstance(mode, WorkflowMode) and mode.run.max_tokens == 24 and mode.system == FLOW_SYSTEM_PROMPT
+    with pytest.raises(ValueError, match="prepare it on its sandbox first"):  # building it started nothing
+        mode.messages(ADD)
+    run_async(mode.prepare, workflow_sandbox.url)
     assert mode.operators_text == run_async(lambda s: s.workflow_operators(), workflow_sandbox.url).text
-    assert mode.sandbox_workers("http://127.0.0.1:5/") == ["local=http://127.0.0.1:5/v1,model=smol"]
-    assert build_mode(grpo.model_copy(update={"mode": "direct"}), tokenizer=None).sandbox_workers("x") == []
+    assert mode.worker.allowlist_entry("http://127.0.0.1:5/") == "local=http://127.0.0.1:5/v1,model=smol"
+    assert build_mode(grpo.model_copy(update={"mode": "direct"}), None, MODES).worker is None
+    with pytest.raises(ConfigError, match=r"grpo.mode='plan': known modes are \['direct', 'workflow'\]"):
+        build_mode(grpo.model_copy(update={"mode": "plan"}), None, MODES)
     with pytest.raises(ConfigError, match="grpo.workflow.worker_url is required with grpo.mode 'workflow'"):
         parse_config(
             {

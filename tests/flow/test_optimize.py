@@ -24,9 +24,9 @@ from fr_jax.data.jsonl import read_jsonl
 from fr_jax.data.sft import ReadReport, read_chat_jsonl, tokenize_records
 from fr_jax.flow.chat import split_reasoning
 from fr_jax.flow.data import RecordFilter, assistant_content, sft_records
+from fr_jax.flow.mode import FLOW_SYSTEM_PROMPT
 from fr_jax.flow.optimize import Round, best_round, candidate_rounds, experience_for, main, parent_probabilities
 from fr_jax.flow.prompt import SEED_GRAPH, Experience, ParentDesign, build_design_prompt, parse_design
-from fr_jax.flow.task import FLOW_SYSTEM_PROMPT
 from fr_jax.rollout import free_port
 
 # ------------------------------------------------------------------------------------------- parent selection

@@ -21,11 +21,11 @@ from fr_jax.data.tasks import load_tasks
 from fr_jax.models.config import ModelConfig
 from fr_jax.models.decoder import abstract_model, create_model
 from fr_jax.parallel.mesh import make_mesh
-from fr_jax.rl.components import build_mode, loss_config
+from fr_jax.rl.batch import Layout, pack_rollouts
+from fr_jax.rl.collect import TaskStream
 from fr_jax.rl.grpo import GRPOLossConfig, finalize_metrics, merge_metrics
 from fr_jax.rl.modes import DirectCode, SandboxFailure, evaluate_with_retries
 from fr_jax.rl.reward import RewardConfig
-from fr_jax.rl.rollout_batch import Layout, TaskStream, pack_rollouts
 from fr_jax.rl.update import LogprobPass, grpo_loss_fn
 from fr_jax.rollout import Rollout, free_port
 from fr_jax.rollout.engine import Engine, GenerationRequest, SamplingOptions
@@ -248,14 +248,16 @@ def test_an_unreachable_sandbox_stops_the_round_with_the_cause(tmp_path):
 def test_demo_config_loads_and_bad_grpo_keys_are_named(tmp_path):
     cfg = load_config(REPO / "configs" / "grpo_demo.yaml")
     rollout = cfg.grpo.rollout
-    assert (rollout.prompts_per_step * rollout.n) % cfg.train.batch_size == 0 and cfg.grpo.loss["beta"] == 0
-    assert loss_config(cfg.grpo).norm_adv_by_std is False
-    bad = cfg.grpo.model_copy(update={"loss": {"cliplow": 0.2}})
-    with pytest.raises(ConfigError, match=r"grpo.loss.cliplow: unknown key; allowed here: clip_low, clip_high"):
-        loss_config(bad)
-    with pytest.raises(ConfigError, match=r"grpo.reward: RewardConfig.w_format must be >= 0, got -1"):
-        build_mode(cfg.grpo.model_copy(update={"reward": {"w_format": -1.0}}), tokenizer=None)
+    assert (rollout.prompts_per_step * rollout.n) % cfg.train.batch_size == 0 and cfg.grpo.loss.beta == 0
+    assert cfg.grpo.loss.norm_adv_by_std is False
     tree = yaml.safe_load((REPO / "configs" / "grpo_demo.yaml").read_text())
+    # grpo.loss and grpo.reward are typed sections: a bad key or value is named when the config loads
+    with pytest.raises(ConfigError, match=r"grpo.loss.cliplow: unknown key; allowed here: agg, beta, clip_high"):
+        parse_config(apply_overrides(tree, ["grpo.loss.cliplow=0.2"]))
+    with pytest.raises(ConfigError, match=r"grpo.reward: RewardConfig.w_format must be >= 0, got -1"):
+        parse_config(apply_overrides(tree, ["grpo.reward.w_format=-1.0"]))
+    dr_grpo = parse_config(apply_overrides(tree, ["grpo.loss.agg=seq-mean-token-sum-norm"]))
+    assert dr_grpo.grpo.loss.max_gen_len == rollout.max_new_tokens  # Dr.GRPO's constant L
     with pytest.raises(ConfigError, match="grpo.rollout.url is required with grpo.rollout.launch 'none'"):
         parse_config(apply_overrides(tree, ["grpo.rollout.launch=none"]))
     with pytest.raises(ConfigError, match=r"grpo.eval.n > 1 needs grpo.eval.temperature > 0"):

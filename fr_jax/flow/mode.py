@@ -1,6 +1,7 @@
 """FlowReasoner's workflow mode: the policy answers a query with a workflow design, the sandbox runs it.
 
-`WorkflowMode` is a `fr_jax.rl.modes.Mode`: `messages(task)` is the meta-agent's prompt for the query (a fresh
+`WorkflowMode` is a `fr_jax.rl.modes.Mode`: `prepare(sandbox)` fetches the operator library's descriptions from
+the sandbox that will run the workflows, `messages(task)` is the meta-agent's prompt for the query (a fresh
 design, fr_jax.flow.prompt), and `score(...)` parses each completion's <graph>/<prompt>, runs the workflow with
 POST /workflow/run (its operators call the worker LLM named by `WorkflowRunSettings.worker`, which must be on the
 sandbox's allowlist), and turns what came back into the multi-purpose reward:
@@ -24,16 +25,15 @@ import logging
 import time
 from collections.abc import Sequence
 
-from fr_jax.config import GRPOSandboxSection, GRPOSection
+from fr_jax.config import GRPOSection
 from fr_jax.data.tasks import Task
 from fr_jax.flow.chat import ChatClient
 from fr_jax.flow.prompt import ParsedDesign, build_design_prompt, parse_design
-from fr_jax.rl.components import build_mode, from_section, register_mode
-from fr_jax.rl.evaluation import EvalReport, summarize
-from fr_jax.rl.modes import SandboxFailure, Score
+from fr_jax.rl.heldout import EvalReport, summarize
+from fr_jax.rl.modes import SandboxFailure, Score, WorkerSpec, build_direct_mode
 from fr_jax.rl.reward import RewardConfig, count_operator_calls, multi_purpose_reward
 from fr_jax.sandbox.client import SandboxClient, WorkflowRun
-from fr_jax.sandbox.local import LocalSandbox
+from fr_jax.sandbox.session import SandboxSession
 from fr_jax.sandbox.suites import counted_tests, suite_tests
 
 _log = logging.getLogger(__name__)
@@ -45,7 +45,6 @@ FLOW_SYSTEM_PROMPT = (
 )
 # Failure kinds of /workflow/run that say nothing about the design (fr_jax.sandbox.client.WorkflowFailure).
 _NOT_THE_DESIGNS_FAULT = ("sandbox_error", "worker_unreachable")
-ROLLOUT_WORKER = "rollout"  # grpo.workflow.worker_url: the rollout server is also the worker
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,6 +197,7 @@ def score_run(
         worker_tokens=usage.prompt_tokens + usage.completion_tokens,
         failure=run.failure.kind if run.failure else None,
         run=run,
+        evaluation=evaluation,
     )
 
 
@@ -210,33 +210,26 @@ class WorkflowMode:
         self,
         *,
         reward: RewardConfig,
-        operators_text: str,
         run: WorkflowRunSettings,
+        operators_text: str = "",
         system: str | None = FLOW_SYSTEM_PROMPT,
         retries: int = 2,
         worker_url: str | None = None,
         worker_model: str | None = None,
     ):
         self.reward = reward
-        self.operators_text = operators_text
+        self.operators_text = operators_text  # the operator library's descriptions: `prepare` fetches them
         self.run = run
         self.system = system
         self.retries = retries
-        self.worker_url, self.worker_model = worker_url, worker_model  # for a sandbox launched for this mode
-        if not operators_text.strip():
-            raise ValueError("operators_text is empty: fetch it from the sandbox (SandboxClient.workflow_operators)")
+        self.worker = WorkerSpec(run.worker, worker_url, worker_model)
 
-    def resolved_worker_url(self, rollout_url: str) -> str | None:
-        """The worker's base URL: worker_url, or the rollout server's /v1 when worker_url is "rollout"."""
-        return f"{rollout_url.rstrip('/')}/v1" if self.worker_url == ROLLOUT_WORKER else self.worker_url
-
-    def sandbox_workers(self, rollout_url: str) -> list[str]:
-        url = self.resolved_worker_url(rollout_url)
-        if url is None:
-            return []
-        return [f"{self.run.worker}={url}" + (f",model={self.worker_model}" if self.worker_model else "")]
+    async def prepare(self, sandbox: SandboxClient) -> None:
+        self.operators_text = (await sandbox.workflow_operators()).text
 
     def messages(self, task: Task) -> list[dict[str, str]]:
+        if not self.operators_text.strip():
+            raise ValueError("the workflow mode has no operator descriptions: prepare it on its sandbox first")
         user = build_design_prompt(task.prompt, self.operators_text, max_operator_calls=self.reward.max_operator_calls)
         chat = [{"role": "system", "content": self.system}] if self.system else []
         return chat + [{"role": "user", "content": user}]
@@ -267,20 +260,6 @@ class WorkflowMode:
 # ------------------------------------------------------------------------------------------ from the config
 
 
-def fetch_operators_text(sandbox: GRPOSandboxSection) -> str:
-    """The operator descriptions the policy is shown, from the sandbox that will run its workflows (a sandbox to
-    be launched later is started briefly here: the prompts are tokenized before the run's services start)."""
-
-    async def fetch(url: str) -> str:
-        async with SandboxClient(url) as client:
-            return (await client.workflow_operators()).text
-
-    if sandbox.launch == "none":
-        return asyncio.run(fetch(sandbox.url))
-    with LocalSandbox(workers=2, insecure=sandbox.insecure) as local:
-        return asyncio.run(fetch(local.url))
-
-
 def build_workflow_mode(grpo: GRPOSection, tokenizer) -> WorkflowMode:
     """grpo.mode: workflow. The system prompt is grpo.prompt.system, or FLOW_SYSTEM_PROMPT (the one the SFT
     records carry) when that is null; grpo.prompt's other keys are for the direct mode."""
@@ -298,17 +277,13 @@ def build_workflow_mode(grpo: GRPOSection, tokenizer) -> WorkflowMode:
         test_memory_mb=sandbox.memory_limit_mb,
     )
     return WorkflowMode(
-        reward=from_section(RewardConfig, grpo.reward, "grpo.reward"),
-        operators_text=fetch_operators_text(sandbox),
+        reward=grpo.reward,
         run=settings,
         system=grpo.prompt.system or FLOW_SYSTEM_PROMPT,
         retries=sandbox.max_retries,
         worker_url=w.worker_url,
         worker_model=w.worker_model,
     )
-
-
-register_mode(WorkflowMode.name, build_workflow_mode)
 
 
 # ------------------------------------------------------------------------------- the worker prompted directly
@@ -320,22 +295,22 @@ def direct_worker_report(
     tasks: Sequence[Task],
     *,
     worker_url: str,
-    sandbox_url: str,
+    sandbox: SandboxSession,
     split: str,
     seeds: Sequence[int] | None,
 ) -> EvalReport:
     """The baseline a workflow must beat: the same worker answering each query itself (the direct mode's prompt,
     one call of grpo.workflow.max_tokens, the eval's n and temperature), scored on the same hidden tests."""
     # the direct mode's prompt without the designer's system turn
-    direct = build_mode(
-        grpo.model_copy(update={"mode": "direct", "prompt": grpo.prompt.model_copy(update={"system": None})}), tokenizer
+    direct = build_direct_mode(
+        grpo.model_copy(update={"prompt": grpo.prompt.model_copy(update={"system": None})}), tokenizer
     )
     n, w = grpo.eval.n, grpo.workflow
     flat = [task for task in tasks for _ in range(n)]
     started = time.perf_counter()
 
-    async def run() -> list[Score]:
-        async with ChatClient(worker_url, model=w.worker_model) as chat, SandboxClient(sandbox_url) as sandbox:
+    async def run(sandbox: SandboxClient) -> list[Score]:
+        async with ChatClient(worker_url, model=w.worker_model) as chat:
             replies = await asyncio.gather(
                 *(
                     chat.complete(
@@ -356,5 +331,5 @@ def direct_worker_report(
             for score, reply in zip(scores, replies)
         ]
 
-    scores = asyncio.run(run())
+    scores = sandbox.run(run)
     return summarize(tasks, scores, split=split, n=n, ks=grpo.eval.k, seconds=time.perf_counter() - started)

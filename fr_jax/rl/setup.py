@@ -1,0 +1,242 @@
+"""Setup: what a GRPO run and an evaluation build from the `grpo:` config before their first rollout.
+
+- The mode, from the table the CLIs hand down (fr_jax.cli.MODES); building it starts nothing.
+- The services, in the order a run needs them: first a check that every service the run does not start itself
+  answers (before any weight is loaded: a 7B user must not wait minutes for that error); the sandbox (launched
+  here on loopback, allowlisting the mode's worker, or the one at `url`), on which the mode then fetches what its
+  prompts need; the rollout server (fr_jax's engine or real SGLang launched here, or the one at `url`), whose
+  address is chosen up front so that a sandbox launched before it can allowlist it as the worker.
+- The tasks of a split with their prompt tokens, and the sampling parameters.
+Services stop when their `with` block ends, also on an error; their logs go to the run directory. Only process 0
+of a multi-process run talks to them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import pathlib
+import re
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import httpx
+
+from fr_jax.config import ConfigError, GRPORolloutSection, GRPOSandboxSection, GRPOSection
+from fr_jax.data.task_file import load_task_set
+from fr_jax.data.tasks import Task
+from fr_jax.rl.modes import ROLLOUT_WORKER, Mode
+from fr_jax.rollout import RolloutClient, free_port, launch_server
+from fr_jax.rollout.protocol import SamplingParams
+from fr_jax.sandbox.local import LocalSandbox
+from fr_jax.sandbox.session import SandboxSession
+
+_log = logging.getLogger(__name__)
+_DEVICE_COUNT_FLAG = re.compile(r"--xla_force_host_platform_device_count=\d+")
+
+ModeBuilder = Callable[[GRPOSection, Any], Mode]  # (the grpo: section, the policy's tokenizer) -> a mode
+
+
+# ------------------------------------------------------------------------------------------ mode and tasks
+
+
+def build_mode(grpo: GRPOSection, tokenizer, modes: Mapping[str, ModeBuilder]) -> Mode:
+    if grpo.mode not in modes:
+        raise ConfigError(f"grpo.mode={grpo.mode!r}: known modes are {sorted(modes)}")
+    return modes[grpo.mode](grpo, tokenizer)
+
+
+def encode_prompt(tokenizer, messages: list[dict[str, str]], *, chat_template: bool) -> list[int]:
+    """Token ids of the prompt: the chat template with the assistant turn opened, or the user text alone. Prompts
+    are sent to the server as ids, so it samples after exactly the tokens the trainer scores."""
+    if chat_template:
+        if tokenizer.chat_template is None:
+            raise ConfigError("grpo.prompt.chat_template is true but the tokenizer has no chat template")
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return tokenizer.encode(text, add_special_tokens=False)
+    return tokenizer.encode("\n\n".join(m["content"] for m in messages))
+
+
+def _reference_lines(task: Task) -> int | None:
+    if task.reference_solution is None:
+        return None
+    return sum(1 for line in task.reference_solution.splitlines() if line.strip())
+
+
+def load_prompts(
+    grpo: GRPOSection, split: str, mode: Mode, tokenizer, *, limit: int | None
+) -> tuple[list[Task], list[list[int]]]:
+    """The tasks of `split` that pass grpo.data's filters (first `limit` of them), and their prompt tokens."""
+    data = grpo.data
+    try:
+        tasks = load_task_set(data.dataset, split, file=data.file, data_dir=data.data_dir)
+    except (ValueError, FileNotFoundError) as err:
+        raise ConfigError(f"grpo.data ({data.dataset}, split {split!r}): {err}") from None
+    loaded = len(tasks)
+    if data.max_reference_lines is not None:
+        tasks = [t for t in tasks if (_reference_lines(t) or 0) and _reference_lines(t) <= data.max_reference_lines]
+    prompts = [encode_prompt(tokenizer, mode.messages(t), chat_template=grpo.prompt.chat_template) for t in tasks]
+    kept = [(t, p) for t, p in zip(tasks, prompts) if len(p) <= data.max_prompt_tokens]
+    kept = kept[:limit] if limit is not None else kept
+    _log.info(
+        "%s/%s: %d tasks loaded, %d with a reference of <= %s lines, %d with a prompt of <= %d tokens; using %d",
+        data.dataset,
+        split,
+        loaded,
+        len(tasks),
+        data.max_reference_lines,
+        len([p for p in prompts if len(p) <= data.max_prompt_tokens]),
+        data.max_prompt_tokens,
+        len(kept),
+    )
+    if not kept:
+        raise ConfigError(
+            f"grpo.data: no task of {data.dataset}/{split} passes the filters (max_reference_lines="
+            f"{data.max_reference_lines}, max_prompt_tokens={data.max_prompt_tokens})"
+        )
+    return [t for t, _ in kept], [p for _, p in kept]
+
+
+def rollout_params(grpo: GRPOSection) -> SamplingParams:
+    r = grpo.rollout
+    return SamplingParams(
+        max_new_tokens=r.max_new_tokens,
+        temperature=r.temperature,
+        top_p=r.top_p,
+        top_k=r.top_k,
+        stop=list(r.stop) or None,
+        no_stop_trim=bool(r.stop),
+    )
+
+
+def eval_params(grpo: GRPOSection) -> SamplingParams:
+    return rollout_params(grpo).model_copy(
+        update={
+            "temperature": grpo.eval.temperature,
+            "max_new_tokens": grpo.eval.max_new_tokens or grpo.rollout.max_new_tokens,
+        }
+    )
+
+
+# ------------------------------------------------------------------------------------------------ services
+
+
+def _answers(url: str, path: str) -> str | None:
+    """None when something at `url` answers HTTP on `path` (any status), else why not."""
+    try:
+        httpx.get(f"{url.rstrip('/')}{path}", timeout=10.0)
+    except httpx.HTTPError as err:
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def check_external_services(grpo: GRPOSection, mode: Mode) -> None:
+    """Every service the run uses but does not start must answer now; one ConfigError names the first that does
+    not and the key that points at it."""
+    worker = mode.worker
+    checks = []
+    if grpo.rollout.launch == "none":
+        checks.append(("grpo.rollout.url", grpo.rollout.url, "/health", "start the rollout server"))
+    if grpo.sandbox.launch == "none":
+        checks.append(("grpo.sandbox.url", grpo.sandbox.url, "/health", "start `python -m sandbox_service`"))
+    if grpo.sandbox.launch == "local" and worker is not None and worker.url not in (None, ROLLOUT_WORKER):
+        checks.append(("grpo.workflow.worker_url", worker.url, "/models", "start the worker LLM's server"))
+    for key, url, path, fix in checks:
+        problem = _answers(url, path)
+        if problem is not None:
+            raise ConfigError(f"{key}={url}: nothing answers there ({problem}); {fix} or fix the url")
+
+
+def server_env() -> dict[str, str]:
+    """The environment of a local server: this process's, less a faked CPU device count (tests fake 8 devices;
+    the server should see the machine's own)."""
+    env = dict(os.environ)
+    if "XLA_FLAGS" in env:
+        env["XLA_FLAGS"] = _DEVICE_COUNT_FLAG.sub("", env["XLA_FLAGS"]).strip()
+    return env
+
+
+def planned_rollout(section: GRPORolloutSection) -> tuple[str, int | None]:
+    """The rollout server's URL, known before it starts, and the port to launch it on (None: a running server)."""
+    if section.launch == "none":
+        assert section.url is not None
+        return section.url, None
+    port = free_port()
+    return f"http://127.0.0.1:{port}", port
+
+
+@contextlib.contextmanager
+def sandbox_session(
+    section: GRPOSandboxSection, mode: Mode, *, rollout_url: str | None, log_dir: pathlib.Path
+) -> Iterator[SandboxSession]:
+    """A session on the sandbox, healthy, with `mode` prepared on it. A launched sandbox allowlists the mode's
+    worker; a running one has its own allowlist."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        if section.launch == "none":
+            url = section.url
+        else:
+            entry = mode.worker.allowlist_entry(rollout_url) if mode.worker is not None else None
+            local = LocalSandbox(
+                workers=section.workers,
+                insecure=section.insecure,
+                log_path=log_dir / "sandbox.log",
+                extra_args=["--worker", entry] if entry else [],
+            )
+            url = stack.enter_context(local).url
+            _log.info("sandbox_service at %s (log %s)", url, log_dir / "sandbox.log")
+        session = stack.enter_context(SandboxSession(url))
+        session.run(lambda sandbox: sandbox.health())
+        session.run(mode.prepare)
+        yield session
+
+
+@contextlib.contextmanager
+def rollout_service(
+    section: GRPORolloutSection,
+    model_dir,
+    *,
+    weight_version: str,
+    seed: int,
+    log_dir: pathlib.Path,
+    port: int | None,
+) -> Iterator[RolloutClient]:
+    """A client of the rollout server; a launched server (on `port`) serves `model_dir` (weights + tokenizer) as
+    `weight_version`. A server at `url` is used as it is: the caller syncs its weights."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        if section.launch == "none":
+            url = section.url
+        else:
+            flags: dict[str, Any] = dict(weight_version=weight_version, random_seed=seed, port=port)
+            if section.launch == "local":
+                flags.update(mesh=section.mesh, max_running_requests=section.max_running_requests, env=server_env())
+            process = launch_server(
+                section.launch,
+                model_dir,
+                startup_timeout=section.startup_timeout_s,
+                log_path=log_dir / f"rollout_server_{section.launch}.log",
+                **flags,
+            )
+            stack.enter_context(process)
+            url = process.url
+        client = stack.enter_context(RolloutClient(url, max_retries=section.max_retries))
+        client.wait_healthy(timeout=section.startup_timeout_s)
+        yield client
+
+
+def weights_dir(configured: str | None, run_dir: pathlib.Path) -> tuple[pathlib.Path, bool]:
+    """Where weights are written for the rollout server, and whether it is a scratch folder to remove at the end.
+
+    By default a folder in /dev/shm (memory: the write and the server's read cost no disk) named after the run
+    directory, so a run killed before its clean-up leaves one stale copy that its resumption reuses, not one per
+    attempt. Without a writable /dev/shm: <run_dir>/rollout_weights."""
+    if configured:
+        return pathlib.Path(configured), False
+    shm = pathlib.Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK):
+        digest = hashlib.sha1(str(run_dir.absolute()).encode()).hexdigest()[:12]
+        return shm / f"fr_jax-weights-{digest}", True
+    return run_dir / "rollout_weights", False
