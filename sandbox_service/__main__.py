@@ -24,7 +24,7 @@ import uvicorn
 from sandbox_service.app import Service, ServiceSettings, create_app
 from sandbox_service.cgroups import Cgroups
 from sandbox_service.jail import IsolationError, JailConfig, claim_uid_block, probe_isolation
-from sandbox_service.workflow import WORKERS_ENV, WORKERS_FILE_ENV, load_workers, workers_from_env
+from sandbox_service.workers import WORKERS_ENV, WORKERS_FILE_ENV, load_workers, workers_from_env
 
 
 def _parser() -> argparse.ArgumentParser:

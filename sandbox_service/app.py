@@ -24,9 +24,10 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from sandbox_service import __version__
 from sandbox_service.cgroups import Cgroups
-from sandbox_service.evaluation import Evaluator
 from sandbox_service.jail import Isolation, Jail, JailConfig, Limits, RunOutcome
+from sandbox_service.judge import Judge
 from sandbox_service.metrics import Metrics
+from sandbox_service.operators import describe_operators, operators_text
 from sandbox_service.schemas import (
     CODE_FILE,
     CommandResult,
@@ -34,10 +35,14 @@ from sandbox_service.schemas import (
     EvaluateBatchResponse,
     EvaluateRequest,
     EvaluateResponse,
+    OperatorsResponse,
     RunCodeRequest,
     RunCodeResponse,
+    WorkflowRunRequest,
+    WorkflowRunResponse,
 )
-from sandbox_service.workflow import WorkerEndpoint, workflow_router
+from sandbox_service.workers import WorkerEndpoint, workers_from_env
+from sandbox_service.workflow import WorkflowRunner
 
 _log = logging.getLogger(__name__)
 
@@ -60,22 +65,17 @@ class Refused(Exception):
         self.status, self.message, self.retry_after_s = status, message, retry_after_s
 
 
-class Service:
-    def __init__(
-        self, settings: ServiceSettings, jail_config: JailConfig, isolation: Isolation, cgroups: Cgroups | None
-    ):
-        self.settings = settings
-        self.metrics = Metrics(settings.workers, waiting=lambda: self.jail.waiting, busy=lambda: self.jail.busy)
-        self.jail = Jail(jail_config, settings.workers, isolation, cgroups, observer=self._observe)
-        self.python = jail_config.python
-        self.evaluator = Evaluator(self.jail, self.python, settings.max_output_bytes)
+class Admission:
+    """Counts admitted runs (running or waiting) against workers + max_queue; refuses the rest, and everything
+    once the service drains."""
+
+    def __init__(self, settings: ServiceSettings, jail: Jail, metrics: Metrics):
+        self.settings, self.jail, self.metrics = settings, jail, metrics
         self.in_system = 0  # admitted runs not finished yet (running or waiting)
         self.mean_run_s = 0.05
         self.draining = False
-        self.loop: asyncio.AbstractEventLoop | None = None
 
-    def _observe(self, kind: str, outcome: RunOutcome) -> None:
-        self.metrics.observe_run(kind, outcome)
+    def observe(self, outcome: RunOutcome) -> None:
         self.mean_run_s += 0.1 * (outcome.wall_s - self.mean_run_s)
 
     def _retry_after(self, runs: int) -> int:
@@ -108,14 +108,31 @@ class Service:
         finally:
             self.release(runs)
 
+
+class Service:
+    def __init__(
+        self, settings: ServiceSettings, jail_config: JailConfig, isolation: Isolation, cgroups: Cgroups | None
+    ):
+        self.settings = settings
+        self.metrics = Metrics(settings.workers, waiting=lambda: self.jail.waiting, busy=lambda: self.jail.busy)
+        self.jail = Jail(jail_config, settings.workers, isolation, cgroups, observer=self._observe)
+        self.python = jail_config.python
+        self.judge = Judge(self.jail, self.python, settings.max_output_bytes)
+        self.admission = Admission(settings, self.jail, self.metrics)
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def _observe(self, kind: str, outcome: RunOutcome) -> None:
+        self.metrics.observe_run(kind, outcome)
+        self.admission.observe(outcome)
+
     def begin_drain(self) -> None:
         """Stop admitting; in-flight runs get drain_timeout_s to finish, then are killed and answered SandboxError."""
-        if self.draining or self.loop is None:
+        if self.admission.draining or self.loop is None:
             return
-        self.draining = True
+        self.admission.draining = True
         _log.info(
             "draining: %d runs in flight, killing what is left after %.0f s",
-            self.in_system,
+            self.admission.in_system,
             self.settings.drain_timeout_s,
         )
         self.loop.call_soon_threadsafe(self.loop.call_later, self.settings.drain_timeout_s, self._drain_deadline)
@@ -180,7 +197,7 @@ class Service:
     async def evaluate_one(self, request: EvaluateRequest) -> EvaluateResponse:
         """One evaluation; the caller has admitted it. Internal failures become a SandboxError result."""
         try:
-            response = await self.evaluator.evaluate(request)
+            response = await self.judge.judge(request)
         except Exception as e:  # noqa: BLE001 - answered, logged and counted, never dropped
             _log.exception("evaluation failed")
             response = EvaluateResponse(
@@ -194,7 +211,7 @@ class Service:
                 time_ms=0.0,
             )
         finally:
-            self.release(1)
+            self.admission.release(1)
         for test in response.tests:
             self.metrics.tests.labels(test.status).inc()
         return response
@@ -202,7 +219,7 @@ class Service:
     def health(self) -> dict:
         jail = self.jail
         return {
-            "status": "draining" if self.draining else "ok",
+            "status": "draining" if self.admission.draining else "ok",
             "version": __version__,
             "isolation": {
                 "level": jail.isolation.level,
@@ -214,7 +231,7 @@ class Service:
                 "workers": self.settings.workers,
                 "busy": jail.busy,
                 "waiting": jail.waiting,
-                "admitted": self.in_system,
+                "admitted": self.admission.in_system,
                 "max_queue": self.settings.max_queue,
             },
             "limits": {
@@ -298,6 +315,15 @@ _ENDPOINTS = ("/run_code", "/evaluate", "/evaluate/batch", "/health", "/metrics"
 
 def create_app(service: Service, workers: Mapping[str, WorkerEndpoint] | None = None) -> FastAPI:
     """The service's routes; `workers` is the workflow allowlist (None: from $SANDBOX_WORKERS[_FILE])."""
+    admission = service.admission
+    runner = WorkflowRunner(
+        service.jail,
+        service.judge,
+        workers_from_env() if workers is None else workers,
+        python=service.python,
+        output_bytes=service.settings.max_output_bytes,
+    )
+    operators = OperatorsResponse(operators=describe_operators(), text=operators_text())
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -332,25 +358,36 @@ def create_app(service: Service, workers: Mapping[str, WorkerEndpoint] | None = 
 
     @app.post("/run_code", response_model=RunCodeResponse)
     async def run_code(request: RunCodeRequest) -> RunCodeResponse:
-        with service.admitted(1):
+        with admission.admitted(1):
             return await service.run_code(request)
 
     @app.post("/evaluate", response_model=EvaluateResponse)
     async def evaluate(request: EvaluateRequest) -> EvaluateResponse:
-        service.admit(1)
+        admission.admit(1)
         return await service.evaluate_one(request)
 
     @app.post("/evaluate/batch", response_model=EvaluateBatchResponse)
     async def evaluate_batch(request: EvaluateBatchRequest) -> EvaluateBatchResponse:
-        service.admit(len(request.items))
+        admission.admit(len(request.items))
         results = await asyncio.gather(*(service.evaluate_one(item) for item in request.items))
         return EvaluateBatchResponse(results=list(results))
 
-    app.include_router(workflow_router(service, workers))
+    @app.get("/workflow/operators", response_model=OperatorsResponse)
+    async def workflow_operators() -> OperatorsResponse:
+        return operators
+
+    @app.get("/workflow/workers")
+    async def workflow_workers() -> dict[str, list[str]]:
+        return {"workers": sorted(runner.workers)}
+
+    @app.post("/workflow/run", response_model=WorkflowRunResponse)
+    async def workflow_run(request: WorkflowRunRequest) -> WorkflowRunResponse:
+        with admission.admitted(1):
+            return await runner.run(request)
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        return JSONResponse(status_code=503 if service.draining else 200, content=service.health())
+        return JSONResponse(status_code=503 if admission.draining else 200, content=service.health())
 
     @app.get("/metrics")
     async def metrics() -> Response:

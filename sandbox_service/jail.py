@@ -39,14 +39,14 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from sandbox_service.cgroups import CgroupReport, Cgroups, SlotCgroup
+from sandbox_service.run_dir import JAIL_HOME, safe_relative_path
 
 _log = logging.getLogger(__name__)
 
-JAIL_HOME = "/sandbox"
 CHANNEL_ENV = "SANDBOX_CHANNEL_FD"
 _SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
 _PR_SET_CHILD_SUBREAPER = 36
@@ -117,18 +117,6 @@ class RunOutcome:
     @property
     def cpu_limit_hit(self) -> bool:
         return self.exit_code == 128 + signal.SIGXCPU
-
-
-def safe_relative_path(path: str) -> PurePosixPath:
-    """A path inside the run directory ('x/y.txt' or '/sandbox/x/y.txt'); ValueError says what is wrong."""
-    pure = PurePosixPath(path)
-    if pure.is_absolute():
-        if not pure.is_relative_to(JAIL_HOME):
-            raise ValueError(f"absolute paths must lie under {JAIL_HOME}")
-        pure = pure.relative_to(JAIL_HOME)
-    if not pure.parts or any(part in ("..", ".") for part in pure.parts):
-        raise ValueError("path must name a file inside the run directory, without '.' or '..' parts")
-    return pure
 
 
 class _JailCommand:
@@ -356,6 +344,18 @@ class _ActiveRun:
             self.slot.cgroup.kill_all()
 
 
+@dataclass
+class _Spawned:
+    """A started jail: the run a timer or cap can kill, the pipes being read, and the channel's service end."""
+
+    run: _ActiveRun
+    bare: bool  # no isolation: the program is our child itself
+    stdout: _Capture
+    stderr: _Capture
+    status: _Capture | None  # bwrap's --json-status-fd
+    channel_sock: socket.socket | None
+
+
 def _set_child_subreaper() -> bool:
     """Make orphaned sandbox pid-1s our children, so they are reaped at once rather than by the host's init."""
     try:
@@ -489,6 +489,23 @@ class Jail:
         env: Mapping[str, str],
         started: float,
     ) -> RunOutcome:
+        spawned = self._spawn(slot, run_dir, program, limits, stdin, channel is not None, env)
+        if isinstance(spawned, str):
+            return RunOutcome(None, b"", b"", time.monotonic() - started, sandbox_error=spawned)
+        channel_task, sandbox_error = await self._supervise(spawned, limits, channel)
+        return await _collect(spawned, run_dir, fetch_files, channel_task, sandbox_error, started)
+
+    def _spawn(
+        self,
+        slot: _Slot,
+        run_dir: Path,
+        program: list[str],
+        limits: Limits,
+        stdin: bytes,
+        with_channel: bool,
+        env: Mapping[str, str],
+    ) -> _Spawned | str:
+        """Start the jail on `program` with its pipes being read; a string says why it could not start."""
         if slot.cgroup is not None:
             slot.cgroup.set_limits(limits.memory_mb * _MiB, limits.processes + 2)
         bare = self.isolation.level == "none"
@@ -498,7 +515,7 @@ class Jail:
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         status_r, status_w = os.pipe() if not bare else (None, None)
-        parent_sock, child_sock = socket.socketpair() if channel else (None, None)
+        parent_sock, child_sock = socket.socketpair() if with_channel else (None, None)
         inside_env = self.command.env(run_dir, {CHANNEL_ENV: str(child_sock.fileno())} if child_sock else {})
         inside_env.update(env)
         command = self.command.argv(
@@ -526,36 +543,50 @@ class Jail:
             for fd in (out_r, err_r, status_r):
                 if fd is not None:
                     os.close(fd)
-            return RunOutcome(None, b"", b"", time.monotonic() - started, sandbox_error=f"cannot start the jail: {e}")
+            if parent_sock is not None:
+                parent_sock.close()
+            return f"cannot start the jail: {e}"
         finally:
             for fd in (stdin_fd, out_w, err_w, status_w):
                 if fd is not None:
                     os.close(fd)
             if child_sock is not None:
                 child_sock.close()
-
         run = _ActiveRun(proc, slot)
+        return _Spawned(
+            run,
+            bare,
+            _Capture(out_r, limits.output_bytes, lambda: run.kill("output_limit")),
+            _Capture(err_r, limits.output_bytes, lambda: run.kill("output_limit")),
+            _Capture(status_r, 1 << 16) if status_r is not None else None,
+            parent_sock,
+        )
+
+    async def _supervise(
+        self, spawned: _Spawned, limits: Limits, channel: ChannelHandler | None
+    ) -> tuple[asyncio.Future | None, str | None]:
+        """Serve the channel and enforce the limits until the program's whole tree is gone and its pipes are read.
+
+        Returns the channel handler's task and a sandbox error, if the jail itself failed."""
+        run, proc = spawned.run, spawned.run.proc
         self._active.add(run)
-        stdout = _Capture(out_r, limits.output_bytes, lambda: run.kill("output_limit"))
-        stderr = _Capture(err_r, limits.output_bytes, lambda: run.kill("output_limit"))
-        status = _Capture(status_r, 1 << 16) if status_r is not None else None
         monitor = _ExitWatch(proc.pid)
         init_pid = None
         channel_task: asyncio.Future | None = None
         sandbox_error = None
         timer = asyncio.get_running_loop().call_later(limits.wall_s, run.kill, "timeout")
         try:
-            init_pid = proc.pid if bare else await _sandbox_pid(status, monitor.exited)
+            init_pid = proc.pid if spawned.bare else await _sandbox_pid(spawned.status, monitor.exited)
             if init_pid is not None:
-                run.init = monitor if bare else _ExitWatch(init_pid)
+                run.init = monitor if spawned.bare else _ExitWatch(init_pid)
                 if run.killed_for is not None:  # killed before pid 1 was known
                     run.kill_tree()
             elif not monitor.exited.done():
                 sandbox_error = "bwrap did not report the sandbox's pid"
                 run.kill_tree()
-            if parent_sock is not None and sandbox_error is None:
-                channel_task = await _serve_channel(parent_sock, channel)
-                parent_sock = None
+            if spawned.channel_sock is not None and channel is not None and sandbox_error is None:
+                channel_task = await _serve_channel(spawned.channel_sock, channel)
+                spawned.channel_sock = None
                 await asyncio.wait({monitor.exited, channel_task}, return_when=asyncio.FIRST_COMPLETED)
                 if not monitor.exited.done():  # the handler saw EOF because the program is exiting, or gave up on it
                     await asyncio.wait({monitor.exited}, timeout=_CHANNEL_GRACE_S)
@@ -565,40 +596,53 @@ class Jail:
         finally:
             timer.cancel()
             run.kill_tree()  # the monitor is gone or we are bailing out: pid 1, and with it its namespace, goes too
-            if parent_sock is not None:
-                parent_sock.close()
+            if spawned.channel_sock is not None:
+                spawned.channel_sock.close()
             proc.wait()
             monitor.close()
             if run.init is not None and init_pid is not None:
                 await run.init.reap(init_pid)
-            for capture in filter(None, (stdout, stderr, status)):
+            for capture in filter(None, (spawned.stdout, spawned.stderr, spawned.status)):
                 await _wait_quietly(capture.done, 1.0)
                 capture.finish()
             self._active.discard(run)
-        channel_result, channel_error = await _finish_channel(channel_task)
-        exit_code = _exit_code(status.data if status else b"", proc.returncode, bare)
-        if sandbox_error is None and exit_code is None and run.killed_for is None:
-            sandbox_error = f"the sandbox ended before the program started (bwrap exit {proc.returncode})"
-        sandbox_error = sandbox_error or channel_error
-        if sandbox_error and stderr.data:
-            sandbox_error += f"; stderr: {stderr.data[-2000:].decode(errors='replace')}"
-        oom, peak = slot.cgroup.take_run_stats() if slot.cgroup is not None else (False, None)
-        fetched, missing = _fetch(run_dir, fetch_files)
-        return RunOutcome(
-            exit_code,
-            stdout.data,
-            stderr.data,
-            time.monotonic() - started,
-            stdout.truncated,
-            stderr.truncated,
-            run.killed_for,
-            oom,
-            peak,
-            fetched,
-            missing,
-            sandbox_error,
-            channel_result,
-        )
+        return channel_task, sandbox_error
+
+
+async def _collect(
+    spawned: _Spawned,
+    run_dir: Path,
+    fetch_files: Sequence[str],
+    channel_task: asyncio.Future | None,
+    sandbox_error: str | None,
+    started: float,
+) -> RunOutcome:
+    """What happened to a finished run: exit status, output, resource verdicts, fetched files, channel result."""
+    run, stdout, stderr = spawned.run, spawned.stdout, spawned.stderr
+    channel_result, channel_error = await _finish_channel(channel_task)
+    exit_code = _exit_code(spawned.status.data if spawned.status else b"", run.proc.returncode, spawned.bare)
+    if sandbox_error is None and exit_code is None and run.killed_for is None:
+        sandbox_error = f"the sandbox ended before the program started (bwrap exit {run.proc.returncode})"
+    sandbox_error = sandbox_error or channel_error
+    if sandbox_error and stderr.data:
+        sandbox_error += f"; stderr: {stderr.data[-2000:].decode(errors='replace')}"
+    oom, peak = run.slot.cgroup.take_run_stats() if run.slot.cgroup is not None else (False, None)
+    fetched, missing = _fetch(run_dir, fetch_files)
+    return RunOutcome(
+        exit_code,
+        stdout.data,
+        stderr.data,
+        time.monotonic() - started,
+        stdout.truncated,
+        stderr.truncated,
+        run.killed_for,
+        oom,
+        peak,
+        fetched,
+        missing,
+        sandbox_error,
+        channel_result,
+    )
 
 
 async def _sandbox_pid(status: _Capture, monitor_exited: asyncio.Future) -> int | None:

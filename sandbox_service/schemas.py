@@ -6,17 +6,29 @@ import ast
 import base64
 import binascii
 import keyword
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from sandbox_service.jail import safe_relative_path
+from sandbox_service.run_dir import safe_relative_path
 
 MAX_CODE_CHARS = 1_000_000
 MAX_TESTS = 1000
 MAX_BATCH = 512
 MAX_TIMEOUT_S = 300.0
 CODE_FILE = "main.py"
+
+FailureKind = Literal[
+    "graph_syntax_error",
+    "workflow_exception",
+    "budget_exceeded",
+    "timeout",
+    "worker_unreachable",
+    "worker_not_allowed",
+    "worker_error",
+    "no_solution",
+    "sandbox_error",
+]
 
 TestStatus = Literal[
     "Passed", "Failed", "Error", "TimeLimitExceeded", "MemoryLimitExceeded", "OutputLimitExceeded", "Crashed"
@@ -33,6 +45,15 @@ def _parses(code: str) -> str:
     except SyntaxError as e:
         raise ValueError(f"not valid Python: {e.msg} (line {e.lineno})") from None
     return code
+
+
+def _each_parses(codes: list[str]) -> list[str]:
+    for i, code in enumerate(codes):
+        try:
+            _parses(code)
+        except ValueError as e:
+            raise ValueError(f"entry {i}: {e}") from None
+    return codes
 
 
 # -- /run_code -------------------------------------------------------------------------------------------
@@ -150,12 +171,7 @@ class AssertTests(_Strict):
     @field_validator("test_list", "test_imports")
     @classmethod
     def _each_parses(cls, codes: list[str]) -> list[str]:
-        for i, code in enumerate(codes):
-            try:
-                _parses(code)
-            except ValueError as e:
-                raise ValueError(f"entry {i}: {e}") from None
-        return codes
+        return _each_parses(codes)
 
     @field_validator("test_setup_code")
     @classmethod
@@ -222,3 +238,114 @@ class EvaluateBatchRequest(_Strict):
 
 class EvaluateBatchResponse(BaseModel):
     results: list[EvaluateResponse]
+
+
+# -- /workflow -------------------------------------------------------------------------------------
+
+
+class WorkflowProblem(_Strict):
+    text: str = Field(max_length=MAX_CODE_CHARS, description="the query, as the graph receives it (`problem`)")
+    entry_point: str = Field(description="the function the solution must define")
+    public_tests: Tests | None = Field(None, description="what the Test operator runs; scored as `public`")
+    hidden_tests: Tests | None = Field(None, description="only scored after the run, as `hidden`")
+
+    @field_validator("entry_point")
+    @classmethod
+    def _identifier(cls, name: str) -> str:
+        if not name.isidentifier():
+            raise ValueError(f"{name!r} is not a Python identifier")
+        return name
+
+
+class WorkflowBudgets(_Strict):
+    max_operator_calls: int = Field(20, ge=1, le=1000)
+    max_worker_tokens: int = Field(32_000, ge=1, description="prompt + completion tokens over all worker calls")
+    wall_s: float = Field(120.0, gt=0, le=1800, description="the workflow's run, operator calls included")
+
+
+class WorkerSampling(_Strict):
+    max_tokens: int = Field(1024, ge=1, le=131_072, description="per worker call")
+    temperature: float = Field(0.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int | None = None
+
+
+class WorkflowRunRequest(_Strict):
+    graph: str = Field(max_length=MAX_CODE_CHARS, description="Python defining class Workflow")
+    prompt: str = Field("", max_length=MAX_CODE_CHARS, description="the prompt_custom module (string constants)")
+    problem: WorkflowProblem
+    worker: str = Field(description="name of an allowlisted worker, given to the graph as llm_config")
+    dataset: str = Field("code", description="given to Workflow(dataset=...)")
+    budgets: WorkflowBudgets = WorkflowBudgets()
+    sampling: WorkerSampling = WorkerSampling()
+    test_timeout_s: float = Field(5.0, gt=0, le=60, description="per test, for the Test operator and scoring")
+    test_memory_mb: int = Field(1024, ge=64, le=65536)
+    memory_mb: int = Field(1024, ge=128, le=65536, description="the workflow process")
+
+
+class WorkflowFailure(BaseModel):
+    kind: FailureKind
+    message: str
+    traceback: str | None = None
+
+
+class WorkerCallRecord(BaseModel):
+    worker: str
+    prompt: str
+    reply: str
+    prompt_tokens: int
+    completion_tokens: int
+    latency_s: float
+    finish_reason: str | None = None
+
+
+class TestRunRecord(BaseModel):
+    num_tests: int
+    num_passed: int
+    passed: bool
+    failures: list[str]
+    time_ms: float
+
+
+class OperatorCallRecord(BaseModel):
+    index: int = Field(description="order of arrival; a refused call has index -1")
+    operator: str
+    worker: str
+    arguments: dict[str, Any]
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    started_s: float = Field(description="since the run started")
+    duration_s: float | None = None
+    worker_calls: list[WorkerCallRecord] = Field(default_factory=list)
+    test_runs: list[TestRunRecord] = Field(default_factory=list)
+
+
+class WorkerUsage(BaseModel):
+    calls: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency_s: float = Field(0.0, description="summed over calls")
+
+
+class WorkflowRunResponse(BaseModel):
+    status: Literal["ok", "failed"]
+    failure: WorkflowFailure | None = None
+    solution: str | None = None
+    public: EvaluateResponse | None = Field(
+        None, description="the solution on the public tests (None: no solution or no public tests)"
+    )
+    hidden: EvaluateResponse | None = None
+    public_pass_rate: float | None = None
+    hidden_pass_rate: float | None = None
+    operator_calls: dict[str, int] = Field(description="accepted calls by operator")
+    num_operator_calls: int
+    worker: WorkerUsage
+    test_runs: int = Field(description="public-test runs made by Test operators")
+    trace: list[OperatorCallRecord]
+    wall_s: float = Field(description="the workflow's run, scoring excluded")
+    stderr: str = Field("", description="tail of what the workflow process wrote to stderr")
+
+
+class OperatorsResponse(BaseModel):
+    operators: list[dict[str, str]]
+    text: str = Field(description="the descriptions as the meta-agent's prompt shows them")

@@ -4,18 +4,12 @@ The graph never runs in this process. It runs in the same jail as /evaluate (wor
 side), and each operator call crosses the run's channel as one JSON line. The service binds the call against the
 operator library (operators.py), performs it (worker LLM calls over HTTP, public-test runs in a separate jail)
 and answers, counting everything on its own side, so a graph can neither skip the accounting nor reach a worker
-except by name: workers are an allowlist fixed at start-up (never a URL from a request).
+except by name: workers are an allowlist fixed at start-up (workers.py), never a URL from a request.
 
 Budgets: operator calls and worker tokens are checked as calls arrive; the first call past a budget ends the run
 (budget_exceeded), and so does a worker name off the allowlist (worker_not_allowed) or an unreachable worker;
 wall time is the jail's timer (timeout). A finished workflow's solution is then scored on the query's public and
-hidden tests (the /evaluate machinery), with per-test feedback.
-
-Workers are configured at start-up by `python -m sandbox_service --worker NAME=URL[,model=M] --workers-file F`,
-or, without those flags, by the environment the service starts with (specs as for --worker):
-  SANDBOX_WORKERS="local=http://127.0.0.1:30000/v1,model=smollm2;big=http://10.0.0.5:8000/v1"
-  SANDBOX_WORKERS_FILE=workers.json     # {"local": {"url": "http://127.0.0.1:30000/v1", "model": "...",
-                                        #            "api_key_env": "OPENAI_API_KEY"}, ...}
+hidden tests (the /evaluate judge), with per-test feedback.
 """
 
 from __future__ import annotations
@@ -26,243 +20,38 @@ import contextlib
 import json
 import logging
 import os
-import re
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any
 
 import httpx
-from fastapi import APIRouter
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from sandbox_service.jail import Limits, RunOutcome
-from sandbox_service.operators import (
-    OPERATORS,
-    OperatorError,
-    TestFeedback,
-    bind_arguments,
-    call_operator,
-    describe_operators,
-    operators_text,
+from sandbox_service.jail import Jail, Limits, RunOutcome
+from sandbox_service.judge import Judge
+from sandbox_service.operators import OPERATORS, OperatorError, TestFeedback, bind_arguments, call_operator
+from sandbox_service.schemas import (
+    MAX_CODE_CHARS,
+    EvaluateRequest,
+    EvaluateResponse,
+    OperatorCallRecord,
+    TestRunRecord,
+    WorkerCallRecord,
+    WorkerSampling,
+    WorkerUsage,
+    WorkflowFailure,
+    WorkflowRunRequest,
+    WorkflowRunResponse,
 )
-from sandbox_service.schemas import MAX_CODE_CHARS, EvaluateRequest, EvaluateResponse, Tests
-
-if TYPE_CHECKING:
-    from sandbox_service.app import Service
+from sandbox_service.workers import WorkerEndpoint
 
 _log = logging.getLogger(__name__)
 
 RUNTIME_SOURCE = (Path(__file__).parent / "workflow_runtime.py").read_text()
-WORKERS_ENV, WORKERS_FILE_ENV = "SANDBOX_WORKERS", "SANDBOX_WORKERS_FILE"
 MAX_MESSAGE_BYTES = 32 << 20  # one line on the operator channel
 MAX_REFUSED_CALLS = 100  # calls with bad arguments do not count as operator calls, but are not free either
 MAX_TRACE_CHARS = 16_000  # per text in the trace (prompts, replies, arguments)
 _STDERR_TAIL = 4000
-_WORKER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-
-FailureKind = Literal[
-    "graph_syntax_error",
-    "workflow_exception",
-    "budget_exceeded",
-    "timeout",
-    "worker_unreachable",
-    "worker_not_allowed",
-    "worker_error",
-    "no_solution",
-    "sandbox_error",
-]
-
-
-# -- workers: the allowlist ---------------------------------------------------------------------------------
-
-
-class WorkerEndpoint(BaseModel):
-    """An OpenAI-compatible server the workflows of this service may call, by `name` only."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    name: str
-    url: str = Field(description="base URL ending in /v1; requests go to {url}/chat/completions")
-    model: str | None = Field(None, description="the `model` field sent (default: the name)")
-    api_key_env: str | None = Field(None, description="environment variable holding a bearer token, if any")
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, name: str) -> str:
-        if not _WORKER_NAME.match(name):
-            raise ValueError(f"worker name {name!r} must be 1-64 characters of letters, digits, '_', '.', '-'")
-        return name
-
-    @field_validator("url")
-    @classmethod
-    def _url(cls, url: str) -> str:
-        if not re.match(r"^https?://[^/\s]+", url):
-            raise ValueError(f"worker url {url!r} must start with http:// or https://")
-        return url.rstrip("/")
-
-
-def parse_worker_spec(spec: str) -> WorkerEndpoint:
-    """'name=URL[,model=M][,api_key_env=VAR]' -> WorkerEndpoint; ValueError names what is wrong."""
-    head, *options = spec.strip().split(",")
-    name, sep, url = head.partition("=")
-    if not sep:
-        raise ValueError(f"worker spec {spec!r}: expected name=URL[,model=M][,api_key_env=VAR]")
-    fields: dict[str, str] = {"name": name.strip(), "url": url.strip()}
-    for option in options:
-        key, sep, value = option.partition("=")
-        if not sep or key.strip() not in ("model", "api_key_env"):
-            raise ValueError(f"worker spec {spec!r}: unknown option {option!r} (known: model=, api_key_env=)")
-        fields[key.strip()] = value.strip()
-    try:
-        return WorkerEndpoint(**fields)
-    except ValidationError as e:
-        raise ValueError(f"worker spec {spec!r}: {'; '.join(err['msg'] for err in e.errors())}") from None
-
-
-def load_workers(specs: Sequence[str] = (), file: Path | None = None) -> dict[str, WorkerEndpoint]:
-    """The allowlist from specs and/or a JSON file {name: {url, model?, api_key_env?}}; duplicates are errors."""
-    endpoints = [parse_worker_spec(spec) for spec in specs if spec.strip()]
-    if file is not None:
-        try:
-            document = json.loads(Path(file).read_text())
-        except (OSError, ValueError) as e:
-            raise ValueError(f"worker file {file}: {e}") from None
-        if not isinstance(document, dict):
-            raise ValueError(f"worker file {file}: expected an object {{name: {{url, model?, api_key_env?}}}}")
-        for name, entry in document.items():
-            if not isinstance(entry, dict):
-                raise ValueError(f"worker file {file}: entry {name!r} must be an object with a url")
-            try:
-                endpoints.append(WorkerEndpoint(name=name, **entry))
-            except (ValidationError, TypeError) as e:
-                raise ValueError(f"worker file {file}: entry {name!r}: {e}") from None
-    workers: dict[str, WorkerEndpoint] = {}
-    for endpoint in endpoints:
-        if endpoint.name in workers:
-            raise ValueError(f"worker {endpoint.name!r} is configured twice")
-        workers[endpoint.name] = endpoint
-    return workers
-
-
-def workers_from_env(environ: Mapping[str, str] = os.environ) -> dict[str, WorkerEndpoint]:
-    specs = re.split(r"[;\s]+", environ.get(WORKERS_ENV, ""))
-    file = environ.get(WORKERS_FILE_ENV)
-    return load_workers(specs, Path(file) if file else None)
-
-
-# -- request and response -------------------------------------------------------------------------------------
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class WorkflowProblem(_Strict):
-    text: str = Field(max_length=MAX_CODE_CHARS, description="the query, as the graph receives it (`problem`)")
-    entry_point: str = Field(description="the function the solution must define")
-    public_tests: Tests | None = Field(None, description="what the Test operator runs; scored as `public`")
-    hidden_tests: Tests | None = Field(None, description="only scored after the run, as `hidden`")
-
-    @field_validator("entry_point")
-    @classmethod
-    def _identifier(cls, name: str) -> str:
-        if not name.isidentifier():
-            raise ValueError(f"{name!r} is not a Python identifier")
-        return name
-
-
-class WorkflowBudgets(_Strict):
-    max_operator_calls: int = Field(20, ge=1, le=1000)
-    max_worker_tokens: int = Field(32_000, ge=1, description="prompt + completion tokens over all worker calls")
-    wall_s: float = Field(120.0, gt=0, le=1800, description="the workflow's run, operator calls included")
-
-
-class WorkerSampling(_Strict):
-    max_tokens: int = Field(1024, ge=1, le=131_072, description="per worker call")
-    temperature: float = Field(0.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    seed: int | None = None
-
-
-class WorkflowRunRequest(_Strict):
-    graph: str = Field(max_length=MAX_CODE_CHARS, description="Python defining class Workflow")
-    prompt: str = Field("", max_length=MAX_CODE_CHARS, description="the prompt_custom module (string constants)")
-    problem: WorkflowProblem
-    worker: str = Field(description="name of an allowlisted worker, given to the graph as llm_config")
-    dataset: str = Field("code", description="given to Workflow(dataset=...)")
-    budgets: WorkflowBudgets = WorkflowBudgets()
-    sampling: WorkerSampling = WorkerSampling()
-    test_timeout_s: float = Field(5.0, gt=0, le=60, description="per test, for the Test operator and scoring")
-    test_memory_mb: int = Field(1024, ge=64, le=65536)
-    memory_mb: int = Field(1024, ge=128, le=65536, description="the workflow process")
-
-
-class WorkflowFailure(BaseModel):
-    kind: FailureKind
-    message: str
-    traceback: str | None = None
-
-
-class WorkerCallRecord(BaseModel):
-    worker: str
-    prompt: str
-    reply: str
-    prompt_tokens: int
-    completion_tokens: int
-    latency_s: float
-    finish_reason: str | None = None
-
-
-class TestRunRecord(BaseModel):
-    num_tests: int
-    num_passed: int
-    passed: bool
-    failures: list[str]
-    time_ms: float
-
-
-class OperatorCallRecord(BaseModel):
-    index: int = Field(description="order of arrival; a refused call has index -1")
-    operator: str
-    worker: str
-    arguments: dict[str, Any]
-    result: dict[str, Any] | None = None
-    error: str | None = None
-    started_s: float = Field(description="since the run started")
-    duration_s: float | None = None
-    worker_calls: list[WorkerCallRecord] = Field(default_factory=list)
-    test_runs: list[TestRunRecord] = Field(default_factory=list)
-
-
-class WorkerUsage(BaseModel):
-    calls: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    latency_s: float = Field(0.0, description="summed over calls")
-
-
-class WorkflowRunResponse(BaseModel):
-    status: Literal["ok", "failed"]
-    failure: WorkflowFailure | None = None
-    solution: str | None = None
-    public: EvaluateResponse | None = Field(
-        None, description="the solution on the public tests (None: no solution or no public tests)"
-    )
-    hidden: EvaluateResponse | None = None
-    public_pass_rate: float | None = None
-    hidden_pass_rate: float | None = None
-    operator_calls: dict[str, int] = Field(description="accepted calls by operator")
-    num_operator_calls: int
-    worker: WorkerUsage
-    test_runs: int = Field(description="public-test runs made by Test operators")
-    trace: list[OperatorCallRecord]
-    wall_s: float = Field(description="the workflow's run, scoring excluded")
-    stderr: str = Field("", description="tail of what the workflow process wrote to stderr")
-
-
-class OperatorsResponse(BaseModel):
-    operators: list[dict[str, str]]
-    text: str = Field(description="the descriptions as the meta-agent's prompt shows them")
 
 
 # -- one run ----------------------------------------------------------------------------------------------------
@@ -438,7 +227,7 @@ class _Run:
         tests = self.request.problem.public_tests
         if tests is None:
             return None
-        if self.runner.service.jail.workers < 2:
+        if self.runner.jail.workers < 2:
             raise _Fatal(
                 "sandbox_error",
                 "the Test operator needs a second jail slot while the workflow holds one: "
@@ -446,7 +235,7 @@ class _Run:
             )
         if len(solution) > MAX_CODE_CHARS:
             raise OperatorError(f"Test: the solution has {len(solution)} characters, over {MAX_CODE_CHARS}")
-        response = await self.runner.evaluate(solution, tests, self.request)
+        response = await self.runner.score_solution(solution, tests, self.request)
         if response.status != "Finished":
             raise _Fatal("sandbox_error", f"running the public tests failed: {response.message}")
         self.test_runs += 1
@@ -550,10 +339,16 @@ def _tail(data: bytes) -> str:
 
 
 class WorkflowRunner:
-    def __init__(self, service: Service, workers: Mapping[str, WorkerEndpoint]):
-        self.service, self.workers = service, dict(workers)
+    """Runs workflows in `jail` with `python` (the graph runtime needs only the standard library), scores their
+    solutions with `judge`, and lets their operators call the allowlisted `workers`."""
+
+    def __init__(
+        self, jail: Jail, judge: Judge, workers: Mapping[str, WorkerEndpoint], *, python: str, output_bytes: int
+    ):
+        self.jail, self.judge, self.workers = jail, judge, dict(workers)
+        self.python, self.output_bytes = python, output_bytes
         # A running graph holds one jail slot and its Test calls need another: leave one slot for them.
-        self.graphs = asyncio.Semaphore(max(1, service.jail.workers - 1))
+        self.graphs = asyncio.Semaphore(max(1, jail.workers - 1))
 
     async def run(self, request: WorkflowRunRequest) -> WorkflowRunResponse:
         started = time.monotonic()
@@ -567,7 +362,7 @@ class WorkflowRunner:
             wall_s=request.budgets.wall_s,
             cpu_s=request.budgets.wall_s,
             memory_mb=request.memory_mb,
-            output_bytes=self.service.settings.max_output_bytes,
+            output_bytes=self.output_bytes,
         )
         spec = {
             "graph": request.graph,
@@ -580,8 +375,8 @@ class WorkflowRunner:
         }
         async with httpx.AsyncClient() as client, self.graphs:
             run = _Run(self, request, client)
-            outcome = await self.service.jail.run(
-                [self.service.python, "-c", RUNTIME_SOURCE],
+            outcome = await self.jail.run(
+                [self.python, "-c", RUNTIME_SOURCE],
                 limits,
                 stdin=json.dumps(spec).encode(),
                 channel=run.serve,
@@ -597,7 +392,7 @@ class WorkflowRunner:
         if failure is None:
             public, hidden = await asyncio.gather(
                 *(
-                    self.evaluate(solution, tests, request) if tests is not None else _none()
+                    self.score_solution(solution, tests, request) if tests is not None else _none()
                     for tests in (request.problem.public_tests, request.problem.hidden_tests)
                 )
             )
@@ -618,11 +413,11 @@ class WorkflowRunner:
             stderr=_tail(outcome.stderr),
         )
 
-    async def evaluate(self, solution: str, tests: Any, request: WorkflowRunRequest) -> EvaluateResponse:
+    async def score_solution(self, solution: str, tests: Any, request: WorkflowRunRequest) -> EvaluateResponse:
         evaluation = EvaluateRequest(
             code=solution, tests=tests, timeout_s=request.test_timeout_s, memory_limit_MB=request.test_memory_mb
         )
-        return await self.service.evaluator.evaluate(evaluation)
+        return await self.judge.judge(evaluation)
 
     async def complete(
         self, client: httpx.AsyncClient, worker: str, prompt: str, sampling: WorkerSampling, deadline: float
@@ -724,25 +519,3 @@ def _response(
         wall_s=wall_s if wall_s is not None else time.monotonic() - started,
         stderr=stderr,
     )
-
-
-def workflow_router(service: Service, workers: Mapping[str, WorkerEndpoint] | None = None) -> APIRouter:
-    """The /workflow routes; `workers` defaults to the allowlist in the environment (SANDBOX_WORKERS[_FILE])."""
-    runner = WorkflowRunner(service, workers_from_env() if workers is None else workers)
-    router = APIRouter(prefix="/workflow")
-    descriptions = OperatorsResponse(operators=describe_operators(), text=operators_text())
-
-    @router.get("/operators", response_model=OperatorsResponse)
-    async def operators() -> OperatorsResponse:
-        return descriptions
-
-    @router.get("/workers")
-    async def workers_list() -> dict[str, list[str]]:
-        return {"workers": sorted(runner.workers)}
-
-    @router.post("/run", response_model=WorkflowRunResponse)
-    async def run(request: WorkflowRunRequest) -> WorkflowRunResponse:
-        with service.admitted(1):
-            return await runner.run(request)
-
-    return router
