@@ -12,10 +12,16 @@ Modes:
   `if __name__ == "__main__":` block does not run); then the steps in order: "setup" steps (test setup code,
   a HumanEval test module, statements of check() that contain no assert) and "test" steps (one assert each,
   or a whole check(candidate) call). A failed setup step is noted in the messages of the tests that then fail.
+* "unittest": prelude and solution as in "function" mode, then the test module runs in the same namespace
+  (as BigCodeBench's harness runs solution and tests as one module); its TestCases class is the suite. Each test
+  method is one test, run as unittest runs it (setUp/tearDown around it, setUpClass before the first and
+  tearDownClass after the last, module fixtures likewise) but under its own timeout: the first test's time
+  includes the class set-up, the last one's the tear-down, and a failing class fixture is that test's error.
+  The test names (unittest's order) are reported before the first test runs.
 * "stdio": the solution runs as __main__ once per case, with the case's input on fd 0 / sys.stdin and
   sys.stdout captured (capped); the output passes if it equals the expected one up to trailing whitespace
   on each line and trailing blank lines.
-Heavy modules (json, signal, re) are avoided: every import here is paid on every evaluation.
+Heavy modules (json, signal, re, unittest unless needed) are avoided: every import here is paid on every evaluation.
 """
 
 import _json
@@ -41,6 +47,8 @@ def _json_value(value):
         return "true" if value else "false"
     if isinstance(value, str):
         return _json.encode_basestring_ascii(value)
+    if isinstance(value, list):
+        return "[" + ",".join(_json_value(item) for item in value) + "]"
     return repr(value)
 
 
@@ -107,19 +115,28 @@ def _timed(function, timeout):
     return error, (time.perf_counter() - started) * 1000.0
 
 
-def _run_function_mode(spec, report):
+def _load(spec, report, parts):
+    """Run `parts` ((name, code) pairs: imports, the solution, ...) in order in one module namespace ("solution",
+    so an `if __name__ == "__main__":` block does not run); None after reporting the part that failed."""
     module = type(sys)("solution")
     sys.modules["solution"] = module
     namespace = module.__dict__
-    timeout = spec["timeout"]
-    for name, code in spec["prelude"] + [("<solution>", spec["solution"])]:
-        error, _ = _timed(lambda code=code, name=name: exec(compile(code, name, "exec"), namespace), timeout)
+    for name, code in parts:
+        error, _ = _timed(lambda code=code, name=name: exec(compile(code, name, "exec"), namespace), spec["timeout"])
         if error is not None:
             _, error_type, message = _describe(error)
             report.send("load_error", step=name, type=error_type, message=message)
-            return
+            return None
         report.send("setup", step=name)
+    return namespace
+
+
+def _run_function_mode(spec, report):
+    namespace = _load(spec, report, spec["prelude"] + [("<solution>", spec["solution"])])
+    if namespace is None:
+        return
     report.send("loaded")
+    timeout = spec["timeout"]
     index, broken = 0, None
     for kind, name, code in spec["steps"]:
         if kind == "test" and index < spec["start"]:
@@ -137,6 +154,110 @@ def _run_function_mode(spec, report):
             status, error_type, message = _describe(error)
             report.send("test", i=index, status=status, type=error_type, message=message + (broken or ""), ms=ms)
         index += 1
+
+
+def _verdicts(unittest):
+    """A unittest result that keeps the verdict of the test running now (the first problem seen wins)."""
+
+    class Verdicts(unittest.TestResult):
+        fixture_failure = None  # a failed setUpClass/setUpModule: the verdict of every test it keeps from running
+
+        def begin(self):
+            self.problem, self.started, self.succeeded = None, False, False
+
+        def startTest(self, test):
+            self.started = True
+
+        def stopTest(self, test):
+            pass
+
+        def _note(self, verdict):
+            if self.problem is None:
+                self.problem = verdict
+
+        def addError(self, test, err):
+            status, error_type, message = _describe(err[1])
+            if not isinstance(test, unittest.TestCase):  # a class or module fixture (unittest's _ErrorHolder)
+                self.fixture_failure = (status, error_type, f"{test.description}: {message}")
+                self._note(self.fixture_failure)
+            else:
+                self._note((status, error_type, message))
+
+        def addFailure(self, test, err):
+            self._note(_describe(err[1]))
+
+        def addSubTest(self, test, subtest, err):
+            if err is not None:
+                status, error_type, message = _describe(err[1])
+                self._note((status, error_type, f"{subtest}: {message}"))
+
+        def addSkip(self, test, reason):
+            self._note(("Failed", "SkipTest", f"skipped ({reason}): a test that did not run does not pass"))
+
+        def addExpectedFailure(self, test, err):
+            self.succeeded = True
+
+        def addUnexpectedSuccess(self, test):
+            self._note(("Failed", "UnexpectedSuccess", "the test is marked expectedFailure but passed"))
+
+        def addSuccess(self, test):
+            self.succeeded = True
+
+        def verdict(self, escaped):
+            """(status, error type, message); `escaped`: what the test's run raised past unittest, if anything."""
+            if self.problem is not None:
+                return self.problem
+            if escaped is not None:
+                return _describe(escaped)
+            if self.succeeded:
+                return "Passed", None, None
+            if not self.started and self.fixture_failure is not None:
+                return self.fixture_failure
+            return "Error", "NotRun", "unittest reported no outcome for this test"
+
+    return Verdicts
+
+
+def _run_unittest_mode(spec, report):
+    import unittest
+
+    parts = spec["prelude"] + [("<solution>", spec["solution"])] + [(name, code) for _, name, code in spec["steps"]]
+    namespace = _load(spec, report, parts)
+    if namespace is None:
+        return
+    suite_class = namespace.get("TestCases")
+    names = []
+    if isinstance(suite_class, type) and issubclass(suite_class, unittest.TestCase):
+        names = list(unittest.TestLoader().getTestCaseNames(suite_class))
+    if not names or len(names) > spec["max_tests"]:
+        problem = (
+            f"has {len(names)} test methods, over the limit of {spec['max_tests']}"
+            if names
+            else "defines no unittest.TestCase class TestCases with test methods"
+        )
+        report.send("load_error", step="test module", type="TestModuleError", message=f"the test module {problem}")
+        return
+    report.send("tests", names=names)
+    report.send("loaded")
+    result = _verdicts(unittest)()
+    # Set, this makes each one-test suite below run as part of one suite run: class and module fixtures run once,
+    # not around every test. The empty top-level run after the last test tears them down.
+    result._testRunEntered = True
+    last = len(names) - 1
+
+    def run(index, name):
+        unittest.TestSuite([suite_class(name)]).run(result)
+        if index == last:
+            result._testRunEntered = False
+            unittest.TestSuite().run(result)
+
+    for index, name in enumerate(names):
+        if index < spec["start"]:
+            continue
+        result.begin()
+        error, ms = _timed(lambda index=index, name=name: run(index, name), spec["timeout"])
+        status, error_type, message = result.verdict(error)
+        report.send("test", i=index, status=status, type=error_type, message=message, ms=ms)
 
 
 class _CappedSink(io.RawIOBase):
@@ -218,10 +339,9 @@ def main():
     os.close(null)
     report = _Reporter(channel, spec["nonce"])
     _signal.signal(_signal.SIGALRM, _on_alarm)
-    if spec["mode"] == "stdio":
-        _run_stdio_mode(spec, report)
-    else:
-        _run_function_mode(spec, report)
+    {"stdio": _run_stdio_mode, "unittest": _run_unittest_mode, "function": _run_function_mode}[spec["mode"]](
+        spec, report
+    )
     report.send("done")
     sys.stdout.flush()
     sys.stderr.flush()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from sandbox_service.jail import Jail, Limits, RunOutcome
 from sandbox_service.plans import Plan, build_plan
-from sandbox_service.schemas import ErrorInfo, EvaluateRequest, EvaluateResponse, TestResult
+from sandbox_service.schemas import MAX_TESTS, ErrorInfo, EvaluateRequest, EvaluateResponse, TestResult
 
 HARNESS_SOURCE = (Path(__file__).parent / "harness.py").read_text()
 MAX_RESTARTS = 3
@@ -79,14 +79,13 @@ class Judge:
     async def judge(self, request: EvaluateRequest) -> EvaluateResponse:
         started = time.monotonic()
         plan = build_plan(request.tests)
-        count = len(plan.names)
-        results: list[TestResult | None] = [None] * count
+        names = plan.names  # a unittest module's harness reports the names its loader finds
+        results: list[TestResult | None] = [None] * len(names)
         load_error: ErrorInfo | None = None
         start, restarts, stderr = 0, 0, b""
-        steps = len(plan.prelude) + 1 + len(plan.steps) + len(plan.cases)  # each has its own timeout
         limits = Limits(
-            wall_s=request.timeout_s * steps + _STEP_GRACE_S,
-            cpu_s=request.timeout_s * steps + 1.0,
+            wall_s=request.timeout_s * plan.timed_steps + _STEP_GRACE_S,
+            cpu_s=request.timeout_s * plan.timed_steps + 1.0,
             memory_mb=request.memory_limit_MB,
             output_bytes=self.output_bytes,
         )
@@ -98,15 +97,20 @@ class Judge:
                 return _sandbox_error(message, plan, started)
             loaded = False
             for record in records:
-                if record.get("e") == "loaded":
+                if record.get("e") == "tests" and start == 0 and _names(record.get("names")):
+                    names = record["names"]
+                    results = [None] * len(names)
+                elif record.get("e") == "loaded":
                     loaded = True
                 elif record.get("e") == "load_error":
                     load_error = ErrorInfo(
                         type=str(record.get("type")), message=str(record.get("message")), step=str(record.get("step"))
                     )
-                elif record.get("e") == "test" and isinstance(record.get("i"), int) and start <= record["i"] < count:
-                    results[record["i"]] = _test_result(plan.names[record["i"]], record)
-            missing = [i for i in range(start, count) if results[i] is None]
+                elif (
+                    record.get("e") == "test" and isinstance(record.get("i"), int) and start <= record["i"] < len(names)
+                ):
+                    results[record["i"]] = _test_result(names[record["i"]], record)
+            missing = [i for i in range(start, len(names)) if results[i] is None]
             if load_error is not None or not missing:
                 break
             status, error_type, message = _cause(outcome, limits)
@@ -115,14 +119,14 @@ class Judge:
                 break
             first = missing[0]
             results[first] = TestResult(
-                name=plan.names[first],
+                name=names[first],
                 passed=False,
                 status=status,
                 error_type=error_type,
                 error_message=message,
                 time_ms=None,
             )
-            if first + 1 >= count or restarts == MAX_RESTARTS:
+            if first + 1 >= len(names) or restarts == MAX_RESTARTS:
                 break
             start, restarts = first + 1, restarts + 1
         for i, result in enumerate(results):
@@ -133,7 +137,7 @@ class Judge:
                     else f"not run: the process died {restarts + 1} times"
                 )
                 results[i] = TestResult(
-                    name=plan.names[i],
+                    name=names[i],
                     passed=False,
                     status="Error",
                     error_type=load_error.type if load_error else "NotRun",
@@ -143,9 +147,9 @@ class Judge:
         passed = sum(r.passed for r in results)
         return EvaluateResponse(
             status="Finished",
-            passed_all=passed == count,
-            pass_rate=passed / count,
-            num_tests=count,
+            passed_all=bool(results) and passed == len(results),
+            pass_rate=passed / len(results) if results else 0.0,
+            num_tests=len(results),
             num_passed=passed,
             load_error=load_error,
             tests=results,
@@ -168,16 +172,22 @@ class Judge:
             "steps": plan.steps,
             "cases": plan.cases,
             "output_cap": self.output_bytes,
+            "max_tests": MAX_TESTS,
         }
         collector = _Collector(
             nonce,
-            max_records=len(plan.prelude) + len(plan.steps) + len(plan.cases) + 4,
+            max_records=plan.timed_steps + 4 + (MAX_TESTS if plan.mode == "unittest" else 0),
             step_window_s=request.timeout_s + _STEP_GRACE_S,
         )
         outcome = await self.jail.run(
             [self.python, "-c", HARNESS_SOURCE], limits, stdin=repr(spec).encode(), channel=collector, label="evaluate"
         )
         return outcome, collector.records
+
+
+def _names(value: object) -> bool:
+    """Whether the harness's list of test names is well formed."""
+    return isinstance(value, list) and 0 < len(value) <= MAX_TESTS and all(isinstance(name, str) for name in value)
 
 
 def _test_result(name: str, record: dict) -> TestResult:

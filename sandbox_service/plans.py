@@ -4,6 +4,8 @@ HumanEval: the check(candidate) body is split into one test per top-level statem
 assert; other statements run in order as setup steps. When the body cannot be split (it returns, yields,
 or rebinds names with global/nonlocal, or `split_asserts` is false) check(candidate) is one test.
 MBPP asserts: each entry of test_list is one test, after the imports and setup code. stdio: one test per case.
+unittest: each test method of TestCases is one test; the harness reports the names unittest's loader finds (with
+inherited methods, in its sorted order), and until it has, the plan names the methods TestCases defines itself.
 """
 
 from __future__ import annotations
@@ -11,18 +13,24 @@ from __future__ import annotations
 import ast
 from dataclasses import dataclass
 
-from sandbox_service.schemas import AssertTests, HumanEvalTests, StdioTests
+from sandbox_service.schemas import AssertTests, HumanEvalTests, StdioTests, UnitTests
 
 _NAME_CHARS = 200
 
 
 @dataclass(frozen=True)
 class Plan:
-    mode: str  # "function" | "stdio"
+    mode: str  # "function" | "stdio" | "unittest"
     names: list[str]  # one per test, in order
     prelude: list[tuple[str, str]]
     steps: list[tuple[str, str, str]]  # (kind "setup" | "test", name, code)
     cases: list[tuple[str, str]]  # (stdin, expected stdout)
+
+    @property
+    def timed_steps(self) -> int:
+        """Steps the harness runs under a timeout each: the prelude, the solution, then steps, cases or tests."""
+        tests = max(1, len(self.names)) if self.mode == "unittest" else 0
+        return len(self.prelude) + 1 + len(self.steps) + len(self.cases) + tests
 
 
 def _short(text: str) -> str:
@@ -77,9 +85,19 @@ def _humaneval_plan(tests: HumanEvalTests) -> Plan:
     return Plan("function", names, [], steps, [])
 
 
-def build_plan(tests: HumanEvalTests | AssertTests | StdioTests) -> Plan:
+def _unittest_plan(tests: UnitTests) -> Plan:
+    classes = [n for n in ast.parse(tests.test).body if isinstance(n, ast.ClassDef) and n.name == "TestCases"]
+    methods = (n for n in classes[-1].body if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef))
+    names = sorted({n.name for n in methods if n.name.startswith("test")})
+    prelude = [(f"test_imports[{i}]", line) for i, line in enumerate(tests.test_imports)]
+    return Plan("unittest", names, prelude, [("setup", "test module", tests.test)], [])
+
+
+def build_plan(tests: HumanEvalTests | AssertTests | StdioTests | UnitTests) -> Plan:
     if isinstance(tests, HumanEvalTests):
         return _humaneval_plan(tests)
+    if isinstance(tests, UnitTests):
+        return _unittest_plan(tests)
     if isinstance(tests, AssertTests):
         prelude = [(f"test_imports[{i}]", line) for i, line in enumerate(tests.test_imports)]
         steps = [("setup", "test_setup_code", tests.test_setup_code)] if tests.test_setup_code.strip() else []

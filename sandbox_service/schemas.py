@@ -179,6 +179,29 @@ class AssertTests(_Strict):
         return _parses(code)
 
 
+class UnitTests(_Strict):
+    """A module of unittest.TestCase classes (BigCodeBench): each test method of its TestCases class is one test.
+
+    The module runs after the solution, in the same namespace; `test_imports` run before the solution."""
+
+    kind: Literal["unittest"]
+    test: str = Field(max_length=MAX_CODE_CHARS)
+    test_imports: list[str] = Field(default_factory=list, max_length=100)
+
+    @field_validator("test")
+    @classmethod
+    def _test(cls, test: str) -> str:
+        _parses(test)
+        if not any(isinstance(n, ast.ClassDef) and n.name == "TestCases" for n in ast.parse(test).body):
+            raise ValueError("defines no top-level class TestCases (the unittest.TestCase class that is run)")
+        return test
+
+    @field_validator("test_imports")
+    @classmethod
+    def _imports_parse(cls, codes: list[str]) -> list[str]:
+        return _each_parses(codes)
+
+
 class StdioCase(_Strict):
     stdin: str = ""
     expected_stdout: str
@@ -191,7 +214,7 @@ class StdioTests(_Strict):
     cases: list[StdioCase] = Field(min_length=1, max_length=MAX_TESTS)
 
 
-Tests = Annotated[HumanEvalTests | AssertTests | StdioTests, Field(discriminator="kind")]
+Tests = Annotated[HumanEvalTests | AssertTests | StdioTests | UnitTests, Field(discriminator="kind")]
 
 
 class EvaluateRequest(_Strict):

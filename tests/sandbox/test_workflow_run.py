@@ -309,6 +309,54 @@ return KNOWN_GOOD + comment(repaired["solution"])
     assert_usage_adds_up(result)
 
 
+UNITTEST_PUBLIC = """
+import unittest
+
+class TestCases(unittest.TestCase):
+    def test_small(self):
+        self.assertEqual(add(1, 2), 3)
+"""
+UNITTEST_HIDDEN = (
+    UNITTEST_PUBLIC
+    + """
+    def test_zero(self):
+        self.assertEqual(add(0, 0), 0)
+
+    def test_wrong_on_purpose(self):
+        self.assertEqual(add(2, 2), 5)
+"""
+)
+
+
+def test_unittest_suites_for_the_test_operator_and_scoring(service):
+    graph = workflow(
+        """
+verdict = await self.test(problem=problem, solution=KNOWN_BAD, entry_point=entry_point, test_loop=0)
+assert verdict == {"result": False, "solution": KNOWN_BAD}, verdict
+return KNOWN_GOOD
+""",
+        "self.test = operator.Test(self.llm)",
+    )
+    problem = {
+        **PROBLEM,
+        "public_tests": {"kind": "unittest", "test": UNITTEST_PUBLIC},
+        "hidden_tests": {"kind": "unittest", "test": UNITTEST_HIDDEN},
+    }
+    response = service.post("/workflow/run", json={"graph": graph, "problem": problem, "worker": "local"})
+    assert response.status_code == 200, response.text[:3000]
+    result = response.json()
+    assert result["status"] == "ok", result["failure"]
+    (test_run,) = result["trace"][0]["test_runs"]
+    assert (test_run["num_tests"], test_run["num_passed"]) == (1, 0)
+    assert test_run["failures"] == ["test_small: Failed (AssertionError: -1 != 3)"]
+    assert result["public_pass_rate"] == 1.0 and result["hidden_pass_rate"] == pytest.approx(2 / 3)
+    assert [(t["name"], t["passed"]) for t in result["hidden"]["tests"]] == [
+        ("test_small", True),
+        ("test_wrong_on_purpose", False),
+        ("test_zero", True),
+    ]
+
+
 def test_seed_workflow_runs_through_the_client(service):
     async def go():
         async with SandboxClient(str(service.base_url)) as client:
