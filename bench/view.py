@@ -112,7 +112,7 @@ def _workflow_run(rng: random.Random, solution: str, evaluation: Evaluation) -> 
     )
 
 
-def _record(rng: random.Random, prompts: list[str], task: int, group: int, sample: int, version: str) -> dict:
+def workflow_record(rng: random.Random, prompts: list[str], task: int, group: int, sample: int, version: str) -> dict:
     tests = rng.randint(3, 10)
     passed = rng.randint(0, tests)
     solution = f"def f(x):\n    return x * {rng.randint(1, 5)}\n"
@@ -167,7 +167,7 @@ def synthetic_run(run_dir: pathlib.Path, samples: int, seed: int = 0) -> int:
             groups = min(GROUPS_PER_ROUND, groups_left)
             tasks = [rng.randrange(len(prompts)) for _ in range(groups)]
             records = [
-                _record(rng, prompts, task, g, i, str(round_index - 1))
+                workflow_record(rng, prompts, task, g, i, str(round_index - 1))
                 for g, task in enumerate(tasks)
                 for i in range(GROUP)
             ]
@@ -183,7 +183,7 @@ def synthetic_run(run_dir: pathlib.Path, samples: int, seed: int = 0) -> int:
                     "time/round_s": rng.uniform(20, 40),
                 }
             )
-        held_out = [_record(rng, prompts, t, t, 0, "eval") for t in range(50)]
+        held_out = [workflow_record(rng, prompts, t, t, 0, "eval") for t in range(50)]
         writer.write_eval("test", "workflow", held_out)
     (run_dir / METRICS_FILE).write_text("".join(json.dumps(m) + "\n" for m in metrics))
     correct = {r["task_id"]: int(r["passed"] == r["total"]) for r in held_out}

@@ -68,7 +68,8 @@ FIELDS = (
     "group_has_variance",
 )
 REQUIRED_FIELDS = frozenset({"task_id", "group", "sample", "completion", "reward"})
-_GIVEN_FIELDS = frozenset(FIELDS) - {"format_version", "kind", "round", "method", "prompt_sha"} | {"prompt"}
+STAMPED_FIELDS = frozenset({"format_version", "kind", "round", "method", "prompt_sha"})  # set by the writer
+_GIVEN_FIELDS = frozenset(FIELDS) - STAMPED_FIELDS | {"prompt"}
 _AFTER_ROUND = re.compile(r"(?:.*_)?round_(\d{5,})\.jsonl\.gz")  # a round's file, or an eval run after it
 
 

@@ -147,6 +147,7 @@ class ReportBuilder:
         self.live = live
         self.names = _run_names(self.run_dirs)
         self._files: dict[tuple[int, pathlib.Path], _FileDigest] = {}
+        self._build: str | None = None
 
     def build(self) -> dict[str, Any]:
         """Write the report; returns {"samples", "files_read", "seconds", "index"}."""
@@ -178,7 +179,6 @@ class ReportBuilder:
         self._remove_stale_chunks({c for d in live_files.values() for c in d.chunks})
         data = {
             "title": " vs ".join(self.names),
-            "built": datetime.datetime.now().isoformat(timespec="seconds"),
             "live": self.live,
             "runs": [
                 {"name": name, "path": str(run.path), "color": COLORS[i % len(COLORS)]}
@@ -190,20 +190,21 @@ class ReportBuilder:
             "chunks": chunks,
             "evals": eval_tables(runs, sources),
         }
-        data["build"] = hashlib.sha1(embed(data).encode()).hexdigest()[:12]
-        page = _TEMPLATES.get_template("report.html").render(
-            title=data["title"],
-            data=embed(data),
-            css=_asset("report.css"),
-            script=_asset("report.js"),
-        )
-        _write(self.out_dir / "index.html", page)
-        _write(self.out_dir / "build.json", json.dumps({"build": data["build"]}))
+        build = hashlib.sha1(embed(data).encode()).hexdigest()[:12]
+        index = self.out_dir / "index.html"
+        if build != self._build or not index.is_file():  # an unchanged run leaves an open page alone
+            data.update(build=build, built=datetime.datetime.now().isoformat(timespec="seconds"))
+            page = _TEMPLATES.get_template("report.html").render(
+                title=data["title"], data=embed(data), css=_asset("report.css"), script=_asset("report.js")
+            )
+            _write(index, page)
+            _write(self.out_dir / "build.json", json.dumps({"build": build}))
+            self._build = build
         return {
             "samples": len(columns["source"]),
             "files_read": read_now,
             "seconds": time.perf_counter() - started,
-            "index": self.out_dir / "index.html",
+            "index": index,
         }
 
     def _digest_file(self, r: int, run: RunInputs, path: pathlib.Path, signature: tuple[int, int]) -> _FileDigest:
