@@ -18,7 +18,7 @@ import logging
 import random
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -105,7 +105,7 @@ Tests = HumanEvalTests | AssertTests | StdioTests | UnitTests
 
 @dataclass(frozen=True)
 class EvalItem:
-    """One solution and its tests, for evaluate_batch."""
+    """One solution and its tests (POST /evaluate; a list of them for evaluate_batch)."""
 
     code: str
     tests: Tests
@@ -118,6 +118,84 @@ class EvalItem:
             "tests": self.tests.to_json(),
             "timeout_s": self.timeout_s,
             "memory_limit_MB": self.memory_limit_mb,
+        }
+
+
+@dataclass(frozen=True)
+class RunCodeJob:
+    """One SandboxFusion-style run of a Python program (POST /run_code): `files` land next to it (path -> bytes),
+    `fetch_files` come back."""
+
+    code: str
+    stdin: str = ""
+    run_timeout: float = 10.0
+    memory_limit_mb: int = -1  # -1: the service's default
+    files: Mapping[str, bytes] = field(default_factory=dict)
+    fetch_files: Sequence[str] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "code": self.code,
+            "language": "python",
+            "stdin": self.stdin,
+            "run_timeout": self.run_timeout,
+            "memory_limit_MB": self.memory_limit_mb,
+            "fetch_files": list(self.fetch_files),
+            "files": {path: base64.b64encode(data).decode() for path, data in self.files.items()},
+        }
+
+
+@dataclass(frozen=True)
+class WorkflowJob:
+    """A meta-agent's <graph>/<prompt> run on one query (POST /workflow/run), its operators calling the allowlisted
+    worker named `worker` (max_tokens, temperature, top_p and seed apply to every worker call); the solution is then
+    scored on the public and hidden tests."""
+
+    graph: str
+    prompt: str
+    problem: str
+    entry_point: str
+    worker: str
+    public_tests: Tests | None = None
+    hidden_tests: Tests | None = None
+    max_operator_calls: int = 20
+    max_worker_tokens: int = 32_000
+    wall_s: float = 120.0
+    max_tokens: int = 1024
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    dataset: str = "code"
+    test_timeout_s: float = 5.0
+    test_memory_mb: int = 1024
+    memory_mb: int = 1024  # the workflow's own process
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "graph": self.graph,
+            "prompt": self.prompt,
+            "worker": self.worker,
+            "dataset": self.dataset,
+            "problem": {
+                "text": self.problem,
+                "entry_point": self.entry_point,
+                "public_tests": self.public_tests.to_json() if self.public_tests is not None else None,
+                "hidden_tests": self.hidden_tests.to_json() if self.hidden_tests is not None else None,
+            },
+            "budgets": {
+                "max_operator_calls": self.max_operator_calls,
+                "max_worker_tokens": self.max_worker_tokens,
+                "wall_s": self.wall_s,
+            },
+            "sampling": {
+                "max_tokens": self.max_tokens,
+                "temperature": self.temperature,
+                "top_p": self.top_p,
+                "seed": self.seed,
+            },
+            "test_timeout_s": self.test_timeout_s,
+            "test_memory_mb": self.test_memory_mb,
+            "memory_mb": self.memory_mb,
         }
 
 
@@ -176,6 +254,10 @@ class Evaluation:
     @property
     def sandbox_error(self) -> bool:
         return self.status == "SandboxError"
+
+    @property
+    def num_tests(self) -> int:
+        return len(self.tests)
 
     @property
     def num_passed(self) -> int:
@@ -274,32 +356,14 @@ class SandboxClient:
     async def health(self) -> dict[str, Any]:
         return await self._request("GET", "/health")
 
-    async def run_code(
-        self,
-        code: str,
-        *,
-        stdin: str = "",
-        run_timeout: float = 10.0,
-        memory_limit_mb: int = -1,
-        files: Mapping[str, bytes] | None = None,
-        fetch_files: Sequence[str] = (),
-    ) -> RunCodeResult:
-        """SandboxFusion-style run of a Python program (`files` land next to it; `fetch_files` come back)."""
-        payload = {
-            "code": code,
-            "language": "python",
-            "stdin": stdin,
-            "run_timeout": run_timeout,
-            "memory_limit_MB": memory_limit_mb,
-            "fetch_files": list(fetch_files),
-            "files": {p: base64.b64encode(data).decode() for p, data in (files or {}).items()},
-        }
-        return RunCodeResult.from_json(await self._request("POST", "/run_code", payload))
+    async def run_code(self, code: str, **options: Any) -> RunCodeResult:
+        """Run a Python program; `options` are RunCodeJob's fields (stdin, run_timeout, files, ...)."""
+        job = RunCodeJob(code, **options)
+        return RunCodeResult.from_json(await self._request("POST", "/run_code", job.to_json()))
 
-    async def evaluate(
-        self, code: str, tests: Tests, *, timeout_s: float = 5.0, memory_limit_mb: int = 1024
-    ) -> Evaluation:
-        item = EvalItem(code, tests, timeout_s, memory_limit_mb)
+    async def evaluate(self, code: str, tests: Tests, **options: Any) -> Evaluation:
+        """Judge one solution; `options` are EvalItem's fields (timeout_s, memory_limit_mb, ...)."""
+        item = EvalItem(code, tests, **options)
         return Evaluation.from_json(await self._request("POST", "/evaluate", item.to_json()))
 
     async def evaluate_batch(self, items: Sequence[EvalItem]) -> list[Evaluation]:
@@ -318,54 +382,13 @@ class SandboxClient:
 
     async def workflow_operators(self) -> WorkflowOperators:
         """The operator library's descriptions (GET /workflow/operators); `text` goes into the meta-agent's prompt."""
-        body = await self._request("GET", "/workflow/operators")
-        return WorkflowOperators(operators=tuple(body["operators"]), text=body["text"])
+        return WorkflowOperators.from_json(await self._request("GET", "/workflow/operators"))
 
-    async def run_workflow(
-        self,
-        graph: str,
-        prompt: str,
-        *,
-        problem: str,
-        entry_point: str,
-        worker: str,
-        public_tests: Tests | None = None,
-        hidden_tests: Tests | None = None,
-        max_operator_calls: int = 20,
-        max_worker_tokens: int = 32_000,
-        wall_s: float = 120.0,
-        max_tokens: int = 1024,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-        dataset: str = "code",
-        test_timeout_s: float = 5.0,
-        test_memory_mb: int = 1024,
-    ) -> WorkflowRun:
-        """Run a meta-agent's <graph>/<prompt> on one query in the service's jail (POST /workflow/run), its
-        operators calling the allowlisted worker named `worker` (max_tokens, temperature, top_p and seed apply
-        to every worker call), then score the solution on the public and hidden tests."""
-        payload = {
-            "graph": graph,
-            "prompt": prompt,
-            "worker": worker,
-            "dataset": dataset,
-            "problem": {
-                "text": problem,
-                "entry_point": entry_point,
-                "public_tests": public_tests.to_json() if public_tests is not None else None,
-                "hidden_tests": hidden_tests.to_json() if hidden_tests is not None else None,
-            },
-            "budgets": {
-                "max_operator_calls": max_operator_calls,
-                "max_worker_tokens": max_worker_tokens,
-                "wall_s": wall_s,
-            },
-            "sampling": {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": seed},
-            "test_timeout_s": test_timeout_s,
-            "test_memory_mb": test_memory_mb,
-        }
-        return WorkflowRun.from_json(await self._request("POST", "/workflow/run", payload))
+    async def run_workflow(self, graph: str, prompt: str, **options: Any) -> WorkflowRun:
+        """Run a meta-agent's <graph>/<prompt> in the service's jail and score its solution; `options` are
+        WorkflowJob's fields (problem, entry_point and worker are required)."""
+        job = WorkflowJob(graph, prompt, **options)
+        return WorkflowRun.from_json(await self._request("POST", "/workflow/run", job.to_json()))
 
     def _backoff(self, attempt: int) -> float:
         return min(self.max_backoff_s, self.backoff_s * 2**attempt) * random.uniform(0.5, 1.0)
@@ -425,6 +448,10 @@ class SandboxClient:
 class WorkflowOperators:
     operators: tuple[dict[str, str], ...]  # name, signature, description, usage
     text: str  # the descriptions as the meta-agent's prompt shows them
+
+    @classmethod
+    def from_json(cls, body: Mapping[str, Any]) -> WorkflowOperators:
+        return cls(operators=tuple(body["operators"]), text=body["text"])
 
 
 @dataclass(frozen=True)
