@@ -15,6 +15,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from fr_jax.parallel.rules import Rules, with_overrides
+
+
 DEVICE_HBM_GIB = {  # per-chip memory, for fr_jax.plan's "does it fit" verdict
     "tpu-v4": 32,
     "tpu-v5e": 16,
@@ -33,7 +36,7 @@ class ConfigError(ValueError):
     """A config the run cannot use; the message names the offending key."""
 
 
-class _Section(BaseModel):
+class Section(BaseModel):
     # strict: YAML already gives typed values, so `true` for a number or 3 for a string is a mistake, not a coercion
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, strict=True)
 
@@ -63,7 +66,7 @@ def read_yaml(text: str):
     return yaml.load(text, Loader=_YamlLoader)
 
 
-class ModelSection(_Section):
+class ModelSection(Section):
     """Where the network comes from: exactly one of `pretrained`, `config_json`, `architecture`."""
 
     pretrained: str | None = None  # an HF model dir (config.json + safetensors), or a demo model name ("smollm2")
@@ -88,12 +91,15 @@ class ModelSection(_Section):
         return self
 
 
-class MeshSection(_Section):
+class MeshSection(Section):
     """Mesh axis sizes; one of them may be -1, meaning all the devices the others leave."""
 
     data: int = 1
     fsdp: int = -1
     tensor: int = 1
+    # logical axis -> mesh axis, axes or null (replicated): overrides of fr_jax.parallel.rules.DEFAULT_RULES for this
+    # run, e.g. {embed: null, mlp: [fsdp, tensor]}; sharding variants without code edits
+    rules: dict[str, str | list[str] | None] = Field(default_factory=dict, strict=False)
 
     @model_validator(mode="after")
     def _sizes(self):
@@ -103,10 +109,15 @@ class MeshSection(_Section):
                 raise ValueError(f"mesh.{name}={size}: must be a positive integer or -1 (the rest)")
         if sum(s == -1 for s in sizes.values()) > 1:
             raise ValueError(f"mesh: only one axis may be -1, got {sizes}")
+        self.sharding_rules()  # unknown logical or mesh axes are named now
         return self
 
+    def sharding_rules(self) -> Rules:
+        """The logical-axis table of this run: the default one with `rules` applied."""
+        return with_overrides(self.rules)
 
-class DistributedSection(_Section):
+
+class DistributedSection(Section):
     """Multi-process start-up; unset fields fall back to FR_JAX_COORDINATOR / _NUM_PROCESSES / _PROCESS_ID."""
 
     coordinator: str | None = None  # host:port of process 0
@@ -115,7 +126,7 @@ class DistributedSection(_Section):
     local_device_count: int | None = Field(None, ge=1)  # CPU only: fake devices per process
 
 
-class OptimSection(_Section):
+class OptimSection(Section):
     """AdamW with linear warmup then cosine decay to `min_lr_ratio * learning_rate`, after global-norm clipping."""
 
     learning_rate: float = Field(1e-5, gt=0)
@@ -132,7 +143,7 @@ class OptimSection(_Section):
     clip_grad_norm: float | None = Field(1.0, gt=0)  # null: no clipping
 
 
-class TrainSection(_Section):
+class TrainSection(Section):
     steps: int = Field(..., ge=1)
     batch_size: int = Field(..., ge=1)  # rows (packed sequences) per optimizer step, over all processes
     micro_batches: int = Field(1, ge=1)  # gradient accumulation: batch_size is split into this many
@@ -150,19 +161,19 @@ class TrainSection(_Section):
         return self
 
 
-class CheckpointSection(_Section):
+class CheckpointSection(Section):
     every_steps: int = Field(100, ge=1)
     keep: int = Field(2, ge=1)
     async_save: bool = True
 
 
-class MonitorSection(_Section):
+class MonitorSection(Section):
     tensorboard: bool = True
     progress_bar: bool = True
     peak_tflops_per_device: float | None = Field(None, gt=0)  # null: measured once at start with a matmul
 
 
-class SFTDataSection(_Section):
+class SFTDataSection(Section):
     """Chat records ({"messages": [...]}) from JSONL files, or MBPP reference solutions turned into chats."""
 
     source: Literal["jsonl", "mbpp"] = "jsonl"
@@ -187,16 +198,28 @@ class SFTDataSection(_Section):
         return self
 
 
-class SFTSection(_Section):
+class SFTSection(Section):
     data: SFTDataSection
 
 
-class GRPODataSection(_Section):
-    """The coding tasks: a fr_jax.data.tasks set, or your own JSONL (see fr_jax.data.task_file)."""
+class TaskSetSection(Section):
+    """A task set: a benchmark of fr_jax.data.tasks, or your own JSONL (dataset: jsonl; fr_jax.data.task_file)."""
 
-    dataset: str = "mbpp"  # mbpp | mbpp-sanitized | aflow-mbpp | humaneval | jsonl
+    # humaneval | mbpp | mbpp-sanitized | aflow-mbpp | bigcodebench | bigcodebench-instruct | jsonl
+    dataset: str = "mbpp"
     file: str | None = None  # dataset jsonl: one task per line, each with a "split"
     data_dir: str | None = None  # the data sets' folder; default: the data fr_jax ships ($FR_JAX_DATA)
+
+    @model_validator(mode="after")
+    def _file(self):
+        if (self.dataset == "jsonl") != (self.file is not None):
+            raise ValueError("file is required with dataset 'jsonl', and only then")
+        return self
+
+
+class GRPODataSection(TaskSetSection):
+    """The GRPO run's coding tasks: its training and held-out splits and their filters."""
+
     train_split: str = "train"
     eval_split: str = "validation"  # held out: pass@1 before and after training
     max_prompt_tokens: int = Field(512, ge=8)  # tasks whose prompt (chat template applied) is longer are skipped
@@ -205,21 +228,15 @@ class GRPODataSection(_Section):
     eval_limit: int | None = Field(None, ge=1)
     shuffle_seed: int = 0
 
-    @model_validator(mode="after")
-    def _file(self):
-        if (self.dataset == "jsonl") != (self.file is not None):
-            raise ValueError("grpo.data.file is required with grpo.data.dataset 'jsonl', and only then")
-        return self
 
-
-class GRPOPromptSection(_Section):
+class GRPOPromptSection(Section):
     system: str | None = None  # a system message; null: the chat template's default
     instruction: str = "Write the function in a ```python code block."
     show_public_tests: bool = True  # the task's public tests go into the prompt (MBPP's usual prompt)
     chat_template: bool = True  # false: the user text alone (a tokenizer without a chat template)
 
 
-class GRPORolloutSection(_Section):
+class GRPORolloutSection(Section):
     """The rollout server (SGLang protocol) and how it samples."""
 
     launch: Literal["local", "sglang", "none"] = "local"  # none: a server already running at `url`
@@ -243,7 +260,7 @@ class GRPORolloutSection(_Section):
         return check_external_url(self, "grpo.rollout")
 
 
-class GRPOSandboxSection(_Section):
+class GRPOSandboxSection(Section):
     launch: Literal["local", "none"] = "local"  # none: a sandbox_service already running at `url`
     url: str | None = None
     workers: int | None = Field(None, ge=1)  # local launch: concurrent jailed runs (default: 2 per core)
@@ -258,7 +275,7 @@ class GRPOSandboxSection(_Section):
         return check_external_url(self, "grpo.sandbox")
 
 
-class GRPOEvalSection(_Section):
+class GRPOEvalSection(Section):
     """Held-out evaluation (before and after training, every train.eval_every rounds, and python -m fr_jax.eval)."""
 
     n: int = Field(1, ge=1)  # samples per task
@@ -275,7 +292,7 @@ class GRPOEvalSection(_Section):
         return self
 
 
-class GRPOWorkflowSection(_Section):
+class GRPOWorkflowSection(Section):
     """grpo.mode: workflow (fr_jax.flow.mode): the policy writes a workflow, the sandbox runs it, its operators call
     the worker LLM named `worker` on the sandbox's allowlist. Used by no other mode."""
 
@@ -301,7 +318,7 @@ def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
 
 
-class GRPOLossConfig(_Section):
+class GRPOLossConfig(Section):
     """grpo.loss: every knob of the GRPO loss (fr_jax.rl.grpo; docs/rl.md). Frozen and hashable, so it can be a
     static argument of `jax.jit`."""
 
@@ -340,7 +357,7 @@ class GRPOLossConfig(_Section):
         return self
 
 
-class RewardConfig(_Section):
+class RewardConfig(Section):
     """grpo.reward: weights and normalisers of the multi-purpose reward (fr_jax.rl.reward). Defaults: performance
     dominates; see docs/rl.md for the arithmetic."""
 
@@ -366,7 +383,7 @@ class RewardConfig(_Section):
         return self
 
 
-class GRPOSection(_Section):
+class GRPOSection(Section):
     """GRPO with the multi-purpose reward. train.steps counts rounds (rollout batches); train.batch_size counts
     rows (samples) per optimizer step, so a round makes ppo_epochs x prompts_per_step x n / batch_size steps."""
 
@@ -408,7 +425,7 @@ class GRPOSection(_Section):
         return self
 
 
-class PlanSection(_Section):
+class PlanSection(Section):
     device: str = "h100"  # a key of DEVICE_HBM_GIB
     num_devices: int | None = Field(None, ge=1)  # devices the mesh spans; null: those visible now
 
@@ -420,7 +437,7 @@ class PlanSection(_Section):
         return v
 
 
-class Config(_Section):
+class Config(Section):
     stage: Literal["sft", "grpo"]
     run_dir: str
     model: ModelSection

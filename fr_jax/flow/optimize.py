@@ -44,14 +44,14 @@ from typing import Any, Literal
 import httpx
 import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 from tqdm import tqdm
 
 import fr_jax
-from fr_jax.config import ConfigError, check_external_url, load_config
+from fr_jax.config import ConfigError, Section, TaskSetSection, check_external_url, load_config
 from fr_jax.data.jsonl import read_jsonl, write_jsonl
-from fr_jax.data.task_file import load_task_file
-from fr_jax.data.tasks import Task, load_tasks
+from fr_jax.data.task_file import load_task_set
+from fr_jax.data.tasks import Task
 from fr_jax.flow.chat import ChatClient
 from fr_jax.flow.data import RecordFilter, sft_records
 from fr_jax.flow.mode import FLOW_SYSTEM_PROMPT, WorkflowRunSettings, is_design_failure, run_design, run_pass_rate
@@ -177,25 +177,13 @@ def best_round(rounds: Sequence[Round]) -> Round:
 # ---------------------------------------------------------------------------------------------------- config
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
-
-
-class TasksSection(_Section):
-    dataset: str  # humaneval | mbpp | mbpp-sanitized | aflow-mbpp | jsonl (fr_jax.data.task_file)
+class TasksSection(TaskSetSection):
+    dataset: str  # required here
     split: str
-    file: str | None = None  # dataset: jsonl
-    data_dir: str | None = None  # default: the data fr_jax ships ($FR_JAX_DATA)
     limit: int | None = Field(None, ge=1)
 
-    @model_validator(mode="after")
-    def _file(self):
-        if (self.dataset == "jsonl") != (self.file is not None):
-            raise ValueError("tasks.file is required with tasks.dataset: jsonl, and only then")
-        return self
 
-
-class LocalServerSection(_Section):
+class LocalServerSection(Section):
     """An fr_jax.serve started for the run; designer.url or worker.url `local` points at it."""
 
     model: str = "smollm2"  # an HF model directory, or a demo name
@@ -204,7 +192,7 @@ class LocalServerSection(_Section):
     startup_timeout_s: float = Field(900.0, gt=0)
 
 
-class DesignerSection(_Section):
+class DesignerSection(Section):
     url: str  # OpenAI-compatible base URL ending in /v1, or `local`
     model: str | None = None  # the request's `model` field (null: left out)
     api_key_env: str | None = None  # environment variable holding a bearer token
@@ -216,7 +204,7 @@ class DesignerSection(_Section):
     max_retries: int = Field(3, ge=0)
 
 
-class WorkerSection(_Section):
+class WorkerSection(Section):
     name: str = "local"  # the name on the sandbox's allowlist
     url: str | None = None  # allowlisted under `name` when the sandbox is launched here; or `local`
     model: str | None = None  # the `model` field the sandbox sends (default: the name)
@@ -225,7 +213,7 @@ class WorkerSection(_Section):
     top_p: float = Field(1.0, gt=0, le=1)
 
 
-class BudgetsSection(_Section):
+class BudgetsSection(Section):
     max_operator_calls: int = Field(20, ge=1)
     max_worker_tokens: int = Field(32_000, ge=1)
     wall_s: float = Field(120.0, gt=0)
@@ -233,7 +221,7 @@ class BudgetsSection(_Section):
     test_memory_mb: int = Field(1024, ge=64)
 
 
-class LoopSection(_Section):
+class LoopSection(Section):
     rounds: int = Field(10, ge=1)  # round 1 is the seed workflow
     validation_runs: int = Field(3, ge=1)
     final_runs: int = Field(1, ge=1)  # hidden-test runs of the best round and of the seed
@@ -244,7 +232,7 @@ class LoopSection(_Section):
     max_operator_calls_told: int = Field(MAX_OPERATOR_CALLS, ge=1)  # the prompt's "complexity should not exceed"
 
 
-class SandboxSection(_Section):
+class SandboxSection(Section):
     launch: Literal["local", "none"] = "local"
     url: str | None = None  # launch: none
     workers: int = Field(4, ge=2)  # a workflow holds a jail slot and its Test calls need another
@@ -255,13 +243,13 @@ class SandboxSection(_Section):
         return check_external_url(self, "sandbox")
 
 
-class FilterSection(_Section):
+class FilterSection(Section):
     min_score: float = Field(0.0, ge=0, le=1)
     min_gain: float | None = Field(None, ge=-1, le=1)
     best_per_query: bool = False
 
 
-class OptimizeConfig(_Section):
+class OptimizeConfig(Section):
     out_dir: str
     tasks: TasksSection
     designer: DesignerSection
@@ -293,10 +281,7 @@ class OptimizeConfig(_Section):
 
 def load_config_tasks(section: TasksSection) -> list[Task]:
     try:
-        if section.dataset == "jsonl":
-            tasks = load_task_file(section.file, section.split)
-        else:
-            tasks = load_tasks(section.dataset, section.split, data_dir=section.data_dir)
+        tasks = load_task_set(section.dataset, section.split, file=section.file, data_dir=section.data_dir)
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError(f"tasks ({section.dataset}, split {section.split!r}): {err}") from None
     without_public = [t.task_id for t in tasks if not t.public_tests.cases]

@@ -8,7 +8,7 @@ never a model change (MaxText's idea).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -45,11 +45,38 @@ DEFAULT_RULES: Rules = (
 )
 
 _log = logging.getLogger(__name__)
+_active: Rules = DEFAULT_RULES  # the table in force; a run may override entries (mesh.rules in the config)
 
 
-def logical_to_spec(logical_axes: LogicalAxes, rules: Rules = DEFAULT_RULES) -> PartitionSpec:
-    """PartitionSpec for logical axes; an unknown logical name is an error, not silent replication."""
-    table = dict(rules)
+def with_overrides(overrides: Mapping[str, str | Sequence[str] | None], base: Rules = DEFAULT_RULES) -> Rules:
+    """`base` with some logical axes mapped elsewhere (MaxText's per-run rules): sharding variants without code
+    edits. An unknown logical axis or mesh axis is an error naming the known ones."""
+    table = dict(base)
+    for name, entry in overrides.items():
+        if name not in table:
+            raise ValueError(f"mesh.rules: logical axis {name!r} is unknown; known: {sorted(table)}")
+        axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+        unknown = [a for a in axes if a not in MESH_AXES]
+        if unknown:
+            raise ValueError(f"mesh.rules.{name}: mesh axes {unknown} are unknown; known: {list(MESH_AXES)}")
+        table[name] = None if not axes else axes[0] if len(axes) == 1 else axes
+    return tuple(table.items())
+
+
+def set_active_rules(rules: Rules) -> None:
+    """Make `rules` the table every sharding decision of this process uses from now on."""
+    global _active
+    _active = rules
+
+
+def active_rules() -> Rules:
+    return _active
+
+
+def logical_to_spec(logical_axes: LogicalAxes, rules: Rules | None = None) -> PartitionSpec:
+    """PartitionSpec for logical axes under `rules` (default: the active table); an unknown logical name is an
+    error, not silent replication."""
+    table = dict(rules if rules is not None else _active)
     spec: list[str | tuple[str, ...] | None] = []
     for name in logical_axes:
         if name is None:
@@ -90,7 +117,7 @@ def fit_spec(shape: Sequence[int], spec: PartitionSpec, mesh) -> PartitionSpec:
 
 
 def named_sharding(
-    mesh: Mesh, shape: Sequence[int], logical_axes: LogicalAxes, rules: Rules = DEFAULT_RULES
+    mesh: Mesh, shape: Sequence[int], logical_axes: LogicalAxes, rules: Rules | None = None
 ) -> NamedSharding:
     """The NamedSharding for an array of `shape` whose axes carry `logical_axes`."""
     if len(logical_axes) != len(shape):
@@ -98,7 +125,7 @@ def named_sharding(
     return NamedSharding(mesh, fit_spec(shape, logical_to_spec(logical_axes, rules), mesh))
 
 
-def constrain(x: jax.Array, logical_axes: LogicalAxes, rules: Rules = DEFAULT_RULES) -> jax.Array:
+def constrain(x: jax.Array, logical_axes: LogicalAxes, rules: Rules | None = None) -> jax.Array:
     """with_sharding_constraint by logical axes, under the mesh set by `jax.set_mesh`; a no-op without one."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh is None or mesh.empty:

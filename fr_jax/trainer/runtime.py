@@ -13,6 +13,7 @@ from jax.sharding import Mesh
 from fr_jax.config import Config, ConfigError, MeshSection, ModelSection, TrainSection
 from fr_jax.models.config import ModelConfig
 from fr_jax.parallel.mesh import initialize_distributed, make_mesh
+from fr_jax.parallel.rules import set_active_rules
 
 _log = logging.getLogger(__name__)
 CONFIG_FILE = "config.yaml"
@@ -59,6 +60,7 @@ def start_runtime(cfg: Config) -> Runtime:
     d = cfg.distributed
     initialize_distributed(d.coordinator, d.num_processes, d.process_id, d.local_device_count)
     mesh = mesh_from_config(cfg.mesh)
+    set_active_rules(cfg.mesh.sharding_rules())
     check_batch_layout(cfg.train, mesh)
     run_dir = pathlib.Path(cfg.run_dir).absolute()
     if jax.process_index() == 0:

@@ -103,7 +103,7 @@ def start_stage(
         state = step_fn.init_state(params, cfg.train.seed)
     else:
         state, host_states = ckpt.restore(step_fn.abstract_state())
-        _log.info("resuming after %s step %d", desc, start)
+        _log.info("resuming at step %d (%s)", start, desc)
     writer = MetricsWriter(
         rt.run_dir,
         total_steps=cfg.train.steps,

@@ -6,6 +6,7 @@ evaluation split (the same two prompts) go from wrong to right."""
 
 import numpy as np
 
+from fr_jax.cli import MODES
 from fr_jax.config import parse_config
 from fr_jax.rl.loop import run_grpo
 from fr_jax.trainer.metrics import read_metrics
@@ -28,7 +29,7 @@ def test_reward_rises_with_grpo_on_sandbox_scored_tasks(tmp_path):
         samples_every=0,
     )
     cfg["checkpoint"]["every_steps"] = ROUNDS
-    summary = run_grpo(start_runtime(parse_config(cfg)))
+    summary = run_grpo(start_runtime(parse_config(cfg)), MODES)
     rewards = [m["reward/total"] for m in read_metrics(tmp_path / "run") if "reward/total" in m]
     assert len(rewards) == ROUNDS
     first, last = np.mean(rewards[:3]), np.mean(rewards[-3:])
