@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import pathlib
 import re
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -18,17 +18,27 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from fr_jax.parallel.rules import Rules, with_overrides
 
 
-DEVICE_HBM_GIB = {  # per-chip memory, for fr_jax.plan's "does it fit" verdict
-    "tpu-v4": 32,
-    "tpu-v5e": 16,
-    "tpu-v5p": 95,
-    "tpu-v6e": 32,
-    "a100-40g": 40,
-    "a100-80g": 80,
-    "h100": 80,
-    "h200": 141,
-    "b200": 180,
-    "cpu": 24,
+class Device(NamedTuple):
+    """What fr_jax.plan needs to know of a chip, with the vendor page its figures come from."""
+
+    memory_bytes: int  # per chip
+    kind: Literal["gpu", "tpu", "cpu"]  # GPU: JAX preallocates a fraction per process; TPU: one process per chip
+    chips_per_host: int  # a local rollout server sees one host's chips
+    source: str
+
+
+_GB, _GIB = 10**9, 2**30  # a vendor's "GB" is read as 10^9 bytes, the smaller reading: the plan errs on the safe side
+PLAN_DEVICES = {
+    "tpu-v4": Device(32 * _GIB, "tpu", 4, "cloud.google.com/tpu/docs/v4: HBM2 32 GiB per chip; 4 chips per host"),
+    "tpu-v5e": Device(16 * _GB, "tpu", 8, "cloud.google.com/tpu/docs/v5e: HBM 16 GB per chip; 8 chips per host"),
+    "tpu-v5p": Device(95 * _GB, "tpu", 4, "cloud.google.com/tpu/docs/v5p: HBM2e 95 GB per chip; 4 chips per host"),
+    "tpu-v6e": Device(32 * _GB, "tpu", 8, "cloud.google.com/tpu/docs/v6e: HBM 32 GB per chip; 8 chips per host"),
+    "a100-40g": Device(40 * _GB, "gpu", 8, "nvidia.com/en-us/data-center/a100: A100 40GB HBM2; DGX A100: 8 GPUs"),
+    "a100-80g": Device(80 * _GB, "gpu", 8, "nvidia.com/en-us/data-center/a100: A100 80GB HBM2e; DGX A100: 8 GPUs"),
+    "h100": Device(80 * _GB, "gpu", 8, "nvidia.com/en-us/data-center/h100: H100 SXM 80GB HBM3; DGX H100: 8 GPUs"),
+    "h200": Device(141 * _GB, "gpu", 8, "nvidia.com/en-us/data-center/h200: H200 SXM 141GB HBM3e; DGX H200: 8 GPUs"),
+    "b200": Device(180 * _GB, "gpu", 8, "docs.nvidia.com/dgx/dgxb200-user-guide: 8 B200 GPUs, 1,440 GB in all"),
+    "cpu": Device(24 * _GIB, "cpu", 1, "this project's 2-core development machine: 24 GiB of RAM"),
 }
 
 
@@ -171,6 +181,8 @@ class MonitorSection(Section):
     tensorboard: bool = True
     progress_bar: bool = True
     peak_tflops_per_device: float | None = Field(None, gt=0)  # null: measured once at start with a matmul
+    # rollout records (docs/records.md): every sample, `sample:K` (whole groups, about K samples a round), or off
+    rollouts: str = Field("all", pattern=r"^(all|off|sample:[1-9][0-9]*)$")
 
 
 class SFTDataSection(Section):
@@ -426,14 +438,19 @@ class GRPOSection(Section):
 
 
 class PlanSection(Section):
-    device: str = "h100"  # a key of DEVICE_HBM_GIB
+    """What python -m fr_jax.plan plans for (it never changes how a run trains)."""
+
+    device: str = "h100"  # a key of PLAN_DEVICES
     num_devices: int | None = Field(None, ge=1)  # devices the mesh spans; null: those visible now
+    # GPU: the fraction of each GPU one JAX process takes (what XLA_CLIENT_MEM_FRACTION sets); null: that variable (or
+    # the older XLA_PYTHON_CLIENT_MEM_FRACTION) where the plan runs, else JAX's default 0.75
+    gpu_mem_fraction: float | None = Field(None, gt=0, le=1)
 
     @field_validator("device")
     @classmethod
     def _known_device(cls, v):
-        if v not in DEVICE_HBM_GIB:
-            raise ValueError(f"unknown device {v!r}; known: {sorted(DEVICE_HBM_GIB)}")
+        if v not in PLAN_DEVICES:
+            raise ValueError(f"unknown device {v!r}; known: {sorted(PLAN_DEVICES)}")
         return v
 
 
