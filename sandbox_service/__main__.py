@@ -7,6 +7,10 @@ Workflows (POST /workflow/run) may call only the worker LLMs allowlisted at star
   --worker local=http://127.0.0.1:30000/v1,model=smollm2 --worker big=https://api.example.com/v1,api_key_env=KEY
   --workers-file workers.json   # {"local": {"url": "http://127.0.0.1:30000/v1", "model": "...", "api_key_env": "..."}}
 Without these flags the allowlist comes from $SANDBOX_WORKERS ("name=URL[,model=M];...") and $SANDBOX_WORKERS_FILE.
+
+Requests may choose a python by name (`"python": "bcb"`), among those named at start-up, e.g. a virtual environment
+with BigCodeBench's libraries; each must run in the jail as its unprivileged uid, which is tried before listening:
+  --python bcb=/opt/bcb-venv/bin/python   # repeatable; `--python default=PATH` replaces /usr/bin/python3
 """
 
 from __future__ import annotations
@@ -17,13 +21,23 @@ import logging
 import os
 import socket
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import uvicorn
 
 from sandbox_service.app import Service, ServiceSettings, create_app
 from sandbox_service.cgroups import Cgroups
-from sandbox_service.jail import IsolationError, JailConfig, claim_uid_block, probe_isolation
+from sandbox_service.jail import (
+    IsolationError,
+    JailConfig,
+    PythonUnusable,
+    claim_uid_block,
+    probe_isolation,
+    probe_pythons,
+)
+from sandbox_service.pythons import DEFAULT as DEFAULT_PYTHON
+from sandbox_service.pythons import parse_pythons
 from sandbox_service.workers import WORKERS_ENV, WORKERS_FILE_ENV, load_workers, workers_from_env
 
 
@@ -45,7 +59,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-mb", type=int, default=32, help="larger request bodies get 413")
     p.add_argument("--default-memory-mb", type=int, default=1024, help="memory limit when a request gives -1")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds in-flight runs get on shutdown")
-    p.add_argument("--python", default="/usr/bin/python3", help="the python jailed code runs with")
+    p.add_argument(
+        "--python",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="an interpreter requests may name (repeatable); 'default' (/usr/bin/python3 unless given) serves the rest",
+    )
     p.add_argument(
         "--uid-base",
         type=int,
@@ -110,20 +130,26 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    try:
+        pythons = parse_pythons(args.python)
+    except ValueError as e:
+        print(f"sandbox_service: bad python: {e}", file=sys.stderr)
+        return 2
     cgroups, cgroup_report = Cgroups.detect()
     try:
         uid_base = args.uid_base or 61000
         if os.geteuid() == 0:
             uid_base, _uid_lock = claim_uid_block(args.workers, args.uid_base)  # held until the process exits
         config = JailConfig(
-            python=args.python,
+            pythons=pythons,
             bwrap=args.bwrap,
             uid_base=uid_base,
             run_root=args.run_root,
             extra_ro_binds=tuple(args.ro_bind),
             insecure=args.insecure,
         )
-        isolation = probe_isolation(config, cgroup_report)
+        isolation = probe_isolation(replace(config, pythons={DEFAULT_PYTHON: config.python}), cgroup_report)
+        versions = probe_pythons(config, isolation.level)
         service = Service(
             ServiceSettings(
                 workers=args.workers,
@@ -137,6 +163,11 @@ def main(argv: list[str] | None = None) -> int:
             isolation,
             cgroups,
         )
+    except PythonUnusable as e:
+        if cgroups is not None:
+            cgroups.remove()
+        print(f"sandbox_service refuses to start: {e}", file=sys.stderr)
+        return 2
     except IsolationError as e:
         if cgroups is not None:
             cgroups.remove()
@@ -148,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     log.info("isolation: %s %s", isolation.level, json.dumps(isolation.detail))
+    log.info(
+        "pythons: %s", ", ".join(f"{name}={config.pythons[name]} ({version})" for name, version in versions.items())
+    )
     if isolation.level == "none":
         log.warning("NO ISOLATION: jailed code runs as a plain subprocess with the service's rights")
 

@@ -28,6 +28,8 @@ from sandbox_service.jail import Isolation, Jail, JailConfig, Limits, RunOutcome
 from sandbox_service.judge import Judge
 from sandbox_service.metrics import Metrics
 from sandbox_service.operators import describe_operators, operators_text
+from sandbox_service.pythons import DEFAULT as DEFAULT_PYTHON
+from sandbox_service.pythons import UnknownPython, python_path
 from sandbox_service.schemas import (
     CODE_FILE,
     CommandResult,
@@ -35,6 +37,7 @@ from sandbox_service.schemas import (
     EvaluateBatchResponse,
     EvaluateRequest,
     EvaluateResponse,
+    HealthResponse,
     OperatorsResponse,
     RunCodeRequest,
     RunCodeResponse,
@@ -55,6 +58,14 @@ class ServiceSettings:
     max_body_bytes: int = 32 << 20
     default_memory_mb: int = 1024
     drain_timeout_s: float = 30.0
+
+
+class RequestError(Exception):
+    """A request the models accept but this service cannot serve as asked (422, like a validation error)."""
+
+    def __init__(self, where: tuple[str | int, ...], kind: str, message: str):
+        super().__init__(message)
+        self.error = {"type": kind, "loc": ["body", *where], "msg": message}
 
 
 class Refused(Exception):
@@ -116,8 +127,8 @@ class Service:
         self.settings = settings
         self.metrics = Metrics(settings.workers, waiting=lambda: self.jail.waiting, busy=lambda: self.jail.busy)
         self.jail = Jail(jail_config, settings.workers, isolation, cgroups, observer=self._observe)
-        self.python = jail_config.python
-        self.judge = Judge(self.jail, self.python, settings.max_output_bytes)
+        self.pythons = dict(jail_config.pythons)
+        self.judge = Judge(self.jail, self.pythons, settings.max_output_bytes)
         self.admission = Admission(settings, self.jail, self.metrics)
         self.loop: asyncio.AbstractEventLoop | None = None
 
@@ -153,7 +164,7 @@ class Service:
             output_bytes=self.settings.max_output_bytes,
         )
         outcome = await self.jail.run(
-            [self.python, CODE_FILE],
+            [python_path(self.pythons, request.python), CODE_FILE],
             limits,
             files=files,
             stdin=request.stdin.encode(),
@@ -216,30 +227,38 @@ class Service:
             self.metrics.tests.labels(test.status).inc()
         return response
 
-    def health(self) -> dict:
+    def health(self) -> HealthResponse:
         jail = self.jail
-        return {
-            "status": "draining" if self.admission.draining else "ok",
-            "version": __version__,
-            "isolation": {
+        return HealthResponse(
+            status="draining" if self.admission.draining else "ok",
+            version=__version__,
+            isolation={
                 "level": jail.isolation.level,
                 **jail.isolation.detail,
                 "jail_uids": jail.uids,
                 "child_subreaper": jail.subreaper,
             },
-            "capacity": {
+            capacity={
                 "workers": self.settings.workers,
                 "busy": jail.busy,
                 "waiting": jail.waiting,
                 "admitted": self.admission.in_system,
                 "max_queue": self.settings.max_queue,
             },
-            "limits": {
+            limits={
                 "max_output_bytes": self.settings.max_output_bytes,
                 "max_body_bytes": self.settings.max_body_bytes,
                 "default_memory_mb": self.settings.default_memory_mb,
             },
-        }
+            pythons=self.pythons,
+        )
+
+    def check_python(self, name: str | None, where: tuple[str | int, ...]) -> None:
+        """Refuse a request naming a python this service does not have, before it is admitted."""
+        try:
+            python_path(self.pythons, name)
+        except UnknownPython as e:
+            raise RequestError(where, "unknown_python", str(e)) from None
 
 
 def _error_text(error: dict) -> str:
@@ -320,7 +339,7 @@ def create_app(service: Service, workers: Mapping[str, WorkerEndpoint] | None = 
         service.jail,
         service.judge,
         workers_from_env() if workers is None else workers,
-        python=service.python,
+        python=service.pythons[DEFAULT_PYTHON],
         output_bytes=service.settings.max_output_bytes,
     )
     operators = OperatorsResponse(operators=describe_operators(), text=operators_text())
@@ -343,6 +362,10 @@ def create_app(service: Service, workers: Mapping[str, WorkerEndpoint] | None = 
         message = "; ".join(_error_text(e) for e in exc.errors()[:10])
         return JSONResponse(status_code=422, content={"message": message, "errors": errors})
 
+    @app.exception_handler(RequestError)
+    async def bad_request(request: Request, exc: RequestError) -> JSONResponse:
+        return JSONResponse(status_code=422, content={"message": _error_text(exc.error), "errors": [exc.error]})
+
     @app.exception_handler(Refused)
     async def refused(request: Request, exc: Refused) -> JSONResponse:
         return JSONResponse(
@@ -358,16 +381,20 @@ def create_app(service: Service, workers: Mapping[str, WorkerEndpoint] | None = 
 
     @app.post("/run_code", response_model=RunCodeResponse)
     async def run_code(request: RunCodeRequest) -> RunCodeResponse:
+        service.check_python(request.python, ("python",))
         with admission.admitted(1):
             return await service.run_code(request)
 
     @app.post("/evaluate", response_model=EvaluateResponse)
     async def evaluate(request: EvaluateRequest) -> EvaluateResponse:
+        service.check_python(request.python, ("python",))
         admission.admit(1)
         return await service.evaluate_one(request)
 
     @app.post("/evaluate/batch", response_model=EvaluateBatchResponse)
     async def evaluate_batch(request: EvaluateBatchRequest) -> EvaluateBatchResponse:
+        for i, item in enumerate(request.items):
+            service.check_python(item.python, ("items", i, "python"))
         admission.admit(len(request.items))
         results = await asyncio.gather(*(service.evaluate_one(item) for item in request.items))
         return EvaluateBatchResponse(results=list(results))
@@ -382,12 +409,13 @@ def create_app(service: Service, workers: Mapping[str, WorkerEndpoint] | None = 
 
     @app.post("/workflow/run", response_model=WorkflowRunResponse)
     async def workflow_run(request: WorkflowRunRequest) -> WorkflowRunResponse:
+        service.check_python(request.python, ("python",))
         with admission.admitted(1):
             return await runner.run(request)
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        return JSONResponse(status_code=503 if admission.draining else 200, content=service.health())
+        return JSONResponse(status_code=503 if admission.draining else 200, content=service.health().model_dump())
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -43,6 +43,8 @@ from pathlib import Path
 from typing import Any
 
 from sandbox_service.cgroups import CgroupReport, Cgroups, SlotCgroup
+from sandbox_service.pythons import DEFAULT as DEFAULT_PYTHON
+from sandbox_service.pythons import DEFAULT_PATH as DEFAULT_PYTHON_PATH
 from sandbox_service.run_dir import JAIL_HOME, safe_relative_path
 
 _log = logging.getLogger(__name__)
@@ -62,6 +64,10 @@ class IsolationError(RuntimeError):
     """The jail cannot be set up on this host (the service refuses to start unless --insecure)."""
 
 
+class PythonUnusable(RuntimeError):
+    """A configured python does not run inside the jail (the service refuses to start)."""
+
+
 @dataclass(frozen=True)
 class Limits:
     wall_s: float
@@ -75,9 +81,8 @@ class Limits:
 
 @dataclass(frozen=True)
 class JailConfig:
-    python: str = (
-        "/usr/bin/python3"  # what jailed code runs with: the unprivileged uid cannot exec a python under /root
-    )
+    # name -> interpreter jailed code may run with (pythons.py); the unprivileged uid cannot exec one under /root
+    pythons: Mapping[str, str] = field(default_factory=lambda: {DEFAULT_PYTHON: DEFAULT_PYTHON_PATH})
     bwrap: str = "bwrap"
     setpriv: str = "setpriv"
     prlimit: str = "prlimit"
@@ -86,6 +91,11 @@ class JailConfig:
     tmp_size_mb: int = 64
     extra_ro_binds: tuple[str, ...] = ()
     insecure: bool = False
+
+    @property
+    def python(self) -> str:
+        """The default interpreter (the harness of probes, and runs that name none)."""
+        return self.pythons[DEFAULT_PYTHON]
 
 
 @dataclass(frozen=True)
@@ -124,12 +134,17 @@ class _JailCommand:
 
     def __init__(self, config: JailConfig, level: str):
         self.config, self.level = config, level
-        self.ro_binds = _system_binds(config)
+        self.ro_binds = _system_binds()
+        self.extra_binds = _extra_binds(config)  # after /tmp is mounted, so that a path under /tmp shows too
 
-    def env(self, run_dir: Path, extra: Mapping[str, str]) -> dict[str, str]:
+    def env(self, run_dir: Path, program: Sequence[str], extra: Mapping[str, str]) -> dict[str, str]:
+        """The program's whole environment. PATH starts with the program's own directory, as an activated virtual
+        environment's does (so `python` and `pip` are that environment's)."""
         home = str(run_dir) if self.level == "none" else JAIL_HOME
+        path = ["/usr/local/bin", "/usr/bin", "/bin"]
+        own = os.path.dirname(program[0])
         return {
-            "PATH": "/usr/local/bin:/usr/bin:/bin",
+            "PATH": ":".join(([own] if os.path.isabs(own) and own not in path else []) + path),
             "HOME": home,
             "LANG": "C.UTF-8",
             "TMPDIR": "/tmp",
@@ -171,6 +186,7 @@ class _JailCommand:
             str(self.config.tmp_size_mb * _MiB),
             "--tmpfs",
             "/tmp",
+            *self.extra_binds,
             "--proc",
             "/proc",
             "--dev",
@@ -212,7 +228,7 @@ class _JailCommand:
 _JOIN_CGROUPS = 'while [ "$1" != -- ]; do echo 0 > "$1" || exit 126; shift; done; shift; exec "$@"'
 
 
-def _system_binds(config: JailConfig) -> list[str]:
+def _system_binds() -> list[str]:
     """Read-only binds of the system directories (symlinks such as /lib -> usr/lib are recreated as symlinks)."""
     args: list[str] = []
     for path in _SYSTEM_DIRS:
@@ -220,9 +236,40 @@ def _system_binds(config: JailConfig) -> list[str]:
             args += ["--symlink", os.readlink(path), path]
         elif os.path.isdir(path):
             args += ["--ro-bind", path, path]
-    for path in config.extra_ro_binds:
-        args += ["--ro-bind", path, path]
     return args
+
+
+def _in_system_dirs(path: str) -> bool:
+    real = os.path.realpath(path)
+    return any(real == (root := os.path.realpath(d)) or real.startswith(root + "/") for d in _SYSTEM_DIRS)
+
+
+def _python_prefixes(python: str, run_root: Path) -> list[str]:
+    """What to show the jail of an interpreter outside the system directories: its install prefix (the directory
+    above bin/: a virtual environment, /opt/python3.11) or else its own directory, for the path given and for the
+    interpreter it links to. PythonUnusable when that would show a shared directory (/tmp, /home, ...) whole."""
+    prefixes = []
+    for path in (python, os.path.realpath(python)):
+        parent = os.path.dirname(path)
+        prefix = os.path.dirname(parent) if os.path.basename(parent) == "bin" else parent
+        if _in_system_dirs(prefix) or prefix in prefixes:
+            continue
+        if len(Path(prefix).parts) < 3 or run_root.resolve().is_relative_to(os.path.realpath(prefix)):
+            raise PythonUnusable(
+                f"python {python}: the jail would have to show all of {prefix} to run it; put the interpreter in a "
+                "directory of its own (a virtual environment, for instance)"
+            )
+        prefixes.append(prefix)
+    return prefixes
+
+
+def _extra_binds(config: JailConfig) -> list[str]:
+    """Read-only binds of --ro-bind paths and of the named pythons' prefixes."""
+    paths = list(config.extra_ro_binds)
+    run_root = config.run_root or Path(tempfile.gettempdir())
+    for python in config.pythons.values():
+        paths += [prefix for prefix in _python_prefixes(python, run_root) if prefix not in paths]
+    return [arg for path in paths for arg in ("--ro-bind", path, path)]
 
 
 class _Capture:
@@ -516,7 +563,7 @@ class Jail:
         err_r, err_w = os.pipe()
         status_r, status_w = os.pipe() if not bare else (None, None)
         parent_sock, child_sock = socket.socketpair() if with_channel else (None, None)
-        inside_env = self.command.env(run_dir, {CHANNEL_ENV: str(child_sock.fileno())} if child_sock else {})
+        inside_env = self.command.env(run_dir, program, {CHANNEL_ENV: str(child_sock.fileno())} if child_sock else {})
         inside_env.update(env)
         command = self.command.argv(
             slot.uid,
@@ -823,13 +870,10 @@ def resolve_tools(config: JailConfig) -> JailConfig:
     return replace(config, bwrap=bwrap, setpriv=setpriv or config.setpriv, prlimit=prlimit)
 
 
-def _probe(config: JailConfig, cgroups: CgroupReport) -> Isolation:
-    config = resolve_tools(config)
-    as_root = os.geteuid() == 0
-    level = "full" if as_root else "namespaces"
-    uid = config.uid_base if as_root else None
-    if uid is not None:
-        _check_uid_unused(uid)
+def _run_once(config: JailConfig, level: str, program: Sequence[str]) -> tuple[subprocess.CompletedProcess, int]:
+    """Run `program` once in a fresh jail as slot 0 would: (the finished process, the host uid owning the run
+    directory's file "owner" if the program made one, else -1)."""
+    uid = config.uid_base if level == "full" else None
     with tempfile.TemporaryDirectory(prefix="fr_sandbox-probe-", dir=config.run_root) as tmp:
         os.chmod(tmp, 0o711)
         run_dir = Path(tmp) / "run"
@@ -837,12 +881,47 @@ def _probe(config: JailConfig, cgroups: CgroupReport) -> Isolation:
         if uid is not None:
             os.chown(run_dir, uid, uid)
         command = _JailCommand(config, level)
-        argv = command.argv(uid, run_dir, command.env(run_dir, {}), [config.python, "-c", _PROBE], as_pid_1=True)
+        env = command.env(run_dir, program, {})
+        argv = command.argv(uid, run_dir, env, program, as_pid_1=True)
+        bare = level == "none"
+        done = subprocess.run(
+            argv, capture_output=True, env=env if bare else {}, cwd=run_dir if bare else None, timeout=30
+        )
+        owner = run_dir / "owner"
+        return done, owner.stat().st_uid if owner.exists() else -1
+
+
+def probe_pythons(config: JailConfig, level: str) -> dict[str, str]:
+    """{name: version} of the configured pythons, each run once in the jail as its unprivileged uid would run it;
+    PythonUnusable names the first that does not run there and why."""
+    who = {"full": f"unprivileged uid {config.uid_base}", "namespaces": f"uid {os.getuid()}"}.get(level, "service")
+    versions = {}
+    for name, path in config.pythons.items():
+        alone = replace(config, pythons={DEFAULT_PYTHON: path})  # its binds only: a failure is this python's
         try:
-            done = subprocess.run(argv, capture_output=True, env={}, timeout=30)
-            host_uid = (run_dir / "owner").stat().st_uid
+            done, _ = _run_once(alone, level, [path, "-c", "import sys; print('%d.%d.%d' % sys.version_info[:3])"])
         except (OSError, subprocess.TimeoutExpired) as e:
-            raise IsolationError(f"the jail did not run: {e}; {getattr(done, 'stderr', b'')!r}") from e
+            raise PythonUnusable(f"python {name!r} ({path}) could not be tried in the jail: {e}") from None
+        if done.returncode != 0:
+            lines = done.stderr.decode(errors="replace").strip().splitlines() or [f"exit status {done.returncode}"]
+            raise PythonUnusable(
+                f"python {name!r} ({path}) does not run in the jail as the {who}: {lines[-1]}; make it and the "
+                "directories above it readable and executable by that uid (a python under /root is not)"
+            )
+        versions[name] = done.stdout.decode().strip()
+    return versions
+
+
+def _probe(config: JailConfig, cgroups: CgroupReport) -> Isolation:
+    config = resolve_tools(config)
+    as_root = os.geteuid() == 0
+    level = "full" if as_root else "namespaces"
+    if as_root:
+        _check_uid_unused(config.uid_base)
+    try:
+        done, host_uid = _run_once(config, level, [config.python, "-c", _PROBE])
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise IsolationError(f"the jail did not run: {e}") from e
     if done.returncode != 0:
         raise IsolationError(
             f"the jail did not run (exit {done.returncode}): {done.stderr.decode(errors='replace').strip()}"
@@ -872,6 +951,5 @@ def _probe(config: JailConfig, cgroups: CgroupReport) -> Isolation:
             "filesystem": f"read-only /usr and /etc, tmpfs /tmp ({config.tmp_size_mb} MiB), only {JAIL_HOME} writable",
             "rlimits": ["cpu", "as", "nproc", "fsize", "nofile", "core"],
             "cgroup": cgroups.__dict__,
-            "jail_python": config.python,
         },
     )

@@ -11,10 +11,12 @@ import asyncio
 import json
 import secrets
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from sandbox_service.jail import Jail, Limits, RunOutcome
 from sandbox_service.plans import Plan, build_plan
+from sandbox_service.pythons import python_path
 from sandbox_service.schemas import MAX_TESTS, ErrorInfo, EvaluateRequest, EvaluateResponse, TestResult
 
 HARNESS_SOURCE = (Path(__file__).parent / "harness.py").read_text()
@@ -73,8 +75,8 @@ def _cause(outcome: RunOutcome, limits: Limits) -> tuple[str, str, str]:
 class Judge:
     """Judges solutions against their tests: one harness run per request, restarted past a test that kills it."""
 
-    def __init__(self, jail: Jail, python: str, output_bytes: int):
-        self.jail, self.python, self.output_bytes = jail, python, output_bytes
+    def __init__(self, jail: Jail, pythons: Mapping[str, str], output_bytes: int):
+        self.jail, self.pythons, self.output_bytes = jail, pythons, output_bytes
 
     async def judge(self, request: EvaluateRequest) -> EvaluateResponse:
         started = time.monotonic()
@@ -179,8 +181,9 @@ class Judge:
             max_records=plan.timed_steps + 4 + (MAX_TESTS if plan.mode == "unittest" else 0),
             step_window_s=request.timeout_s + _STEP_GRACE_S,
         )
+        python = python_path(self.pythons, request.python)
         outcome = await self.jail.run(
-            [self.python, "-c", HARNESS_SOURCE], limits, stdin=repr(spec).encode(), channel=collector, label="evaluate"
+            [python, "-c", HARNESS_SOURCE], limits, stdin=repr(spec).encode(), channel=collector, label="evaluate"
         )
         return outcome, collector.records
 

@@ -39,6 +39,14 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _python_field() -> Any:
+    return Field(
+        None,
+        max_length=64,
+        description="name of one of the service's pythons (GET /health lists them); default: its default python",
+    )
+
+
 def _parses(code: str) -> str:
     try:
         ast.parse(code)
@@ -72,6 +80,7 @@ class RunCodeRequest(_Strict):
         default_factory=dict, description="path -> base64 content, written into the run directory"
     )
     fetch_files: list[str] = Field(default_factory=list, description="paths to read back after the run")
+    python: str | None = _python_field()
 
     @field_validator("language")
     @classmethod
@@ -222,6 +231,7 @@ class EvaluateRequest(_Strict):
     tests: Tests
     timeout_s: float = Field(5.0, gt=0, le=60, description="per test (and for loading the solution)")
     memory_limit_MB: int = Field(1024, ge=64, le=65536)
+    python: str | None = _python_field()
 
 
 class ErrorInfo(BaseModel):
@@ -304,6 +314,9 @@ class WorkflowRunRequest(_Strict):
     test_timeout_s: float = Field(5.0, gt=0, le=60, description="per test, for the Test operator and scoring")
     test_memory_mb: int = Field(1024, ge=64, le=65536)
     memory_mb: int = Field(1024, ge=128, le=65536, description="the workflow process")
+    python: str | None = Field(
+        None, max_length=64, description="the python the solution is tested with (the Test operator and scoring)"
+    )
 
 
 class WorkflowFailure(BaseModel):
@@ -372,3 +385,15 @@ class WorkflowRunResponse(BaseModel):
 class OperatorsResponse(BaseModel):
     operators: list[dict[str, str]]
     text: str = Field(description="the descriptions as the meta-agent's prompt shows them")
+
+
+# -- /health -----------------------------------------------------------------------------------------------
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok", "draining"]
+    version: str
+    isolation: dict[str, Any] = Field(description="the isolation level in force and how it is made")
+    capacity: dict[str, int] = Field(description="workers, busy, waiting, admitted, max_queue")
+    limits: dict[str, int] = Field(description="max_output_bytes, max_body_bytes, default_memory_mb")
+    pythons: dict[str, str] = Field(description="name -> interpreter; a request chooses one by name")

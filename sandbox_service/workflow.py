@@ -415,7 +415,11 @@ class WorkflowRunner:
 
     async def score_solution(self, solution: str, tests: Any, request: WorkflowRunRequest) -> EvaluateResponse:
         evaluation = EvaluateRequest(
-            code=solution, tests=tests, timeout_s=request.test_timeout_s, memory_limit_MB=request.test_memory_mb
+            code=solution,
+            tests=tests,
+            timeout_s=request.test_timeout_s,
+            memory_limit_MB=request.test_memory_mb,
+            python=request.python,
         )
         return await self.judge.judge(evaluation)
 

@@ -111,6 +111,7 @@ class EvalItem:
     tests: Tests
     timeout_s: float = 5.0  # per test
     memory_limit_mb: int = 1024
+    python: str | None = None  # one of the service's named pythons (SandboxHealth.pythons); None: its default
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -118,6 +119,7 @@ class EvalItem:
             "tests": self.tests.to_json(),
             "timeout_s": self.timeout_s,
             "memory_limit_MB": self.memory_limit_mb,
+            "python": self.python,
         }
 
 
@@ -132,6 +134,7 @@ class RunCodeJob:
     memory_limit_mb: int = -1  # -1: the service's default
     files: Mapping[str, bytes] = field(default_factory=dict)
     fetch_files: Sequence[str] = ()
+    python: str | None = None  # one of the service's named pythons; None: its default
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -142,6 +145,7 @@ class RunCodeJob:
             "memory_limit_MB": self.memory_limit_mb,
             "fetch_files": list(self.fetch_files),
             "files": {path: base64.b64encode(data).decode() for path, data in self.files.items()},
+            "python": self.python,
         }
 
 
@@ -169,6 +173,7 @@ class WorkflowJob:
     test_timeout_s: float = 5.0
     test_memory_mb: int = 1024
     memory_mb: int = 1024  # the workflow's own process
+    python: str | None = None  # the named python the solution is tested with (Test operator, scoring)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -196,6 +201,7 @@ class WorkflowJob:
             "test_timeout_s": self.test_timeout_s,
             "test_memory_mb": self.test_memory_mb,
             "memory_mb": self.memory_mb,
+            "python": self.python,
         }
 
 
@@ -300,6 +306,23 @@ class RunCodeResult:
         )
 
 
+@dataclass(frozen=True)
+class SandboxHealth:
+    """GET /health: whether the service serves, the isolation in force, its capacity and limits, and the pythons a
+    request may name."""
+
+    status: str  # "ok" | "draining"
+    version: str
+    isolation: dict[str, Any]  # level ("full" | "namespaces" | "none") and how it is made
+    capacity: dict[str, int]  # workers, busy, waiting, admitted, max_queue
+    limits: dict[str, int]
+    pythons: dict[str, str]  # name -> interpreter path
+
+    @classmethod
+    def from_json(cls, body: Mapping[str, Any]) -> SandboxHealth:
+        return _known(cls, body)
+
+
 # -- the client -----------------------------------------------------------------------------------------
 
 
@@ -353,8 +376,8 @@ class SandboxClient:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def health(self) -> dict[str, Any]:
-        return await self._request("GET", "/health")
+    async def health(self) -> SandboxHealth:
+        return SandboxHealth.from_json(await self._request("GET", "/health"))
 
     async def run_code(self, code: str, **options: Any) -> RunCodeResult:
         """Run a Python program; `options` are RunCodeJob's fields (stdin, run_timeout, files, ...)."""

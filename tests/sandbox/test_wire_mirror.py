@@ -41,6 +41,7 @@ ANSWERS: dict[type, tuple[type[BaseModel], dict[str, str], dict[str, str]]] = {
         {},
     ),
     client.WorkflowOperators: (schemas.OperatorsResponse, {}, {}),
+    client.SandboxHealth: (schemas.HealthResponse, {}, {}),
     client.RunCodeResult: (
         schemas.RunCodeResponse,
         {},
@@ -102,12 +103,18 @@ EVERY_KIND = [
 ]
 REQUESTS = [
     (
-        client.EvalItem("def f(x):\n    return x", EVERY_KIND[3], timeout_s=2.0, memory_limit_mb=512),
+        client.EvalItem("def f(x):\n    return x", EVERY_KIND[3], timeout_s=2.0, memory_limit_mb=512, python="bcb"),
         schemas.EvaluateRequest,
     ),
     (
         client.RunCodeJob(
-            "print(1)", stdin="x", run_timeout=3.0, memory_limit_mb=256, files={"a.txt": b"a"}, fetch_files=["b.txt"]
+            "print(1)",
+            stdin="x",
+            run_timeout=3.0,
+            memory_limit_mb=256,
+            files={"a.txt": b"a"},
+            fetch_files=["b.txt"],
+            python="bcb",
         ),
         schemas.RunCodeRequest,
     ),
@@ -131,6 +138,7 @@ REQUESTS = [
             test_timeout_s=2.0,
             test_memory_mb=512,
             memory_mb=2048,
+            python="bcb",
         ),
         schemas.WorkflowRunRequest,
     ),
@@ -263,7 +271,15 @@ def _populated_answers() -> list[BaseModel]:
         run_result=schemas.CommandResult(status="Finished", execution_time=0.5, return_code=3, stdout="o", stderr="e"),
     )
     operators = schemas.OperatorsResponse(operators=[{"name": "Custom", "signature": "s"}], text="t")
-    return [workflow, run, operators]
+    health = schemas.HealthResponse(
+        status="ok",
+        version="1",
+        isolation={"level": "full", "namespaces": ["pid"]},
+        capacity={"workers": 2},
+        limits={"max_body_bytes": 10},
+        pythons={"default": "/usr/bin/python3", "bcb": "/opt/bcb/bin/python"},
+    )
+    return [workflow, run, operators, health]
 
 
 def _same(value: Any, wire: Any, where: str) -> list[str]:
