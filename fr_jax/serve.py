@@ -1,7 +1,8 @@
 """`python -m fr_jax.serve --model DIR`: the JAX rollout engine behind SGLang's native HTTP protocol.
 
 Flags keep SGLang's launch_server names where one exists (--model-path, --port, --tp-size, --context-length,
---max-running-requests, --weight-version, --served-model-name, --random-seed), so the trainer can start either
+--max-running-requests, --max-queued-requests, --chunked-prefill-size, --num-continuous-decode-steps,
+--disable-radix-cache, --weight-version, --served-model-name, --random-seed), so the trainer can start either
 server with the same arguments. --model also takes the demo name "smollm2".
 """
 
@@ -36,7 +37,20 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--tp-size", type=int, default=None, help="tensor-parallel size (SGLang's flag; sets the mesh to 1,-1,TP)"
     )
     p.add_argument("--context-length", type=int, default=None, help="prompt + output token limit")
-    p.add_argument("--max-running-requests", type=int, default=64, help="rows (samples) per engine batch")
+    p.add_argument("--max-running-requests", type=int, default=64, help="decode slots (samples decoding at once)")
+    p.add_argument(
+        "--max-queued-requests", type=int, default=None, help="waiting samples beyond which requests get 503"
+    )
+    p.add_argument("--chunked-prefill-size", type=int, default=512, help="prompt tokens prefilled per step")
+    p.add_argument("--num-continuous-decode-steps", type=int, default=16, help="decode steps between scheduling rounds")
+    p.add_argument("--prefix-cache-tokens", type=int, default=8192, help="K/V pool of the prefix cache, in tokens")
+    p.add_argument("--disable-radix-cache", action="store_true", help="no prefix cache")
+    p.add_argument(
+        "--scheduling",
+        choices=("continuous", "static"),
+        default="continuous",
+        help="continuous batching, or static batches (the baseline)",
+    )
     p.add_argument("--weight-version", default="default")
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--random-seed", type=int, default=0, help="seeds requests that give no sampling_seed")
@@ -70,6 +84,11 @@ def main(argv=None) -> None:
         dtype=args.dtype,
         context_length=args.context_length,
         max_running_requests=args.max_running_requests,
+        max_queued_requests=args.max_queued_requests,
+        chunked_prefill_size=args.chunked_prefill_size,
+        chunk_steps=args.num_continuous_decode_steps,
+        prefix_cache_tokens=0 if args.disable_radix_cache else args.prefix_cache_tokens,
+        scheduling=args.scheduling,
         seed=args.random_seed,
         served_model_name=args.served_model_name,
         weight_version=args.weight_version,

@@ -8,6 +8,7 @@ The contract the rest of fr_jax relies on:
   `Decoder.decode(input_ids, positions, cache, cache_index, kv_mask) -> (logits, KVCache)`: the generation path
   for left-padded batches (prefill when T > 1, one step when T == 1). The T new tokens' K/V go to slots
   [cache_index, cache_index + T); query t of row b sees slot s iff kv_mask[b, s] and s <= cache_index + t.
+  cache_index is one slot for every row, or one per row ([B]: rows at different lengths, continuous batching).
 - `create_model(cfg, mesh=..., rngs_seed=0)`: random init, each parameter created directly with its sharding.
 - `param_shardings(model, mesh)`: an nnx.State of NamedSharding, from each parameter's logical axes.
 Additions: the cache holds one [B, kv_heads, max_len, head_dim] array per layer in the compute dtype (`cache_index`
@@ -322,23 +323,30 @@ class Decoder(nnx.Module):
         max_len = cache.k[0].shape[2]
         cache_index = jnp.asarray(cache_index, jnp.int32)
         cos, sin = rotary(cfg, positions, cfg.dtype)
-        query_slot = cache_index + jnp.arange(t, dtype=jnp.int32)
-        mask = kv_mask[:, None, :] & (jnp.arange(max_len, dtype=jnp.int32)[None, None, :] <= query_slot[None, :, None])
+        query_slot = jnp.broadcast_to(cache_index[..., None] + jnp.arange(t, dtype=jnp.int32), (input_ids.shape[0], t))
+        mask = kv_mask[:, None, :] & (jnp.arange(max_len, dtype=jnp.int32)[None, None, :] <= query_slot[:, :, None])
         x = self._embed(input_ids)
         new_k, new_v = [], []
         for block, layer_k, layer_v in zip(self.blocks(), cache.k, cache.v, strict=True):
             q, k, v = block.qkv(x, cos, sin)
-            start = (0, 0, cache_index, 0)
             layer_k = constrain(
-                jax.lax.dynamic_update_slice(layer_k, k.transpose(0, 2, 1, 3).astype(layer_k.dtype), start), CACHE_AXES
+                _write_kv(layer_k, k.transpose(0, 2, 1, 3).astype(layer_k.dtype), cache_index), CACHE_AXES
             )
             layer_v = constrain(
-                jax.lax.dynamic_update_slice(layer_v, v.transpose(0, 2, 1, 3).astype(layer_v.dtype), start), CACHE_AXES
+                _write_kv(layer_v, v.transpose(0, 2, 1, 3).astype(layer_v.dtype), cache_index), CACHE_AXES
             )
             x = block.finish(x, attention(q, layer_k, layer_v, mask))
             new_k.append(layer_k)
             new_v.append(layer_v)
         return self.logits(x), KVCache(tuple(new_k), tuple(new_v))
+
+
+def _write_kv(cache: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
+    """new [B, K, T, D] into cache [B, K, S, D] from slot `index` on: one slot for all rows (an in-place slice
+    update), or one per row (a scatter)."""
+    if index.ndim == 0:
+        return jax.lax.dynamic_update_slice(cache, new, (0, 0, index, 0))
+    return jax.vmap(lambda c, x, i: jax.lax.dynamic_update_slice(c, x, (0, i, 0)))(cache, new, index)
 
 
 def logical_axes(model: nnx.Module) -> nnx.State:

@@ -1,36 +1,46 @@
-"""The JAX generation engine: batched prefill, then KV-cached decode inside one jitted while_loop.
+"""The JAX generation engine: decode slots filled continuously, chunked prefill, and a prefix cache.
 
-How a batch runs:
-- Rows are (prompt, sample index) pairs. Identical prompts (the n samples of one request, or repeats across
-  requests) are prefilled once and their KV rows are gathered into every sample's row.
-- Prompts are left-padded to a bucketed length P; the prefill writes K/V of the first P-1 tokens only and computes
-  no logits (they are dead code under jit), and every decode step (the first included) feeds one token, takes its
-  logits and samples. The decode loop is a lax.while_loop that stops when every row is done or the step budget of
-  the call is spent; with stop strings in the batch it runs in chunks of `chunk_steps` so the host can check the
-  decoded text between chunks. Without them a batch is one prefill call and one decode call.
-- Batch rows, unique prompts, prompt length and new-token budget are rounded up to powers of two, so the number of
-  compilations stays bounded; each compile is logged with its shapes and time.
-- The engine keeps the Decoder `unstacked` (one array per layer and parameter): decode steps read every weight
-  once per token, and slicing stacked weights would copy them every step.
-- Everything runs under the mesh of the parameters (tensor-parallel decode when the mesh has a tensor axis):
-  inputs are placed with fr_jax.parallel.rules' logical axes and the KV cache follows the model's own constraints.
+How requests move through it (one `step()` at a time, on one thread):
+- **waiting**: requests queue per owner (one HTTP call, one `generate()`); a new prefill group takes one request
+  from each owner in turn (round-robin across groups too), so a request's wait does not grow with another
+  owner's batch. A request is its n samples: one prefill, n decode rows.
+- **prefill**: the group's distinct prompts are prefilled into their own cache, at most `chunked_prefill_size`
+  tokens per step, so a long prompt never stalls the rows that are decoding for more than one chunk. A prompt
+  starts from the K/V of its longest cached block-aligned prefix (fr_jax.rollout.prefix_cache); the new full
+  blocks are saved to the pool afterwards. Prompts that would prefill the same uncached blocks are not put in one
+  group: the later one waits a step and then finds those blocks cached (SGLang's in-batch prefix caching).
+- **decode**: a finished group's rows are copied into free slots of the decode cache, and all slots decode
+  `chunk_steps` tokens per step inside one jitted while_loop (rows at different lengths: per-row cache slots
+  and positions). Between chunks, finished rows leave, their slots take new rows, and the host checks stop
+  strings. The loop ends early when a row finishes and requests are waiting.
+- **static** scheduling (`scheduling="static"`, the baseline): a new batch starts only when the previous one has
+  ended completely, and finished rows keep their slots until then, as a plain batched generate does.
+
+Shapes: the decode cache is [rows, kv_heads, length, head_dim] per layer, rows and length rounded up to powers of
+two (rows cover the live rows, length their prompt + max_new_tokens); it grows when new rows need more and shrinks
+(live rows moved to the front) when rows leave. Prefill groups, chunk sizes and pool transfers are bucketed the
+same way. So each program compiles once per bucket combination, a bounded number, and a workload that repeats
+compiles nothing more (`compiles` counts them; each compile is logged). No shape depends on data: it runs on TPU.
 
 Log-prob convention (shared with the GRPO trainer): see fr_jax.rollout.sampling. The engine returns the log-prob of
 each generated token under log_softmax(logits / temperature), before top-k/top-p/min-p filtering, in float32.
-Seeds: a request's seed s gives sample j the key fold_in(key(s), j), advanced per step by fold_in(., step): the n
-samples of one request differ, and the same seed reproduces them whatever else shares the batch. (SGLang's
-sampling_seed instead gives all n samples the same stream.) Token-based stops (EOS and stop_token_ids) are all
-disabled by ignore_eos, as in SGLang; stop strings still apply.
+Seeds: a request's seed s gives sample j the key fold_in(key(s), j), advanced per token by fold_in(., i) for its
+i-th generated token: the stream depends only on (s, j), never on the slot, the batch or the arrival order.
+(SGLang's sampling_seed instead gives all n samples the same stream.) Token-based stops (EOS and stop_token_ids)
+are all disabled by ignore_eos, as in SGLang; stop strings still apply.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import itertools
 import logging
+import math
 import threading
 import time
-from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Hashable, Sequence
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,11 +50,13 @@ from flax import nnx
 from fr_jax.models.config import ModelConfig
 from fr_jax.models.decoder import CACHE_AXES, Decoder, KVCache
 from fr_jax.parallel.rules import constrain, named_sharding
+from fr_jax.rollout.prefix_cache import PrefixCache
 from fr_jax.rollout.sampling import sample_tokens
 
 _log = logging.getLogger(__name__)
 
-RUNNING, STOP_TOKEN, LENGTH, STOP_STRING = 0, 1, 2, 3
+RUNNING, STOP_TOKEN, LENGTH = 0, 1, 2
+_MIN_CHUNK = 16  # prefill tokens per prompt per step, at least
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,50 +102,113 @@ class GenerationRequest:
 class Completion:
     """One sample: the generated ids (a matched stop token included), their log-probs and why generation ended.
 
-    finish_reason is SGLang's dict: {"type": "stop", "matched": token id or stop string} or
-    {"type": "length", "length": number of generated tokens}.
+    finish_reason is SGLang's dict: {"type": "stop", "matched": token id or stop string},
+    {"type": "length", "length": number of generated tokens} or {"type": "abort", "message": why}; None in the
+    progress of a sample still generating.
+    cached_tokens: prompt tokens whose K/V this sample reused instead of computing (SGLang's meta_info field).
     """
 
     output_ids: list[int]
     logprobs: list[float]
-    finish_reason: dict
+    finish_reason: dict | None
     prompt_tokens: int
     weight_version: str  # the weights that generated it
+    cached_tokens: int = 0
 
 
-class _Row(NamedTuple):
-    request: int
-    sample: int
+@dataclasses.dataclass(eq=False)
+class Sample:
+    """One sample of a request as it moves through the engine; `output_ids` grows a decode chunk at a time."""
+
     prompt: tuple[int, ...]
     options: SamplingOptions
+    index: int  # j: its place among the request's n samples (folded into its random key)
     seed: int
+    owner: Hashable
+    output_ids: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[float] = dataclasses.field(default_factory=list)
+    finish_reason: dict | None = None
+    cached_tokens: int = 0
+    weight_version: str = ""
+    stop_checked: int = 0  # output tokens already searched for stop strings
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def completion(self) -> Completion:
+        """Its completion so far (copies: the sample keeps growing; finish_reason None while it runs)."""
+        return Completion(
+            list(self.output_ids),
+            list(self.logprobs),
+            self.finish_reason,
+            len(self.prompt),
+            self.weight_version,
+            self.cached_tokens,
+        )
 
 
-class DecodeState(NamedTuple):
-    """The carry of the decode loop; it stays on device between chunks."""
+class RowInputs(NamedTuple):
+    """Per decode slot, uploaded with every chunk (empty slots: finish != RUNNING)."""
 
-    cache: KVCache
-    tokens: jax.Array  # int32 [R, N] generated ids
-    logprobs: jax.Array  # float32 [R, N]
     current: jax.Array  # int32 [R] the token fed at the next step
-    lengths: jax.Array  # int32 [R] tokens generated so far
-    finish: jax.Array  # int32 [R] RUNNING / STOP_TOKEN / LENGTH / STOP_STRING
-    step: jax.Array  # int32 scalar
-
-
-class RowSettings(NamedTuple):
-    """Per-row constants of one batch."""
-
-    kv_mask: jax.Array  # bool [R, P - 1 + N]
-    first_position: jax.Array  # int32 [R] position of the last prompt token
-    seeds: jax.Array  # int32 [R]
-    samples: jax.Array  # int32 [R] sample index within its request (folded into the key)
+    position: jax.Array  # int32 [R] its cache slot and RoPE position
+    generated: jax.Array  # int32 [R] tokens generated so far (the step of its random stream)
+    finish: jax.Array  # int32 [R] RUNNING / STOP_TOKEN / LENGTH
+    seeds: jax.Array
+    samples: jax.Array
     temperature: jax.Array
     top_k: jax.Array
     top_p: jax.Array
     min_p: jax.Array
-    max_new: jax.Array  # int32 [R]
+    max_new: jax.Array
     stop_ids: jax.Array  # int32 [R, S], -1 padded
+
+
+class _Decoding(NamedTuple):
+    """The carry of the decode loop."""
+
+    cache: KVCache
+    current: jax.Array
+    position: jax.Array
+    generated: jax.Array
+    finish: jax.Array
+    tokens: jax.Array  # int32 [R, chunk] this chunk's tokens, by step
+    logprobs: jax.Array  # float32 [R, chunk]
+    step: jax.Array
+    any_finished: jax.Array  # bool: a row finished during this chunk
+
+
+@dataclasses.dataclass(eq=False)
+class _Request:
+    """A queued request: its prompt and the samples not yet admitted."""
+
+    prompt: tuple[int, ...]
+    samples: list[Sample]
+
+
+@dataclasses.dataclass(eq=False)
+class _Prompt:
+    """One distinct prompt of a prefill group: where its K/V comes from and which samples decode from it."""
+
+    tokens: tuple[int, ...]
+    samples: list[Sample]
+    cached: int  # leading tokens whose K/V comes from the prefix cache
+    pool_blocks: list[int]
+
+    @property
+    def kv_len(self) -> int:  # the prefill computes K/V for every prompt token but the last (the first decode feeds it)
+        return len(self.tokens) - 1
+
+
+@dataclasses.dataclass(eq=False)
+class _Group:
+    prompts: list[_Prompt]
+    chunk: int  # prompt tokens per prompt per step
+    chunks: int
+    length: int  # the group cache's length
+    cache: KVCache
+    done: int = 0  # chunks run
 
 
 def bucket(n: int, minimum: int = 1) -> int:
@@ -143,13 +218,20 @@ def bucket(n: int, minimum: int = 1) -> int:
 
 
 class Engine:
-    """Generates from token ids with a Decoder's parameters under `mesh`. Thread-safe: one batch at a time.
+    """Generates from token ids with a Decoder's parameters under `mesh`.
+
+    Two ways to use it: `generate(requests)` runs them to the end (tests, benchmarks, the trainer's checks), or a
+    serving thread calls `submit()` and `step()` (fr_jax.rollout.scheduler). `step`, `abort`, `flush_cache` and
+    `swap_state` belong to that one thread; `submit`, `check` and the counters are safe from any thread.
 
     eos_token_ids: the model's end-of-sequence ids (a token-based stop unless ignore_eos).
     detokenize: ids -> text, needed only for stop strings.
     max_seq_len: prompt + generation limit (default: the config's max_position_embeddings).
-    max_batch_rows: rows per device batch; larger calls are split.
-    min_rows_bucket: decode at least this many rows (padding is nearly free in memory-bound decode, compiles are not).
+    max_running_requests: decode slots (samples decoding at once).
+    chunk_steps: decode steps per chunk (new rows join and stop strings are checked between chunks).
+    chunked_prefill_size: prompt tokens prefilled per step, over all prompts of a group.
+    prefix_cache_tokens: size of the prefix cache's K/V pool in tokens (0: off).
+    scheduling: "continuous" or "static" (see the module docstring).
     """
 
     def __init__(
@@ -160,14 +242,28 @@ class Engine:
         eos_token_ids: Sequence[int] = (),
         detokenize: Callable[[list[int]], str] | None = None,
         max_seq_len: int | None = None,
-        max_batch_rows: int = 64,
-        chunk_steps: int = 32,
+        max_running_requests: int = 64,
+        chunk_steps: int = 16,
+        chunked_prefill_size: int = 512,
+        prefix_cache_tokens: int = 8192,
+        prefix_block: int = 16,
+        scheduling: Literal["continuous", "static"] = "continuous",
         min_rows_bucket: int = 4,
-        min_prompt_bucket: int = 16,
-        min_new_tokens_bucket: int = 16,
+        min_length_bucket: int = 64,
         seed: int = 0,
         weight_version: str = "default",
     ):
+        if scheduling not in ("continuous", "static"):
+            raise ValueError(f"scheduling={scheduling!r}: expected 'continuous' or 'static'")
+        for name, value in (
+            ("max_running_requests", max_running_requests),
+            ("chunk_steps", chunk_steps),
+            ("prefix_block", prefix_block),
+        ):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if chunked_prefill_size < _MIN_CHUNK:
+            raise ValueError(f"chunked_prefill_size must be >= {_MIN_CHUNK}, got {chunked_prefill_size}")
         self.cfg: ModelConfig = model.cfg
         self.mesh = mesh
         self._served = self._param_specs(model)
@@ -176,17 +272,31 @@ class Engine:
         self.eos_token_ids = tuple(int(t) for t in eos_token_ids)
         self.detokenize = detokenize
         self.max_seq_len = int(max_seq_len or self.cfg.max_position_embeddings)
-        self.max_batch_rows = max_batch_rows
+        self.max_running_requests = max_running_requests
         self.chunk_steps = chunk_steps
+        self.chunked_prefill_size = chunked_prefill_size
+        self.scheduling = scheduling
         self.min_rows_bucket = min_rows_bucket
-        self.min_prompt_bucket = min_prompt_bucket
-        self.min_new_tokens_bucket = min_new_tokens_bucket
+        self.min_length_bucket = min_length_bucket
+        self.prefix = PrefixCache(prefix_cache_tokens // prefix_block, prefix_block)
         self._rng = np.random.default_rng(seed)
-        self._lock = threading.Lock()
+        self._queue_lock = threading.Lock()
+        self._waiting: collections.OrderedDict[Hashable, collections.deque[_Request]] = collections.OrderedDict()
+        self._owners = itertools.count()
+        self.admitting = True  # False: requests wait in the queue (a weight update drains the engine)
+        self._group: _Group | None = None
+        self._slots: list[Sample | None] = []
+        self._cache: KVCache | None = None
+        self._pool: KVCache | None = None
         self.compiles = 0
-        self._prefill = jax.jit(self._prefill_fn)
-        self._begin = jax.jit(self._begin_fn, static_argnums=(3,))
-        self._decode = jax.jit(self._decode_fn, donate_argnums=(1,))
+        self.steps = 0
+        self._prefill = jax.jit(self._prefill_fn, donate_argnums=(1,))
+        self._assemble = jax.jit(self._assemble_fn, static_argnums=(1,))
+        self._zeros = jax.jit(self._zeros_fn, static_argnums=(0, 1))
+        self._save = jax.jit(self._save_fn, donate_argnums=(0,))
+        self._insert = jax.jit(self._insert_fn, donate_argnums=(0,))
+        self._relayout = jax.jit(self._relayout_fn, static_argnums=(2,))
+        self._decode = jax.jit(self._decode_fn, static_argnums=(3,), donate_argnums=(1,))
 
     # ------------------------------------------------------------------------------------------ weights
 
@@ -198,9 +308,10 @@ class Engine:
         }
 
     def swap_state(self, model: Decoder, weight_version: str | None = None) -> None:
-        """Serve `model`'s parameters (between batches); their names, shapes and dtypes must equal the current ones.
-        The engine takes `model`'s arrays over (they are unstacked in place: `model` is unusable afterwards), so
-        a swap holds two copies of the weights at most, the served ones and the new ones."""
+        """Serve `model`'s parameters from the next step on; their names, shapes and dtypes must equal the current
+        ones. The engine takes `model`'s arrays over (they are unstacked in place: `model` is unusable afterwards),
+        so a swap holds two copies of the weights at most. The prefix cache is emptied: its K/V came from the old
+        weights. Call it between steps; rows still decoding would continue on the new weights."""
         new = self._param_specs(model)
         if new.keys() != self._served.keys():
             missing, extra = sorted(self._served.keys() - new.keys()), sorted(new.keys() - self._served.keys())
@@ -210,83 +321,135 @@ class Engine:
                 raise ValueError(
                     f"parameter {name}: served {dtype}{list(shape)}, new {new[name][1]}{list(new[name][0])}"
                 )
-        state = nnx.split(model.unstacked(consume=True))[1]
-        with self._lock:
-            self.state = state
-            if weight_version is not None:
-                self.weight_version = weight_version
+        self.state = nnx.split(model.unstacked(consume=True))[1]
+        self.prefix.clear()
+        if weight_version is not None:
+            self.weight_version = weight_version
 
-    # ------------------------------------------------------------------------------------- jitted steps
+    def flush_cache(self) -> None:
+        """Empty the prefix cache (SGLang's /flush_cache)."""
+        self.prefix.clear()
 
-    def _prefill_fn(self, state, prompt_ids, prompt_mask):
-        """K/V of the first P-1 prompt tokens for each unique prompt (no logits: nothing uses them)."""
-        model = nnx.merge(self.graphdef, state)
-        positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0).astype(jnp.int32)
-        cache = model.init_cache(prompt_ids.shape[0], prompt_ids.shape[1] - 1)
-        _, cache = model.decode(prompt_ids[:, :-1], positions[:, :-1], cache, jnp.int32(0), prompt_mask[:, :-1])
-        return cache
+    # ------------------------------------------------------------------------------------- jitted programs
 
-    def _begin_fn(self, prefix: KVCache, row_source, last_tokens, new_tokens: int) -> DecodeState:
-        """Each row's cache: its prompt's prefix K/V (gathered: samples share one prefill) plus room for new tokens."""
-        rows = row_source.shape[0]
+    def _kv_shape(self, rows: int, length: int) -> tuple[int, int, int, int]:
+        return (rows, self.cfg.num_key_value_heads, length, self.cfg.head_dim)
 
-        def grow(x):  # [unique, kv_heads, P - 1, head_dim] -> [rows, kv_heads, P - 1 + new_tokens, head_dim]
-            shape = (rows, x.shape[1], x.shape[2] + new_tokens, x.shape[3])
-            full = jnp.zeros(shape, x.dtype).at[:, :, : x.shape[2]].set(jnp.take(x, row_source, axis=0))
+    def _zeros_fn(self, rows: int, length: int) -> KVCache:
+        def zeros():
+            return constrain(jnp.zeros(self._kv_shape(rows, length), self.cfg.dtype), CACHE_AXES)
+
+        layers = range(self.cfg.num_hidden_layers)
+        return KVCache(tuple(zeros() for _ in layers), tuple(zeros() for _ in layers))
+
+    def _assemble_fn(self, pool: KVCache, length: int, table) -> KVCache:
+        """A group cache [G, K, length, D] starting with the pool blocks table [G, blocks] (the rest zeros)."""
+
+        def gather(blocks):  # [pool, K, B, D] -> [G, K, blocks * B, D]
+            g, n = table.shape
+            x = jnp.take(blocks, table.reshape(-1), axis=0).reshape(g, n, *blocks.shape[1:])
+            x = x.transpose(0, 2, 1, 3, 4).reshape(g, blocks.shape[1], n * blocks.shape[2], blocks.shape[3])
+            full = jnp.zeros(self._kv_shape(g, length), blocks.dtype).at[:, :, : x.shape[2]].set(x)
             return constrain(full, CACHE_AXES)
 
-        return DecodeState(
-            cache=jax.tree.map(grow, prefix),
-            tokens=jnp.zeros((rows, new_tokens), jnp.int32),
-            logprobs=jnp.zeros((rows, new_tokens), jnp.float32),
-            current=last_tokens,
-            lengths=jnp.zeros((rows,), jnp.int32),
-            finish=jnp.full((rows,), RUNNING, jnp.int32),
-            step=jnp.int32(0),
-        )
+        return jax.tree.map(gather, pool)
 
-    def _decode_fn(self, state, carry: DecodeState, rows: RowSettings, step_limit) -> DecodeState:
-        """Decode until every row is done or `step_limit` steps have run in total."""
-        prefix_len = rows.kv_mask.shape[1] - carry.tokens.shape[1]
-        keys = jax.vmap(lambda s, j: jax.random.fold_in(jax.random.key(s), j))(rows.seeds, rows.samples)
-        finish0 = jnp.where(rows.max_new <= 0, LENGTH, carry.finish)
+    def _prefill_fn(self, state, cache: KVCache, ids, starts) -> KVCache:
+        """K/V of ids [G, C] written from each prompt's own start slot (no logits: nothing uses them)."""
+        model = nnx.merge(self.graphdef, state)
+        positions = starts[:, None] + jnp.arange(ids.shape[1], dtype=jnp.int32)
+        everything = jnp.ones((ids.shape[0], cache.k[0].shape[2]), bool)
+        _, cache = model.decode(ids, positions, cache, starts, everything)
+        return cache
 
+    def _save_fn(self, pool: KVCache, cache: KVCache, rows, starts, blocks) -> KVCache:
+        """Copy block-sized slices cache[rows[i], :, starts[i]:] into pool[blocks[i]] (out-of-range: skipped)."""
+        size = pool.k[0].shape[2]
+
+        def save(p, c):
+            pieces = jax.vmap(lambda r, s: jax.lax.dynamic_slice(c[r], (0, s, 0), (c.shape[1], size, c.shape[3])))(
+                rows, starts
+            )
+            return p.at[blocks].set(pieces, mode="drop")
+
+        return jax.tree.map(save, pool, cache)
+
+    def _insert_fn(self, cache: KVCache, group: KVCache, slots, rows) -> KVCache:
+        """Decode slots `slots` take group rows `rows` (out-of-range slots: skipped)."""
+        length = min(cache.k[0].shape[2], group.k[0].shape[2])
+
+        def insert(c, g):
+            return constrain(c.at[slots, :, :length].set(g[rows, :, :length], mode="drop"), CACHE_AXES)
+
+        return jax.tree.map(insert, cache, group)
+
+    def _relayout_fn(self, cache: KVCache, row_map, length: int) -> KVCache:
+        """Slot i of the new cache is old slot row_map[i]; the length is cut or zero-padded to `length`."""
+
+        def move(x):
+            x = jnp.take(x, row_map, axis=0)[:, :, :length]
+            x = jnp.pad(x, ((0, 0), (0, 0), (0, length - x.shape[2]), (0, 0)))
+            return constrain(x, CACHE_AXES)
+
+        return jax.tree.map(move, cache)
+
+    def _decode_fn(self, state, cache: KVCache, rows: RowInputs, chunk: int, stop_on_finish) -> _Decoding:
+        """Decode every running slot for `chunk` steps, until all are done or (stop_on_finish) one finished."""
         model = nnx.merge(self.graphdef, state)  # closed over: the loop carries only what changes
+        num_rows = rows.current.shape[0]
+        keys = jax.vmap(lambda s, j: jax.random.fold_in(jax.random.key(s), j))(rows.seeds, rows.samples)
+        everything = jnp.ones((num_rows, cache.k[0].shape[2]), bool)
 
-        def cond(c):
-            return (c.step < step_limit) & jnp.any(c.finish == RUNNING)
+        def cond(c: _Decoding):
+            return (c.step < chunk) & jnp.any(c.finish == RUNNING) & ~(stop_on_finish & c.any_finished)
 
-        def body(c):
-            positions = (rows.first_position + c.step)[:, None]
-            logits, cache = model.decode(c.current[:, None], positions, c.cache, prefix_len + c.step, rows.kv_mask)
-            step_keys = jax.vmap(lambda k: jax.random.fold_in(k, c.step))(keys)
+        def body(c: _Decoding):
+            logits, cache = model.decode(c.current[:, None], c.position[:, None], c.cache, c.position, everything)
+            step_keys = jax.vmap(jax.random.fold_in)(keys, c.generated)
             tokens, logprobs = sample_tokens(
                 logits[:, 0], step_keys, rows.temperature, rows.top_k, rows.top_p, rows.min_p
             )
             running = c.finish == RUNNING
-            lengths = c.lengths + running
+            generated = c.generated + running
             stopped = jnp.any(tokens[:, None] == rows.stop_ids, axis=-1)
             finish = jnp.where(
-                running & stopped, STOP_TOKEN, jnp.where(running & (lengths >= rows.max_new), LENGTH, c.finish)
+                running & stopped, STOP_TOKEN, jnp.where(running & (generated >= rows.max_new), LENGTH, c.finish)
             )
-            return DecodeState(
+            return _Decoding(
                 cache=cache,
+                current=jnp.where(running, tokens, c.current),
+                position=c.position + running,
+                generated=generated,
+                finish=finish,
                 tokens=jax.lax.dynamic_update_slice(c.tokens, tokens[:, None], (0, c.step)),
                 logprobs=jax.lax.dynamic_update_slice(c.logprobs, logprobs[:, None], (0, c.step)),
-                current=tokens,
-                lengths=lengths,
-                finish=finish,
                 step=c.step + 1,
+                any_finished=c.any_finished | jnp.any(running & (finish != RUNNING)),
             )
 
-        return jax.lax.while_loop(cond, body, carry._replace(finish=finish0))
+        start = _Decoding(
+            cache=cache,
+            current=rows.current,
+            position=rows.position,
+            generated=rows.generated,
+            finish=rows.finish,
+            tokens=jnp.zeros((num_rows, chunk), jnp.int32),
+            logprobs=jnp.zeros((num_rows, chunk), jnp.float32),
+            step=jnp.int32(0),
+            any_finished=jnp.bool_(False),
+        )
+        return jax.lax.while_loop(cond, body, start)
 
     # --------------------------------------------------------------------------------------- host side
 
-    def _put(self, x: np.ndarray, axes: tuple) -> jax.Array:
-        return jax.device_put(x, named_sharding(self.mesh, x.shape, axes))
+    def _put(self, arrays: Sequence[np.ndarray], axes: Sequence[tuple]) -> list[jax.Array]:
+        """Host arrays onto the mesh by logical axes, in one transfer."""
+        return jax.device_put(list(arrays), [named_sharding(self.mesh, x.shape, a) for x, a in zip(arrays, axes)])
 
-    def _log_compile(self, fn, name: str, shapes: dict, started: float, before: int) -> None:
+    def _call(self, fn, name: str, shapes: dict, *args):
+        before, started = fn._cache_size(), time.perf_counter()
+        with jax.set_mesh(self.mesh):
+            out = fn(*args)
         if fn._cache_size() > before:
             self.compiles += 1
             _log.info(
@@ -296,26 +459,10 @@ class Engine:
                 time.perf_counter() - started,
                 self.compiles,
             )
-
-    def _call(self, fn, name: str, shapes: dict, *args):
-        before, started = fn._cache_size(), time.perf_counter()
-        out = fn(*args)
-        self._log_compile(fn, name, shapes, started, before)
         return out
 
-    def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Completion]]:
-        """Completions for each request (n per request, in sample order)."""
-        rows = self._expand(requests)
-        results: dict[tuple[int, int], Completion] = {}
-        with self._lock:
-            for start in range(0, len(rows), self.max_batch_rows):
-                batch = rows[start : start + self.max_batch_rows]
-                for row, completion in zip(batch, self._generate_batch(batch)):
-                    results[(row.request, row.sample)] = completion
-        return [[results[(i, j)] for j in range(req.n)] for i, req in enumerate(requests)]
-
     def check(self, requests: Sequence[GenerationRequest]) -> None:
-        """Raise ValueError naming the first request this engine cannot serve (before it joins a batch)."""
+        """Raise ValueError naming the first request this engine cannot serve (before it is queued)."""
         for i, req in enumerate(requests):
             prompt = req.prompt_ids
             if not prompt:
@@ -335,137 +482,327 @@ class Engine:
             if req.options.stop and self.detokenize is None:
                 raise ValueError(f"request {i}: stop strings need a tokenizer, and this engine has none")
 
-    def _expand(self, requests: Sequence[GenerationRequest]) -> list[_Row]:
+    def submit(self, requests: Sequence[GenerationRequest], owner: Hashable | None = None) -> list[list[Sample]]:
+        """Queue `requests` under `owner` (default: a new owner); returns each request's samples, which fill in as
+        the engine steps. Samples with max_new_tokens 0 are finished at once."""
         self.check(requests)
-        rows = []
-        for i, req in enumerate(requests):
+        owner = next(self._owners) if owner is None else owner
+        out, queued = [], []
+        for req in requests:
+            prompt = tuple(int(t) for t in req.prompt_ids)
             seed = req.options.seed if req.options.seed is not None else int(self._rng.integers(0, 2**31 - 1))
-            rows.extend(_Row(i, j, tuple(int(t) for t in req.prompt_ids), req.options, seed) for j in range(req.n))
-        return rows
-
-    def _generate_batch(self, batch: list[_Row]) -> list[Completion]:
-        started = time.perf_counter()
-        prompts = list(dict.fromkeys(row.prompt for row in batch))  # unique, in order
-        source = np.array([prompts.index(row.prompt) for row in batch], np.int32)
-        max_new = np.array([r.options.max_new_tokens for r in batch], np.int32)
-        num_rows, num_unique = bucket(len(batch), self.min_rows_bucket), bucket(len(prompts))
-        prompt_len = bucket(max(len(p) for p in prompts), self.min_prompt_bucket)
-        new_tokens = bucket(int(max_new.max()), self.min_new_tokens_bucket)
-
-        ids = np.zeros((num_unique, prompt_len), np.int32)
-        mask = np.zeros((num_unique, prompt_len), bool)
-        for u, p in enumerate(prompts):
-            ids[u, prompt_len - len(p) :] = p
-            mask[u, prompt_len - len(p) :] = True
-        row_source = np.zeros(num_rows, np.int32)
-        row_source[: len(batch)] = source
-
-        def per_row(values, dtype, pad):
-            out = np.full(num_rows, pad, dtype)
-            out[: len(batch)] = values
-            return out
-
-        stops = [
-            () if r.options.ignore_eos else tuple(dict.fromkeys(self.eos_token_ids + r.options.stop_token_ids))
-            for r in batch
-        ]
-        stop_ids = np.full((num_rows, bucket(max(map(len, stops)), 4)), -1, np.int32)
-        for i, s in enumerate(stops):
-            stop_ids[i, : len(s)] = s
-        kv_mask = np.concatenate([mask[row_source, :-1], np.ones((num_rows, new_tokens), bool)], axis=1)
-        lengths_in = np.array([len(r.prompt) for r in batch])
-        settings = RowSettings(
-            kv_mask=self._put(kv_mask, ("batch", "length")),
-            first_position=self._put(per_row(lengths_in - 1, np.int32, 0), ("batch",)),
-            seeds=self._put(per_row([r.seed for r in batch], np.int32, 0), ("batch",)),
-            samples=self._put(per_row([r.sample for r in batch], np.int32, 0), ("batch",)),
-            temperature=self._put(per_row([r.options.temperature for r in batch], np.float32, 0.0), ("batch",)),
-            top_k=self._put(per_row([r.options.top_k for r in batch], np.int32, -1), ("batch",)),
-            top_p=self._put(per_row([r.options.top_p for r in batch], np.float32, 1.0), ("batch",)),
-            min_p=self._put(per_row([r.options.min_p for r in batch], np.float32, 0.0), ("batch",)),
-            max_new=self._put(per_row(max_new, np.int32, 0), ("batch",)),
-            stop_ids=self._put(stop_ids, ("batch", None)),
-        )
-
-        shapes = dict(unique_prompts=num_unique, prompt_len=prompt_len, rows=num_rows, new_tokens=new_tokens)
-        with jax.set_mesh(self.mesh):
-            prefix = self._call(
-                self._prefill,
-                "prefill",
-                dict(unique_prompts=num_unique, prompt_len=prompt_len),
-                self.state,
-                self._put(ids, ("batch", "length")),
-                self._put(mask, ("batch", "length")),
-            )
-            carry = self._call(
-                self._begin,
-                "begin",
-                shapes,
-                prefix,
-                self._put(row_source, ("batch",)),
-                self._put(ids[row_source, -1], ("batch",)),
-                new_tokens,
-            )
-            prefill_s = time.perf_counter() - started
-            has_stop_strings = any(r.options.stop for r in batch)
-            chunk = self.chunk_steps if has_stop_strings else new_tokens
-            matched: dict[int, tuple[int, str]] = {}
-            checked = np.zeros(len(batch), np.int64)
-            while True:
-                limit = min(int(carry.step) + chunk, new_tokens)
-                carry = self._call(self._decode, "decode", shapes, self.state, carry, settings, jnp.int32(limit))
-                finish = np.array(carry.finish)  # a writable copy: stop strings edit it
-                if has_stop_strings:
-                    newly = self._match_stop_strings(batch, carry, finish, checked, matched)
-                    if newly:
-                        finish[newly] = STOP_STRING
-                        carry = carry._replace(finish=self._put(finish, ("batch",)))
-                if limit >= new_tokens or not np.any(finish[: len(batch)] == RUNNING):
-                    break
-        tokens, logprobs, lengths = (np.asarray(x) for x in (carry.tokens, carry.logprobs, carry.lengths))
-        completions = []
-        for i, row in enumerate(batch):
-            n = matched[i][0] if i in matched else int(lengths[i])
-            if i in matched:
-                reason = {"type": "stop", "matched": matched[i][1]}
-            elif finish[i] == STOP_TOKEN:
-                reason = {"type": "stop", "matched": int(tokens[i, n - 1])}
+            samples = [Sample(prompt, req.options, j, seed, owner) for j in range(req.n)]
+            if req.options.max_new_tokens == 0:
+                for s in samples:
+                    s.finish_reason, s.weight_version = {"type": "length", "length": 0}, self.weight_version
             else:
-                reason = {"type": "length", "length": n}
-            completions.append(
-                Completion(
-                    tokens[i, :n].tolist(), logprobs[i, :n].tolist(), reason, len(row.prompt), self.weight_version
-                )
-            )
-        generated = int(sum(len(c.output_ids) for c in completions))
-        elapsed = time.perf_counter() - started
-        _log.info(
-            "generated %d tokens for %d rows (%d unique prompts) in %.2fs (prefill %.2fs, %.1f tok/s) %s",
-            generated,
-            len(batch),
-            len(prompts),
-            elapsed,
-            prefill_s,
-            generated / max(elapsed, 1e-9),
-            shapes,
-        )
-        return completions
+                queued.append(_Request(prompt, list(samples)))
+            out.append(samples)
+        if queued:
+            with self._queue_lock:
+                self._waiting.setdefault(owner, collections.deque()).extend(queued)
+        return out
 
-    def _match_stop_strings(self, batch, carry: DecodeState, finish, checked, matched) -> list[int]:
-        """Rows whose decoded text now contains one of their stop strings; records (tokens kept, string) in matched."""
-        tokens, lengths = np.asarray(carry.tokens), np.asarray(carry.lengths)
-        newly = []
-        for i, row in enumerate(batch):
-            if not row.options.stop or i in matched or lengths[i] == checked[i]:
+    @property
+    def waiting_samples(self) -> int:
+        with self._queue_lock:
+            return sum(len(r.samples) for q in self._waiting.values() for r in q)
+
+    @property
+    def running_samples(self) -> int:
+        """Samples decoding or being prefilled."""
+        group = sum(len(p.samples) for p in self._group.prompts) if self._group else 0
+        return group + sum(s is not None for s in self._slots)
+
+    def live_tokens(self) -> int:
+        """Tokens held in the decode cache by the running samples (prompt and output)."""
+        return sum(len(s.prompt) + len(s.output_ids) for s in list(self._slots) if s is not None)
+
+    def has_work(self) -> bool:
+        return self.running_samples > 0 or (self.admitting and self.waiting_samples > 0)
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Completion]]:
+        """Completions for each request (n per request, in sample order), run to the end on this thread."""
+        samples = self.submit(requests)
+        while any(not s.finished for group in samples for s in group):
+            self.step()
+        return [[s.completion() for s in group] for group in samples]
+
+    def step(self) -> list[Sample]:
+        """One round: admit waiting requests into a prefill group, run one prefill chunk, one decode chunk.
+        Returns the samples that received tokens or finished."""
+        self.steps += 1
+        idle = not any(self._slots) and self._group is None
+        if self._group is None and self.admitting and (self.scheduling == "continuous" or idle):
+            self._group = self._form_group()
+        changed: list[Sample] = []
+        if self._group is not None:
+            changed += self._prefill_step()
+        if any(s is not None for s in self._slots):
+            changed += self._decode_step()
+        return changed
+
+    def abort(self, owner: Hashable | None = None, message: str = "aborted") -> list[Sample]:
+        """Finish the queued and running samples of `owner` (all owners: None) with finish_reason abort."""
+        aborted: list[Sample] = []
+        with self._queue_lock:
+            for key in [k for k in self._waiting if owner is None or k == owner]:
+                aborted += [s for r in self._waiting.pop(key) for s in r.samples]
+        running = [s for s in self._slots if s is not None]
+        if self._group is not None:
+            running += [s for p in self._group.prompts for s in p.samples]
+        aborted += [s for s in running if owner is None or s.owner == owner]
+        for s in aborted:
+            s.finish_reason = {"type": "abort", "message": message}
+        self._slots = [None if s is None or s.finished else s for s in self._slots]
+        if self._group is not None:
+            for p in self._group.prompts:
+                p.samples = [s for s in p.samples if not s.finished]
+        self._shrink()
+        return aborted
+
+    # ----------------------------------------------------------------------------------------- admission
+
+    def _free_slots(self) -> int:
+        return self.max_running_requests - self.running_samples
+
+    def _form_group(self) -> _Group | None:
+        """Take waiting requests, one per owner in turn, while slots and the prefill budget last."""
+        free = self._free_slots()
+        prompts: dict[tuple[int, ...], _Prompt] = {}
+        max_prompts = self.chunked_prefill_size // _MIN_CHUNK
+        with self._queue_lock:
+            passed: set[Hashable] = set()  # owners whose next request waits for a later group
+            while free > 0 and len(passed) < len(self._waiting):
+                owner = next(k for k in self._waiting if k not in passed)
+                queue = self._waiting[owner]
+                request = queue[0]
+                prompt = prompts.get(request.prompt)
+                if prompt is None:
+                    if len(prompts) == max_prompts or self._shares_uncached_blocks(request.prompt, prompts):
+                        passed.add(owner)
+                        continue
+                    blocks = self.prefix.match(request.prompt[:-1])
+                    cached = len(blocks) * self.prefix.block_size
+                    prompt = prompts[request.prompt] = _Prompt(request.prompt, [], cached, blocks)
+                taken, request.samples = request.samples[:free], request.samples[free:]
+                prompt.samples += taken
+                free -= len(taken)
+                if not request.samples:
+                    queue.popleft()
+                self._waiting.move_to_end(owner)
+                if not queue:
+                    del self._waiting[owner]
+        if not prompts:
+            return None
+        return self._start_group(list(prompts.values()))
+
+    def _shares_uncached_blocks(self, tokens: tuple[int, ...], group: dict[tuple[int, ...], _Prompt]) -> bool:
+        """Would `tokens` prefill a block that a prompt already in the group prefills too? Then it waits: next step
+        that block is cached."""
+        size = self.prefix.block_size
+        if self.prefix.capacity == 0 or len(tokens) - 1 < size:
+            return False
+        first = tokens[:size]
+        for other in group.values():
+            if other.tokens[:size] == first and other.cached < len(other.tokens) - 1:
+                common = next((i for i, (a, b) in enumerate(zip(tokens, other.tokens)) if a != b), len(tokens))
+                if min(common, len(tokens) - 1, other.kv_len) // size > other.cached // size:
+                    return True
+        return False
+
+    def _start_group(self, prompts: list[_Prompt]) -> _Group:
+        size = len(prompts)
+        rows = bucket(size)
+        weights = self.weight_version
+        for p in prompts:
+            for i, s in enumerate(p.samples):
+                # the first sample computes what the cache lacks; the others reuse its prefill (SGLang's n > 1)
+                s.cached_tokens, s.weight_version = (p.cached if i == 0 else p.kv_len), weights
+        remaining = [p.kv_len - p.cached for p in prompts]
+        longest = max(remaining)
+        chunk = min(bucket(longest, _MIN_CHUNK), max(_MIN_CHUNK, _floor_pow2(self.chunked_prefill_size // rows)))
+        chunks = math.ceil(longest / chunk)
+        # each prompt writes chunk k at cached + k * chunk while it has tokens left, then (garbage) at length - chunk,
+        # which must lie past its own K/V
+        ends = [p.cached + math.ceil(r / chunk) * chunk for p, r in zip(prompts, remaining)]
+        ends += [p.kv_len + chunk for p, r in zip(prompts, remaining) if math.ceil(r / chunk) < chunks]
+        hits = max(len(p.pool_blocks) for p in prompts)
+        length = bucket(max(*ends, hits * self.prefix.block_size, 1), _MIN_CHUNK)
+        shapes = dict(prompts=rows, length=length)
+        if hits:
+            table = np.zeros((rows, bucket(hits)), np.int32)
+            for i, p in enumerate(prompts):
+                table[i, : len(p.pool_blocks)] = p.pool_blocks
+            cache = self._call(
+                self._assemble, "assemble", {**shapes, "blocks": table.shape[1]}, self._pool, length, table
+            )
+        else:
+            cache = self._call(self._zeros, "zeros", shapes, rows, length)
+        return _Group(prompts, chunk, chunks, length, cache)
+
+    def _prefill_step(self) -> list[Sample]:
+        group = self._group
+        if group.done < group.chunks:
+            rows = bucket(len(group.prompts))
+            ids = np.zeros((rows, group.chunk), np.int32)
+            starts = np.full(rows, group.length - group.chunk, np.int32)
+            for i, p in enumerate(group.prompts):
+                start = p.cached + group.done * group.chunk
+                if start < p.kv_len:
+                    piece = p.tokens[start : min(start + group.chunk, p.kv_len)]
+                    ids[i, : len(piece)], starts[i] = piece, start
+            inputs = self._put((ids, starts), (("batch", "length"), ("batch",)))
+            shapes = dict(prompts=rows, chunk=group.chunk, length=group.length)
+            group.cache = self._call(self._prefill, "prefill", shapes, self.state, group.cache, *inputs)
+            group.done += 1
+        if group.done < group.chunks:
+            return []
+        self._group = None
+        self._save_prefixes(group)
+        return self._insert_group(group)
+
+    def _save_prefixes(self, group: _Group) -> None:
+        if self.prefix.capacity == 0:
+            return
+        writes: dict[int, tuple[int, int]] = {}  # pool block -> (group row, start slot); later writes win
+        for row, p in enumerate(group.prompts):
+            for number, block in self.prefix.insert(p.tokens[: p.kv_len]):
+                writes[block] = (row, number * self.prefix.block_size)
+        if not writes:
+            return
+        if self._pool is None:
+            capacity, size = self.prefix.capacity, self.prefix.block_size
+            self._pool = self._call(self._zeros, "zeros", dict(pool=capacity, block=size), capacity, size)
+        count = bucket(len(writes))
+        rows, starts = np.zeros(count, np.int32), np.zeros(count, np.int32)
+        blocks = np.full(count, self.prefix.capacity, np.int32)  # padding: out of range, dropped
+        for i, (block, (row, start)) in enumerate(writes.items()):
+            rows[i], starts[i], blocks[i] = row, start, block
+        shapes = dict(blocks=count, prompts=group.cache.k[0].shape[0], length=group.length)
+        self._pool = self._call(self._save, "save", shapes, self._pool, group.cache, rows, starts, blocks)
+
+    def _insert_group(self, group: _Group) -> list[Sample]:
+        new = [(row, s) for row, p in enumerate(group.prompts) for s in p.samples if not s.finished]
+        if not new:
+            return []
+        live = [s for s in self._slots if s is not None]
+        self._layout(len(live) + len(new), [s for s in live] + [s for _, s in new], grow_only=True)
+        free = [i for i, s in enumerate(self._slots) if s is None]
+        count = bucket(len(new))
+        slots = np.full(count, len(self._slots), np.int32)  # padding: out of range, dropped
+        rows = np.zeros(count, np.int32)
+        for i, ((row, sample), slot) in enumerate(zip(new, free)):
+            slots[i], rows[i] = slot, row
+            self._slots[slot] = sample
+        shapes = dict(slots=len(self._slots), length=self._cache.k[0].shape[2], new=count, group_length=group.length)
+        self._cache = self._call(self._insert, "insert", shapes, self._cache, group.cache, slots, rows)
+        return []
+
+    # ------------------------------------------------------------------------------------------- layout
+
+    def _layout(self, live: int, samples: Sequence[Sample], *, grow_only: bool) -> None:
+        """Give the decode cache room for `live` rows holding `samples` (live ones first), growing it, or shrinking
+        it when grow_only is False; live rows move to the front."""
+        rows = min(bucket(live, self.min_rows_bucket), bucket(self.max_running_requests, self.min_rows_bucket))
+        length = bucket(max(len(s.prompt) + s.options.max_new_tokens for s in samples), self.min_length_bucket)
+        if self._cache is None:
+            self._cache = self._call(self._zeros, "zeros", dict(rows=rows, length=length), rows, length)
+            self._slots = [None] * rows
+            return
+        old_rows, old_length = len(self._slots), self._cache.k[0].shape[2]
+        if grow_only:
+            rows, length = max(rows, old_rows), max(length, old_length)
+        if (rows, length) == (old_rows, old_length):
+            return
+        occupied = [i for i, s in enumerate(self._slots) if s is not None]
+        row_map = np.array(occupied + [0] * (rows - len(occupied)), np.int32)
+        shapes = dict(rows=f"{old_rows}->{rows}", length=f"{old_length}->{length}")
+        self._cache = self._call(self._relayout, "relayout", shapes, self._cache, row_map, length)
+        self._slots = [self._slots[i] for i in occupied] + [None] * (rows - len(occupied))
+
+    def _shrink(self) -> None:
+        live = [s for s in self._slots if s is not None]
+        if not live:
+            self._cache, self._slots = None, []
+        elif self.scheduling == "continuous":
+            incoming = [s for p in self._group.prompts for s in p.samples] if self._group else []
+            self._layout(len(live) + len(incoming), live + incoming, grow_only=False)
+
+    # ------------------------------------------------------------------------------------------- decode
+
+    def _row_inputs(self) -> RowInputs:
+        rows = len(self._slots)
+        stops = [
+            ()
+            if s is None or s.options.ignore_eos
+            else tuple(dict.fromkeys(self.eos_token_ids + s.options.stop_token_ids))
+            for s in self._slots
+        ]
+        stop_ids = np.full((rows, bucket(max(map(len, stops)), 4)), -1, np.int32)
+        for i, ids in enumerate(stops):
+            stop_ids[i, : len(ids)] = ids
+
+        def column(value, dtype, empty):
+            return np.array([empty if s is None else value(s) for s in self._slots], dtype)
+
+        host = RowInputs(
+            current=column(lambda s: (s.output_ids or s.prompt)[-1], np.int32, 0),
+            position=column(lambda s: len(s.prompt) - 1 + len(s.output_ids), np.int32, 0),
+            generated=column(lambda s: len(s.output_ids), np.int32, 0),
+            finish=column(lambda s: LENGTH if s.finished else RUNNING, np.int32, LENGTH),
+            seeds=column(lambda s: s.seed, np.int32, 0),
+            samples=column(lambda s: s.index, np.int32, 0),
+            temperature=column(lambda s: s.options.temperature, np.float32, 0.0),
+            top_k=column(lambda s: s.options.top_k, np.int32, -1),
+            top_p=column(lambda s: s.options.top_p, np.float32, 1.0),
+            min_p=column(lambda s: s.options.min_p, np.float32, 0.0),
+            max_new=column(lambda s: s.options.max_new_tokens, np.int32, 0),
+            stop_ids=stop_ids,
+        )
+        return RowInputs(*self._put(host, [("batch",)] * 11 + [("batch", None)]))
+
+    def _decode_step(self) -> list[Sample]:
+        rows = self._row_inputs()
+        waiting = self.scheduling == "continuous" and self.admitting and self.waiting_samples > 0
+        shapes = dict(rows=len(self._slots), length=self._cache.k[0].shape[2], steps=self.chunk_steps)
+        out = self._call(self._decode, "decode", shapes, self.state, self._cache, rows, self.chunk_steps, waiting)
+        self._cache = out.cache
+        tokens, logprobs, generated, finish = map(np.asarray, (out.tokens, out.logprobs, out.generated, out.finish))
+        changed = []
+        for i, s in enumerate(self._slots):
+            if s is None:
                 continue
-            ids = tokens[i, : lengths[i]].tolist()
-            checked[i] = lengths[i]
-            hit = self._first_stop(ids, row.options.stop)
-            if hit is not None:
-                matched[i] = hit
-                if finish[i] == RUNNING:
-                    newly.append(i)
-        return newly
+            new, was_finished = int(generated[i]) - len(s.output_ids), s.finished
+            s.output_ids += tokens[i, :new].tolist()
+            s.logprobs += logprobs[i, :new].tolist()
+            if s.options.stop:
+                self._match_stop_strings(s)
+            if s.finish_reason is None and finish[i] != RUNNING:
+                n = len(s.output_ids)
+                s.finish_reason = (
+                    {"type": "stop", "matched": s.output_ids[-1]}
+                    if finish[i] == STOP_TOKEN
+                    else {"type": "length", "length": n}
+                )
+            if new or s.finished != was_finished:
+                changed.append(s)
+        if self.scheduling == "continuous" or all(s is None or s.finished for s in self._slots):
+            self._slots = [None if s is None or s.finished else s for s in self._slots]
+            self._shrink()
+        return changed
+
+    def _match_stop_strings(self, sample: Sample) -> None:
+        """Finish `sample` at its first stop string (its tokens after it are dropped)."""
+        ids = sample.output_ids
+        if len(ids) == sample.stop_checked:
+            return
+        sample.stop_checked = len(ids)
+        hit = self._first_stop(ids, sample.options.stop)
+        if hit is not None:
+            count, matched = hit
+            del sample.output_ids[count:], sample.logprobs[count:]
+            sample.finish_reason = {"type": "stop", "matched": matched}
 
     def _first_stop(self, ids: list[int], stops: tuple[str, ...]) -> tuple[int, str] | None:
         """(fewest tokens whose text contains a stop string, that string), or None."""
@@ -481,3 +818,7 @@ class Engine:
                 lo = mid + 1
         text = self.detokenize(ids[:hi])
         return hi, min((s for s in stops if s in text), key=text.find)
+
+
+def _floor_pow2(n: int) -> int:
+    return 1 << (max(n, 1).bit_length() - 1)

@@ -1,13 +1,22 @@
 """SGLang's native HTTP protocol (and the OpenAI-compatible subset) as pydantic models, field names exactly SGLang's.
 
 Sources (SGLang, python/sglang/srt/): managers/io_struct.py GenerateReqInput and UpdateWeightFromDiskReqInput,
-sampling/sampling_params.py SamplingParams, the /generate output built in managers/tokenizer_manager.py, the finish
-reasons of managers/schedule_batch.py, and entrypoints/http_server.py. Both servers (real SGLang and fr_jax's engine)
-are spoken to with these models, and the client parses both servers' answers with them.
+sampling/sampling_params.py SamplingParams, entrypoints/openai/protocol.py, the /generate output built in
+managers/tokenizer_manager.py, the finish reasons of managers/schedule_batch.py, and entrypoints/http_server.py.
+Both servers (real SGLang and fr_jax's engine) are spoken to with these models, and the client parses both
+servers' answers with them.
 
-What the fr_jax engine does not implement is refused with a message naming the field, never silently ignored:
-fields SGLang has but we do not serve (images, LoRA, grammars, penalties, streaming, top log-probs, prompt
-log-probs) are accepted only at their neutral value; names SGLang does not have at all are errors.
+Every field SGLang's requests define is accepted, so that what SGLang's own clients and sglang-router send works.
+Each falls in one of three kinds:
+- served: text, input_ids, sampling (temperature, top-k/p, min-p, stops, n, seeds), output log-probs, rid,
+  streaming;
+- ignored, with a note in the log the first time it carries a value: fields that change neither the generated
+  tokens nor the fields of the answer (routing and session identity, priority, cache salts, logging and metrics
+  switches, tracing; `model`, which sglang-router adds to every request it forwards);
+- served only at their neutral value (refused with a message naming the field otherwise): everything that would
+  change the output (images, LoRA, grammars, penalties, top or prompt log-probs, hidden states, PD
+  disaggregation). Silently dropping those would return a different answer than the one asked for.
+Names SGLang does not define are refused (a typo such as max_new_token is an error, not a default).
 Request normalisation follows GenerateReqInput.normalize_batch_and_arguments: a single prompt with n > 1 becomes a
 batch; a batch's answers come prompt-major (all n samples of prompt 0, then of prompt 1, ...), as the
 tokenizer manager sends them.
@@ -15,18 +24,28 @@ tokenizer manager sends them.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+_log = logging.getLogger(__name__)
+_noted: set[tuple[str, str]] = set()
+
 # --------------------------------------------------------------------------------------------- requests
 
 
-def _refuse_non_neutral(data: Any, neutral: dict[str, Any]) -> Any:
-    """Drop SGLang fields we do not serve when they hold their neutral value; refuse them otherwise."""
+def _screen(data: Any, *, where: str, neutral: dict[str, Any], ignored: frozenset[str]) -> Any:
+    """Drop the ignored fields (noting a value the first time) and the unserved ones at their neutral value;
+    refuse an unserved field with any other value."""
     if not isinstance(data, dict):
         return data
     data = dict(data)
+    for name in ignored & data.keys():
+        value = data.pop(name)
+        if value not in (None, False, "", [], {}) and (where, name) not in _noted:
+            _noted.add((where, name))
+            _log.info("%s: ignoring %s=%r (it changes nothing in fr_jax's answers)", where, name, value)
     for name, value in neutral.items():
         if name in data:
             given = data.pop(name)
@@ -38,7 +57,7 @@ def _refuse_non_neutral(data: Any, neutral: dict[str, Any]) -> Any:
     return data
 
 
-# SGLang fields the engine does not serve, each with the neutral value it accepts
+# SamplingParams fields the engine does not serve, each with the neutral value it accepts
 _SAMPLING_NEUTRAL = {
     "frequency_penalty": 0.0,
     "presence_penalty": 0.0,
@@ -50,43 +69,83 @@ _SAMPLING_NEUTRAL = {
     "structural_tag": None,
     "stop_regex": None,
     "logit_bias": None,
-    "custom_params": None,
-    "stream_interval": None,
 }
+# stream_interval: tokens between streamed chunks (fr_jax streams a decode chunk at a time);
+# custom_params: read only by a custom logit processor, which is refused
+_SAMPLING_IGNORED = frozenset({"stream_interval", "custom_params"})
+
 _GENERATE_NEUTRAL = {
     "input_embeds": None,
     "image_data": None,
     "video_data": None,
     "audio_data": None,
+    "mm_hashes": None,
+    "mm_content_hashes": None,
+    "use_audio_in_video": False,
+    "video_config": None,
     "token_ids_logprob": None,
+    "return_sampling_mask": False,
+    "return_flat_raw_top_logprobs": False,
+    "return_flat_raw_top_logprobs_b64": False,
     "return_hidden_states": False,
+    "return_routed_experts": False,
+    "routed_experts_start_len": 0,
+    "return_indexer_topk": False,
     "modalities": None,
     "session_params": None,
     "lora_path": None,
     "lora_id": None,
     "custom_logit_processor": None,
+    "positional_embed_overrides": None,
     "bootstrap_host": None,
     "bootstrap_port": None,
     "bootstrap_room": None,
-    "data_parallel_rank": None,
-    "routed_dp_rank": None,
-    "priority": None,
-    "extra_key": None,
-    "cache_salt": None,
-    "return_routed_experts": False,
-    "return_entropy": False,
+    "bootstrap_pair_key": None,
+    "decode_tp_size": None,
     "background": False,
-    "no_logs": False,
-    "custom_labels": None,
+    "require_reasoning": False,
+    "max_thinking_tokens": None,
+    "return_entropy": False,
+    "return_prompt_token_ids": False,
+    "need_wait_for_mm_inputs": None,
+    "num_items_assigned": None,
+    "encoder_urls": None,
+    "max_dynamic_patch": None,
+    "min_dynamic_patch": None,
+    "image_max_dynamic_patch": None,
+    "video_max_dynamic_patch": None,
+    "images_config": None,
+    "multi_item_delimiter_indices": None,
 }
+_GENERATE_IGNORED = frozenset(
+    {
+        "model",  # not a GenerateReqInput field: sglang-router adds it to what it forwards; SGLang drops it
+        "session_id",
+        "log_metrics",
+        "routed_dp_rank",  # one data-parallel rank here
+        "data_parallel_rank",
+        "disagg_prefill_dp_rank",
+        "kv_router_hint",
+        "routing_key",
+        "conversation_id",
+        "http_worker_ipc",
+        "priority",  # fr_jax's queue is fair across requests instead
+        "extra_key",  # cache namespaces: the prefix cache is exact, so sharing it changes no output
+        "cache_salt",
+        "no_logs",  # fr_jax logs no request content
+        "custom_labels",
+        "return_bytes",  # image generation only
+        "external_trace_header",
+        "received_time",
+    }
+)
+
 _OPENAI_NEUTRAL = {
-    "stream": False,
     "logprobs": None,
     "top_logprobs": None,
     "frequency_penalty": 0.0,
     "presence_penalty": 0.0,
     "logit_bias": None,
-    "stream_options": None,
     "response_format": None,
     "tools": None,
     "tool_choice": None,
@@ -94,9 +153,52 @@ _OPENAI_NEUTRAL = {
     "best_of": None,
     "suffix": None,
     "repetition_penalty": 1.0,
+    "min_tokens": 0,
     "regex": None,
+    "ebnf": None,
     "json_schema": None,
+    "stop_regex": None,
+    "return_hidden_states": False,
+    "return_routed_experts": False,
+    "routed_experts_start_len": 0,
+    "return_cached_tokens_details": False,
+    "return_prompt_token_ids": False,
+    "return_token_ids": False,
+    "return_meta_info": False,
+    "reasoning_effort": None,
+    "task": None,
+    "continue_final_message": False,
+    "lora_path": None,
+    "session_params": None,
+    "custom_logit_processor": None,
+    "images_config": None,
+    "max_dynamic_patch": None,
+    "min_dynamic_patch": None,
+    "use_audio_in_video": False,
+    "input_ids": None,
+    "bootstrap_host": None,
+    "bootstrap_port": None,
+    "bootstrap_room": None,
 }
+_OPENAI_IGNORED = frozenset(
+    {
+        "user",
+        "parallel_tool_calls",
+        "separate_reasoning",
+        "stream_reasoning",
+        "custom_params",
+        "session_id",
+        "rid",
+        "extra_key",
+        "cache_salt",
+        "ngram_corpus_id",
+        "priority",
+        "routed_dp_rank",
+        "disagg_prefill_dp_rank",
+        "data_parallel_rank",
+        "custom_labels",
+    }
+)
 
 
 class SamplingParams(BaseModel):
@@ -121,7 +223,7 @@ class SamplingParams(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _defaults_and_unsupported(cls, data: Any) -> Any:
-        data = _refuse_non_neutral(data, _SAMPLING_NEUTRAL)
+        data = _screen(data, where="sampling_params", neutral=_SAMPLING_NEUTRAL, ignored=_SAMPLING_IGNORED)
         if isinstance(data, dict):
             # SGLang treats an explicit null as "use the default" for every field but max_new_tokens
             data = {k: v for k, v in data.items() if v is not None or k == "max_new_tokens"}
@@ -166,12 +268,11 @@ class GenerateReqInput(BaseModel):
     return_text_in_logprobs: bool = False
     stream: bool = False
     rid: str | list[str] | None = None
-    log_metrics: bool = True
 
     @model_validator(mode="before")
     @classmethod
     def _unsupported(cls, data: Any) -> Any:
-        return _refuse_non_neutral(data, _GENERATE_NEUTRAL)
+        return _screen(data, where="/generate", neutral=_GENERATE_NEUTRAL, ignored=_GENERATE_IGNORED)
 
     @model_validator(mode="after")
     def _check(self) -> GenerateReqInput:
@@ -179,8 +280,6 @@ class GenerateReqInput(BaseModel):
             raise ValueError("exactly one of text and input_ids must be given")
         if self.input_ids is not None and len(self.input_ids) == 0:
             raise ValueError("input_ids cannot be empty")
-        if self.stream:
-            raise ValueError("stream=true is not supported by the fr_jax engine")
         for name in ("top_logprobs_num",):
             if any(v not in (None, 0) for v in _as_list(getattr(self, name))):
                 raise ValueError(f"{name} > 0 is not supported by the fr_jax engine")
@@ -309,6 +408,13 @@ class ModelInfo(BaseModel):
 # ------------------------------------------------------------------------------------- OpenAI-compatible
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool | None = False
+    continuous_usage_stats: bool | None = False
+
+
 class _OpenAIBase(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -325,14 +431,19 @@ class _OpenAIBase(BaseModel):
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     no_stop_trim: bool = False
-    user: str | None = None  # caller metadata, carries no sampling meaning
+    stream: bool = False
+    stream_options: StreamOptions | None = None
 
     @model_validator(mode="before")
     @classmethod
     def _unsupported(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("logprobs") is False:
-            data = {**data, "logprobs": None}
-        return _refuse_non_neutral(data, _OPENAI_NEUTRAL)
+        if isinstance(data, dict):
+            data = dict(data)
+            if data.get("logprobs") is False:
+                data["logprobs"] = None
+            if data.get("tool_choice") in ("none", "auto") and not data.get("tools"):
+                data["tool_choice"] = None  # no tools: either choice means plain text
+        return _screen(data, where="OpenAI API", neutral=_OPENAI_NEUTRAL, ignored=_OPENAI_IGNORED)
 
     def sampling_params(self, max_tokens: int | None) -> SamplingParams:
         given = {

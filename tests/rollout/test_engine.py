@@ -1,20 +1,21 @@
-"""The JAX generation engine: greedy equals transformers, log-probs equal the trainer's recompute, honest sampling,
-stops, tensor-parallel decode, bounded compilation. Most requests share one bucket (rows 4, prompt 16, new 32)
-so the whole file compiles the decode loop only a few times."""
+"""The JAX generation engine: greedy equals transformers and log-probs equal the trainer's recompute, also with
+requests joining mid-decode; seeded samples do not depend on arrival order, slots or scheduling; the prefix cache
+changes no output and evicts under pressure; prefill is chunked; the queue is fair; the number of compiled
+programs is bounded and steady traffic compiles nothing."""
 
 import jax
 import numpy as np
 import pytest
 import transformers
 
-from fr_jax.models.hf import load_pretrained
 from fr_jax.models.tokenizer import load_tokenizer
 from fr_jax.parallel.mesh import make_mesh
 from fr_jax.rollout.engine import Engine, GenerationRequest, SamplingOptions
-from fr_jax.rollout.server import eos_token_ids
-from tests.support.rollout import build_tiny_qwen2, hf_greedy, recomputed_logprobs
+from tests.support.rollout import build_tiny_qwen2, hf_greedy, make_engine, recomputed_logprobs
 
 PROMPTS = ["def add(a, b):", "The quick brown fox jumps over", "Write a haiku about JAX compilers and hot tea"]
+# 40 tokens shared by every prompt of the prefix-cache tests: two full cache blocks of 16, then the rest differs
+SHARED = tuple(range(1000, 1040))
 
 
 @pytest.fixture(scope="module")
@@ -32,19 +33,21 @@ def mesh1():
     return make_mesh(1, 1, 1, devices=jax.devices()[:1])
 
 
-def make_engine(model_dir, mesh, tokenizer, **overrides):
-    model = load_pretrained(model_dir, mesh=mesh, **overrides)
-    return model, Engine(
-        model,
-        mesh=mesh,
-        eos_token_ids=eos_token_ids(model_dir, tokenizer),
-        detokenize=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
-    )
-
-
 @pytest.fixture(scope="module")
 def tiny(tiny_dir, mesh1, tokenizer):
     return make_engine(tiny_dir, mesh1, tokenizer)
+
+
+@pytest.fixture(scope="module")
+def narrow(tiny_dir, mesh1, tokenizer):
+    """Two slots, 4-step decode chunks, 16-token prefill chunks: requests queue, join mid-decode and prefill in
+    pieces."""
+    return make_engine(tiny_dir, mesh1, tokenizer, max_running_requests=2, chunk_steps=4, chunked_prefill_size=16)
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_dir):
+    return transformers.AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
 
 
 @pytest.fixture(scope="module")
@@ -57,11 +60,15 @@ def greedy(engine, prompts, max_new_tokens=24, **options):
     return [c for [c] in engine.generate([GenerationRequest(p, opts) for p in prompts])]
 
 
-def test_greedy_matches_transformers_tiny(tiny, tiny_dir, prompt_ids):
+def run_to_end(engine, samples):
+    while any(not s.finished for group in samples for s in group):
+        engine.step()
+    return [[s.completion() for s in group] for group in samples]
+
+
+def test_greedy_matches_transformers_tiny(tiny, hf, prompt_ids):
     _, engine = tiny
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
-    ours = greedy(engine, prompt_ids)  # three lengths: left padding in one batch
-    for prompt, completion in zip(prompt_ids, ours):
+    for prompt, completion in zip(prompt_ids, greedy(engine, prompt_ids)):  # three lengths in one batch
         assert completion.output_ids == hf_greedy(hf, list(prompt), 24)
         assert completion.prompt_tokens == len(prompt)
 
@@ -104,7 +111,7 @@ def test_logprobs_match_trainer_recompute_fp32(tiny, mesh1, prompt_ids, options)
 
 
 def test_logprobs_bf16_mean_difference(tiny_dir, mesh1, tokenizer, prompt_ids, record_property):
-    model, engine = make_engine(tiny_dir, mesh1, tokenizer, param_dtype="bfloat16", dtype="bfloat16")
+    model, engine = make_engine(tiny_dir, mesh1, tokenizer, dtype="bfloat16")
     prompts, outputs, logprobs = _sampled(engine, prompt_ids, temperature=1.0)
     diffs = np.concatenate(
         [
@@ -117,14 +124,51 @@ def test_logprobs_bf16_mean_difference(tiny_dir, mesh1, tokenizer, prompt_ids, r
     assert diffs.mean() < 0.05
 
 
+def test_requests_joining_mid_decode_keep_parity(narrow, hf, mesh1, prompt_ids):
+    """Continuous batching: a row decodes alone, two requests arrive while it runs and take the slots that free up;
+    every greedy output equals transformers and every log-prob the trainer's."""
+    model, engine = narrow
+    first = engine.submit([GenerationRequest(prompt_ids[0], SamplingOptions(max_new_tokens=30, temperature=0.0))])
+    engine.step()
+    engine.step()
+    assert 0 < len(first[0][0].output_ids) < 30, "the first request should be mid-decode"
+    later = engine.submit(
+        [
+            GenerationRequest(prompt_ids[1], SamplingOptions(max_new_tokens=21, temperature=0.0)),
+            GenerationRequest(prompt_ids[2], SamplingOptions(max_new_tokens=17, temperature=0.8, seed=3)),
+        ]
+    )
+    [[a]], [[b], [c]] = run_to_end(engine, first), run_to_end(engine, later)
+    assert a.output_ids == hf_greedy(hf, list(prompt_ids[0]), 30)
+    assert b.output_ids == hf_greedy(hf, list(prompt_ids[1]), 21)
+    for (completion, temperature), prompt in zip([(a, 0.0), (b, 0.0), (c, 0.8)], prompt_ids):
+        [theirs] = recomputed_logprobs(model, mesh1, [prompt], [completion.output_ids], temperature)
+        np.testing.assert_allclose(completion.logprobs, theirs, atol=1e-4, rtol=0)
+
+
+def test_seeded_samples_do_not_depend_on_arrival_order_or_scheduling(
+    tiny, narrow, tiny_dir, mesh1, tokenizer, prompt_ids
+):
+    requests = [
+        GenerationRequest(p, SamplingOptions(max_new_tokens=8 + 5 * i, temperature=1.0, seed=100 + i), n=2)
+        for i, p in enumerate(prompt_ids)
+    ]
+    reference = [[c.output_ids for c in group] for group in tiny[1].generate(requests)]  # all at once
+    _, engine = narrow  # two slots: samples queue and join mid-decode, in reverse order, one request per step
+    samples = []
+    for request in reversed(requests):
+        samples.insert(0, engine.submit([request])[0])
+        engine.step()
+    assert [[c.output_ids for c in group] for group in run_to_end(engine, samples)] == reference
+    _, static = make_engine(tiny_dir, mesh1, tokenizer, scheduling="static", max_running_requests=4)
+    assert [[c.output_ids for c in group] for group in static.generate(requests)] == reference
+
+
 def test_sampling_is_honest(tiny, prompt_ids):
     _, engine = tiny
     request = GenerationRequest(prompt_ids[1], SamplingOptions(max_new_tokens=20, temperature=1.0, seed=7), n=3)
     first = [c.output_ids for c in engine.generate([request])[0]]
     assert len({tuple(o) for o in first}) == 3, "n samples under temperature 1 should differ"
-    other = GenerationRequest(prompt_ids[0], SamplingOptions(max_new_tokens=30, temperature=1.0))
-    again = [c.output_ids for c in engine.generate([other, request])[1]]  # another batch composition
-    assert again == first, "the same seed must reproduce the same samples"
     reseeded = GenerationRequest(request.prompt_ids, SamplingOptions(max_new_tokens=20, temperature=1.0, seed=8), n=3)
     assert [c.output_ids for c in engine.generate([reseeded])[0]] != first
 
@@ -143,12 +187,6 @@ def test_stop_tokens_strings_and_lengths(tiny, tokenizer, prompt_ids):
     text = tokenizer.decode(ids, skip_special_tokens=True)
     stop = text[len(text) // 2 : len(text) // 2 + 3]
     [by_string] = greedy(engine, prompt_ids[:1], max_new_tokens=30, stop=(stop,))
-    engine.chunk_steps = 4  # the host checks the text every 4 steps instead of once
-    try:
-        [in_chunks] = greedy(engine, prompt_ids[:1], max_new_tokens=30, stop=(stop,))
-    finally:
-        engine.chunk_steps = 32
-    assert in_chunks.output_ids == by_string.output_ids
     kept = by_string.output_ids
     assert kept == ids[: len(kept)] and by_string.finish_reason == {"type": "stop", "matched": stop}
     assert stop in tokenizer.decode(kept, skip_special_tokens=True)
@@ -156,6 +194,92 @@ def test_stop_tokens_strings_and_lengths(tiny, tokenizer, prompt_ids):
 
     [empty] = greedy(engine, prompt_ids[:1], max_new_tokens=0)
     assert empty.output_ids == [] and empty.finish_reason == {"type": "length", "length": 0}
+
+
+def test_prefix_cache_hits_change_no_output(tiny_dir, mesh1, tokenizer, prompt_ids):
+    """Prompts sharing a 40-token prefix: the second and third wait one step for the first to cache its two full
+    blocks, then reuse them (cached_tokens 32); a repeat reuses everything. Greedy outputs equal the cache-less
+    engine's and log-probs agree."""
+    prompts = [SHARED + p for p in prompt_ids]
+    requests = [GenerationRequest(p, SamplingOptions(max_new_tokens=10, temperature=0.0)) for p in prompts]
+    _, off = make_engine(tiny_dir, mesh1, tokenizer, prefix_cache_tokens=0)
+    _, on = make_engine(tiny_dir, mesh1, tokenizer, prefix_cache_tokens=256)
+    reference = [c for [c] in off.generate(requests)]
+    assert all(c.cached_tokens == 0 for c in reference) and off.prefix.hit_tokens == 0
+    for attempt in range(2):
+        got = [c for [c] in on.generate(requests)]
+        for ours, theirs in zip(got, reference):
+            assert ours.output_ids == theirs.output_ids
+            np.testing.assert_allclose(ours.logprobs, theirs.logprobs, atol=1e-4)
+        if attempt == 0:
+            assert [c.cached_tokens for c in got] == [0, 32, 32]
+    assert [c.cached_tokens for c in got] == [(len(p) - 1) // 16 * 16 for p in prompts]
+    assert on.prefix.hit_tokens == 2 * 32 + sum(c.cached_tokens for c in got)
+    on.flush_cache()
+    assert [c.cached_tokens for [c] in on.generate(requests[:1])] == [0]
+
+
+def test_prefix_cache_evicts_under_memory_pressure(tiny_dir, mesh1, tokenizer, prompt_ids):
+    """A two-block pool and prompts with four different 32-token prefixes: blocks are evicted, the pool never
+    holds more than its capacity, and the outputs stay those of the cache-less engine."""
+    prompts = [tuple(range(2000 + 100 * i, 2032 + 100 * i)) + prompt_ids[i % 3] for i in range(4)]
+    requests = [GenerationRequest(p, SamplingOptions(max_new_tokens=6, temperature=0.0)) for p in prompts]
+    _, off = make_engine(tiny_dir, mesh1, tokenizer, prefix_cache_tokens=0)
+    _, small = make_engine(tiny_dir, mesh1, tokenizer, prefix_cache_tokens=32)
+    reference = [c.output_ids for [c] in off.generate(requests)]
+    for request in requests + requests[::-1]:
+        small.generate([request])
+        assert small.prefix.cached_blocks <= 2
+    assert small.prefix.evicted_blocks >= 6
+    assert [c.output_ids for [c] in small.generate(requests)] == reference
+
+
+def test_long_prompt_prefills_in_chunks_while_another_request_decodes(narrow, hf, prompt_ids):
+    _, engine = narrow
+    engine.flush_cache()
+    running = engine.submit([GenerationRequest(prompt_ids[1], SamplingOptions(max_new_tokens=40, temperature=0.0))])
+    engine.step()
+    long_prompt = tuple(range(3000, 3090)) + prompt_ids[2]  # 16-token chunks: six prefill steps
+    waiting = engine.submit([GenerationRequest(long_prompt, SamplingOptions(max_new_tokens=8, temperature=0.0))])
+    grew = []
+    while not waiting[0][0].output_ids:
+        before = len(running[0][0].output_ids)
+        engine.step()
+        grew.append(len(running[0][0].output_ids) > before)
+    assert len(grew) >= 5 and all(grew[:-1]), "the running request must decode during every prefill step"
+    [[a]], [[b]] = run_to_end(engine, running), run_to_end(engine, waiting)
+    assert a.output_ids == hf_greedy(hf, list(prompt_ids[1]), 40)
+    assert b.output_ids == hf_greedy(hf, list(long_prompt), 8)
+
+
+def test_queue_is_fair_across_owners(narrow, prompt_ids):
+    """Owner A queues six requests on two slots, then owner B one: B is served with A's next ones, not after all."""
+    _, engine = narrow
+    options = SamplingOptions(max_new_tokens=12, temperature=0.0, ignore_eos=True)
+    a = engine.submit([GenerationRequest(prompt_ids[i % 3], options) for i in range(6)], owner="A")
+    b = engine.submit([GenerationRequest(prompt_ids[0], options)], owner="B")
+    finished_at = {}
+    step = 0
+    while len(finished_at) < 7:
+        engine.step()
+        step += 1
+        for key, s in [(f"A{i}", g[0]) for i, g in enumerate(a)] + [("B", b[0][0])]:
+            if s.finished and key not in finished_at:
+                finished_at[key] = step
+    assert finished_at["B"] <= sorted(v for k, v in finished_at.items() if k != "B")[2]
+
+
+def test_abort_finishes_queued_and_running_samples(narrow, prompt_ids):
+    _, engine = narrow
+    options = SamplingOptions(max_new_tokens=30, temperature=0.0)
+    samples = engine.submit([GenerationRequest(p, options) for p in prompt_ids], owner="gone")
+    engine.step()
+    aborted = engine.abort("gone", "the client left")
+    assert len(aborted) == 3 and all(
+        s.finish_reason == {"type": "abort", "message": "the client left"} for s in aborted
+    )
+    assert {id(s) for group in samples for s in group} == {id(s) for s in aborted}
+    assert not engine.has_work() and engine.running_samples == 0
 
 
 def test_tensor_parallel_decode_matches_one_device(tiny, tiny_dir, tokenizer, prompt_ids):
@@ -170,13 +294,29 @@ def test_tensor_parallel_decode_matches_one_device(tiny, tiny_dir, tokenizer, pr
         np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)
 
 
-def test_compiles_are_bounded_by_buckets(tiny, prompt_ids):
-    _, engine = tiny
-    greedy(engine, prompt_ids, max_new_tokens=24)
-    before = engine.compiles
-    greedy(engine, [p[:5] for p in prompt_ids], max_new_tokens=17)  # same buckets: rows 4, prompt 16, new 32
-    greedy(engine, [prompt_ids[2] + prompt_ids[1][:2]] * 2 + [prompt_ids[0]], max_new_tokens=31)
-    assert engine.compiles == before
+def test_steady_traffic_compiles_nothing(tiny_dir, mesh1, tokenizer, prompt_ids):
+    """Staggered arrivals of mixed lengths, run three times: the first run compiles (a bounded number of programs),
+    the second meets a warm prefix cache (its own few shapes), the third compiles nothing."""
+    _, engine = make_engine(tiny_dir, mesh1, tokenizer, max_running_requests=4, chunk_steps=4, chunked_prefill_size=32)
+    options = [SamplingOptions(max_new_tokens=m, temperature=1.0, seed=m) for m in (5, 30, 12, 3, 20)]
+    prompts = [prompt_ids[0], SHARED + prompt_ids[1], prompt_ids[2], SHARED + prompt_ids[0], prompt_ids[1] * 3]
+
+    def traffic():
+        samples = []
+        for prompt, option in zip(prompts, options):
+            samples.append(engine.submit([GenerationRequest(prompt, option, n=2)])[0])
+            engine.step()
+        return [[c.output_ids for c in group] for group in run_to_end(engine, samples)]
+
+    first = traffic()
+    cold = engine.compiles
+    assert traffic() == first
+    warm = engine.compiles
+    assert traffic() == first
+    print(
+        f"compiles: {cold} cold, {warm - cold} more with a warm prefix cache, {engine.compiles - warm} in steady state"
+    )
+    assert engine.compiles == warm and cold <= 40
 
 
 def test_refuses_bad_requests(tiny):
@@ -189,3 +329,5 @@ def test_refuses_bad_requests(tiny):
         engine.generate([GenerationRequest((1,) * 500, SamplingOptions(max_new_tokens=13))])
     with pytest.raises(ValueError, match="top_p"):
         SamplingOptions(top_p=0.0)
+    with pytest.raises(ValueError, match="scheduling='fifo'"):
+        Engine(tiny[0], mesh=engine.mesh, scheduling="fifo")

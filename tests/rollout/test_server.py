@@ -1,5 +1,7 @@
-"""The rollout server over real HTTP, started by the launchers as a child process: SGLang protocol conformance,
-OpenAI routes, weight updates with RolloutClient/sync_weights, bad requests, batching of concurrent requests.
+"""The rollout server over real HTTP, started by the launchers as a child process: SGLang protocol conformance
+(the fields SGLang's requests define, its answers, its streams), OpenAI routes with the official `openai` client,
+the real sglang-router in front of it, backpressure, weight updates (drained or aborted in-flight requests, then
+RolloutClient/sync_weights), bad requests, and concurrent requests served together.
 
 Every conformance and weight-update test runs against fr_jax's server (`launch: local`) and, on a machine with a
 CUDA GPU and sglang installed, against real SGLang (`launch: sglang`, marked gpu) with the same assertions: the
@@ -11,15 +13,18 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
+import time
 
 import httpx
 import jax
+import openai
 import pytest
 from flax import nnx
 
 from fr_jax.models.hf import load_pretrained
 from fr_jax.parallel.mesh import make_mesh
-from fr_jax.rollout import RolloutClient, RolloutError, launch_server, sync_weights
+from fr_jax.rollout import RolloutClient, RolloutError, ServerProcess, free_port, launch_server, sync_weights
 from fr_jax.rollout.protocol import GenerateOutput
 from tests.support.rollout import build_tiny_qwen2
 
@@ -51,7 +56,15 @@ def server(request, tiny_dir):
         process = launch_server("sglang", tiny_dir, mem_fraction_static=0.3, weight_version="v0")
     else:
         env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
-        process = launch_server("local", tiny_dir, env=env, mesh="1,1,1", weight_version="v0", max_running_requests=8)
+        process = launch_server(
+            "local",
+            tiny_dir,
+            env=env,
+            mesh="1,1,1",
+            weight_version="v0",
+            max_running_requests=8,
+            max_queued_requests=64,
+        )
     with process, RolloutClient(process.url, retry_backoff_s=0.5) as client:
         yield kind, process, client
 
@@ -213,7 +226,9 @@ def test_bad_requests_get_400_naming_the_problem(local_server):
         ({"input_ids": [1, 49152]}, "outside the vocabulary"),
         ({"input_ids": [1] * 500, "sampling_params": {"max_new_tokens": 100}}, "context length"),
         ({"text": "a", "sampling_params": {"top_p": 0}}, "top_p"),
-        ({"text": "a", "stream": True}, "stream"),
+        ({"text": "a", "image_data": "cat.png"}, "image_data"),
+        ({"text": "a", "return_hidden_states": True}, "return_hidden_states"),
+        ({"text": "a", "logprob_start_len": 0}, "logprob_start_len"),
     ]
     for body, expected in cases:
         error = post(process, "/generate", body, status=400)["error"]["message"]
@@ -225,18 +240,214 @@ def test_bad_requests_get_400_naming_the_problem(local_server):
     assert client.generate([[1, 2]], {"max_new_tokens": 2})[0][0].output_ids  # still serving
 
 
-def test_concurrent_requests_share_batches(local_server):
+def _engine_state(process) -> dict:
+    return httpx.get(process.url + "/server_info").json()["internal_states"][0]
+
+
+def test_concurrent_requests_are_served_together(local_server):
     _, process, _ = local_server
-    before = httpx.get(process.url + "/server_info").json()
     bodies = [
-        {"input_ids": [3, 4, 5 + i], "sampling_params": {"max_new_tokens": 16, "temperature": 0}} for i in range(6)
+        {"input_ids": [3, 4, 5 + i], "sampling_params": {"max_new_tokens": 24, "temperature": 0, "ignore_eos": True}}
+        for i in range(6)
     ]
+    post(process, "/generate", bodies[0])  # compiles
+    before = _engine_state(process)
+    post(process, "/generate", bodies[0])
+    alone = _engine_state(process)["engine_steps"] - before["engine_steps"]
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
         outs = list(pool.map(lambda body: post(process, "/generate", body), bodies))
-    assert all(len(o["output_ids"]) >= 1 for o in outs)
-    after = httpx.get(process.url + "/server_info").json()
-    assert after["rows_served"] - before["rows_served"] == 6
-    assert after["batches"] - before["batches"] < 6, "concurrent requests should have been batched together"
+    after = _engine_state(process)
+    assert all(len(o["output_ids"]) == 24 for o in outs)
+    assert after["jobs_served"] - before["jobs_served"] == 7
+    assert after["engine_steps"] - before["engine_steps"] - alone < 3 * alone, "the six should decode side by side"
+
+
+def test_every_sglang_request_field_is_accepted(local_server):
+    """What SGLang's own clients and sglang-router send: metadata fields are ignored, unserved ones at their neutral
+    value pass, and the answer is the same as without them."""
+    _, process, _ = local_server
+    body = {"input_ids": [5, 6, 7], "sampling_params": {"max_new_tokens": 6, "temperature": 0}}
+    plain = post(process, "/generate", body)
+    extras = {
+        # sglang-router 0.3's body for a plain /generate (captured from the real router)
+        "model": None,
+        "return_text_in_logprobs": False,
+        "stream": False,
+        "log_metrics": True,
+        "return_hidden_states": False,
+        "background": False,
+        "no_logs": False,
+        "return_bytes": False,
+        "return_entropy": False,
+        # metadata with values: ignored
+        "priority": 3,
+        "session_id": "s-1",
+        "routing_key": "k",
+        "cache_salt": "salt",
+        "custom_labels": {"team": "rl"},
+        "routed_dp_rank": 0,
+        # unserved fields at their neutral value
+        "image_data": None,
+        "lora_path": None,
+        "return_routed_experts": False,
+        "token_ids_logprob": None,
+    }
+    sampling = {**body["sampling_params"], "frequency_penalty": 0.0, "stream_interval": 4, "regex": None}
+    dressed = post(process, "/generate", {**body, **extras, "sampling_params": sampling})
+    assert dressed["output_ids"] == plain["output_ids"] and dressed["text"] == plain["text"]
+    refused = post(process, "/generate", {**body, "modell": "x"}, status=400)["error"]["message"]
+    assert "modell" in refused
+
+
+def test_router_facing_endpoints(local_server):
+    """What sglang-router reads from a worker: /server_info (model path, served name, limits), /model_info
+    (model type, architectures), /get_load (a list, one entry per data-parallel rank)."""
+    _, process, _ = local_server
+    info = httpx.get(process.url + "/server_info").json()
+    assert info["model_path"] and info["served_model_name"] and info["max_running_requests"] == 8
+    assert info["max_queued_requests"] == 64 and info["dp_size"] == 1
+    model = httpx.get(process.url + "/model_info").json()
+    assert model["model_type"] == "qwen2" and model["architectures"] == ["Qwen2ForCausalLM"]
+    [load] = httpx.get(process.url + "/get_load").json()
+    assert {"dp_rank", "num_reqs", "num_waiting_reqs", "num_tokens"} <= load.keys()
+    assert all(isinstance(load[k], int) for k in ("dp_rank", "num_reqs", "num_waiting_reqs", "num_tokens"))
+
+
+def test_a_full_queue_answers_503(local_server):
+    _, process, _ = local_server
+    body = {"input_ids": [5, 6, 7], "sampling_params": {"max_new_tokens": 2, "n": 65}}
+    response = httpx.post(process.url + "/generate", json=body, timeout=60)
+    assert response.status_code == 503 and response.json()["error"]["message"] == "The request queue is full."
+    assert len(post(process, "/generate", {**body, "sampling_params": {"max_new_tokens": 2, "n": 8}})) == 8
+
+
+def _sse(process, path, body) -> list[dict]:
+    with httpx.stream("POST", process.url + path, json=body, timeout=300) as response:
+        assert response.status_code == 200, response.read()
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in response.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines)
+    return [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+
+
+def test_generate_streams_sglang_data_lines(server):
+    """SGLang's stream: each chunk holds the text and ids so far; the last has the finish reason; it ends as the
+    non-streamed answer does. A batch's chunks carry their sample's index."""
+    _, process, _ = server
+    body = {"text": PROMPT, "sampling_params": {"max_new_tokens": 40, "temperature": 0}, "return_logprob": True}
+    whole = post(process, "/generate", body)
+    chunks = _sse(process, "/generate", {**body, "stream": True})
+    assert len(chunks) >= 2, "40 tokens should come in more than one chunk"
+    for before, after in zip(chunks, chunks[1:]):
+        assert after["output_ids"][: len(before["output_ids"])] == before["output_ids"]
+        assert before["meta_info"]["finish_reason"] is None
+    last = chunks[-1]
+    check_generate_output(last, logprobs=True)
+    assert (last["text"], last["output_ids"]) == (whole["text"], whole["output_ids"])
+
+    batch = {"input_ids": [[11, 12, 13], [21, 22, 23, 24]], "sampling_params": {"max_new_tokens": 20, "n": 2}}
+    chunks = _sse(process, "/generate", {**batch, "stream": True})
+    finals = {c["index"]: c for c in chunks if c["meta_info"]["finish_reason"] is not None}
+    assert sorted(finals) == [0, 1, 2, 3]
+    assert [finals[k]["meta_info"]["prompt_tokens"] for k in range(4)] == [3, 3, 4, 4]
+
+
+def test_openai_client_streams_chat_and_completions(server):
+    """The official openai client, streaming and not: the streamed pieces add up to the non-streamed text."""
+    _, process, _ = server
+    client = openai.OpenAI(base_url=process.url + "/v1", api_key="unused", max_retries=0)
+    model = client.models.list().data[0].id
+    messages = [{"role": "user", "content": "Write a function that adds two numbers."}]
+    whole = client.chat.completions.create(model=model, messages=messages, max_tokens=40, temperature=0)
+    pieces, reasons, usage = [], [], None
+    for chunk in client.chat.completions.create(
+        model=model,
+        messages=messages,
+        max_tokens=40,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    ):
+        for choice in chunk.choices:
+            pieces.append(choice.delta.content or "")
+            reasons.append(choice.finish_reason)
+        usage = chunk.usage or usage
+    assert len([p for p in pieces if p]) >= 2 and "".join(pieces) == whole.choices[0].message.content
+    assert reasons[-1] == whole.choices[0].finish_reason and set(reasons[:-1]) == {None}
+    assert usage.completion_tokens == whole.usage.completion_tokens and usage.prompt_tokens > 5
+
+    text = client.completions.create(model=model, prompt=PROMPT, max_tokens=30, temperature=0).choices[0].text
+    streamed = client.completions.create(model=model, prompt=PROMPT, max_tokens=30, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == text
+
+
+def test_sglang_router_registers_the_server_and_forwards(local_server):
+    """The real sglang-router in front of the server: it discovers the worker (health, server and model info),
+    polls its load, and forwards /generate and /v1/completions, adding fields of its own."""
+    _, process, _ = local_server
+    port = free_port()
+    command = [sys.executable, "-m", "sglang_router.launch_router", "--worker-urls", process.url]
+    command += ["--host", "127.0.0.1", "--port", str(port), "--policy", "round_robin", "--log-level", "warn"]
+    body = {"text": PROMPT, "sampling_params": {"max_new_tokens": 8, "temperature": 0}, "return_logprob": True}
+    direct = post(process, "/generate", body)
+    with ServerProcess(command, host="127.0.0.1", port=port, name="sglang-router", startup_timeout=120) as router:
+        deadline = time.monotonic() + 60
+        while (response := httpx.post(router.url + "/generate", json=body, timeout=120)).status_code != 200:
+            assert time.monotonic() < deadline, f"the router never forwarded: {response.status_code} {response.text}"
+            time.sleep(0.5)
+        routed = response.json()
+        check_generate_output(routed, logprobs=True)
+        assert routed["output_ids"] == direct["output_ids"]
+        [load] = httpx.get(router.url + "/get_loads", timeout=30).json()["workers"]
+        assert load["worker"] == process.url and load["load"] >= 0
+        completion = httpx.post(
+            router.url + "/v1/completions",
+            json={"model": "tiny", "prompt": PROMPT, "max_tokens": 4, "temperature": 0},
+            timeout=120,
+        )
+        assert completion.status_code == 200, completion.text
+        assert completion.json()["choices"][0]["text"]
+
+
+def _start_long_generation(process, pool, max_new_tokens=400):
+    body = {
+        "input_ids": [[31, 32, 33]] * 2,
+        "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0, "ignore_eos": True},
+    }
+    started = pool.submit(lambda: (post(process, "/generate", body), time.monotonic()))
+    deadline = time.monotonic() + 120
+    while _engine_state(process)["running_samples"] == 0:
+        assert time.monotonic() < deadline and not started.done(), "the long request never started"
+        time.sleep(0.02)
+    return started
+
+
+def test_weight_update_drains_or_aborts_in_flight_requests(local_server, tiny_dir):
+    """SGLang's update_weights_from_disk: by default the running requests finish on the old weights, then the new
+    ones load; with abort_all_requests they end at once with finish_reason abort. num_paused_requests is 0."""
+    _, process, client = local_server
+    old = client.weight_version()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        running = _start_long_generation(process, pool)
+        update = post(process, "/update_weights_from_disk", {"model_path": str(tiny_dir), "weight_version": "drained"})
+        updated_at = time.monotonic()
+        outs, finished_at = running.result()
+    assert update == {"success": True, "message": "Succeeded to update model weights.", "num_paused_requests": 0}
+    assert finished_at <= updated_at, "the update must wait for the running request"
+    assert all(o["meta_info"]["finish_reason"] == {"type": "length", "length": 400} for o in outs)
+    assert all(o["meta_info"]["weight_version"] == old for o in outs)
+    assert client.weight_version() == "drained"
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        running = _start_long_generation(process, pool)
+        body = {"model_path": str(tiny_dir), "weight_version": "aborted", "abort_all_requests": True}
+        assert post(process, "/update_weights_from_disk", body)["success"]
+        outs, _ = running.result()
+    assert all(o["meta_info"]["finish_reason"]["type"] == "abort" for o in outs)
+    assert all(o["meta_info"]["completion_tokens"] < 400 for o in outs)
+    assert client.weight_version() == "aborted"
+    after = post(process, "/generate", {"input_ids": [31, 32, 33], "sampling_params": {"max_new_tokens": 4}})
+    assert after["meta_info"]["weight_version"] == "aborted"
 
 
 def test_client_retries_then_fails_clearly():

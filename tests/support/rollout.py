@@ -1,4 +1,5 @@
-"""Shared by the rollout tests: a tiny random Qwen2 checkpoint with a real tokenizer, and the trainer-side recompute."""
+"""Shared by the rollout tests: a tiny random Qwen2 checkpoint with a real tokenizer, an engine on it, transformers'
+greedy decoding and the trainer-side log-prob recompute."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ import numpy as np
 import torch
 import transformers
 
+from fr_jax.models.hf import load_pretrained
+from fr_jax.rollout.engine import Engine
+from fr_jax.rollout.server import eos_token_ids
 from tests.support.hf_reference import fr_logits
 
 # head_dim 64 and a real vocabulary: the same checkpoint must also load in real SGLang (GPU test)
@@ -47,6 +51,19 @@ def build_tiny_qwen2(out_dir: pathlib.Path, tokenizer_dir: pathlib.Path, seed: i
     tok_config["tokenizer_class"] = "PreTrainedTokenizerFast"
     config_path.write_text(json.dumps(tok_config, indent=2))
     return out_dir
+
+
+def make_engine(model_dir, mesh, tokenizer, *, dtype: str | None = None, **engine_options):
+    """(model, Engine) on a checkpoint directory; the model stays usable (for recomputing log-probs)."""
+    overrides = {} if dtype is None else dict(param_dtype=dtype, dtype=dtype)
+    model = load_pretrained(model_dir, mesh=mesh, **overrides)
+    return model, Engine(
+        model,
+        mesh=mesh,
+        eos_token_ids=eos_token_ids(model_dir, tokenizer),
+        detokenize=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
+        **engine_options,
+    )
 
 
 def hf_greedy(hf_model, prompt: list[int], max_new_tokens: int) -> list[int]:
