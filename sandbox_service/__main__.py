@@ -11,24 +11,31 @@ Without these flags the allowlist comes from $SANDBOX_WORKERS ("name=URL[,model=
 Requests may choose a python by name (`"python": "bcb"`), among those named at start-up, e.g. a virtual environment
 with BigCodeBench's libraries; each must run in the jail as its unprivileged uid, which is tried before listening:
   --python bcb=/opt/bcb-venv/bin/python   # repeatable; `--python default=PATH` replaces /usr/bin/python3
+
+A mistake in the flags, a port in use or out of range, a python the jail cannot run or a host that cannot jail
+(exit code 2, the same as for refusing to start without isolation) is one line on stderr naming the problem and
+the fix; --debug adds the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
 import socket
 import sys
+import traceback
 from dataclasses import replace
 from pathlib import Path
 
 import uvicorn
 
 from sandbox_service.app import Service, ServiceSettings, create_app
-from sandbox_service.cgroups import Cgroups
+from sandbox_service.cgroups import CgroupReport, Cgroups
 from sandbox_service.jail import (
+    Isolation,
     IsolationError,
     JailConfig,
     PythonUnusable,
@@ -38,11 +45,20 @@ from sandbox_service.jail import (
 )
 from sandbox_service.pythons import DEFAULT as DEFAULT_PYTHON
 from sandbox_service.pythons import parse_pythons
-from sandbox_service.workers import WORKERS_ENV, WORKERS_FILE_ENV, load_workers, workers_from_env
+from sandbox_service.workers import WORKERS_ENV, WORKERS_FILE_ENV, WorkerEndpoint, load_workers, workers_from_env
+
+
+class StartupError(Exception):
+    """The service cannot start as asked: the message names the problem and the fix, in one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse's usage block, as one line
+        self.exit(2, f"sandbox_service: {message}; see python -m sandbox_service --help\n")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="python -m sandbox_service", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
@@ -96,6 +112,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--insecure", action="store_true", help="run WITHOUT isolation if the jail cannot be set up")
     p.add_argument("--log-level", default="info")
+    p.add_argument("--debug", action="store_true", help="print the traceback of an error that stops the start")
     return p
 
 
@@ -111,35 +128,53 @@ class _DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    log = logging.getLogger("sandbox_service")
-    if args.workers < 1 or args.max_queue < 0:
-        print("--workers must be >= 1 and --max-queue >= 0", file=sys.stderr)
-        return 2
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The bound socket the server will listen on, taken before anything slow so that a port in use fails at once."""
+    if not 0 <= port <= 65535:
+        raise StartupError(f"--port {port} is out of range: give 1-65535, or 0 for a free port")
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise StartupError(
+                f"port {port} on {host} is in use (by another sandbox_service?): stop that process, or choose "
+                "another --port (0 picks a free one)"
+            ) from e
+        if e.errno == errno.EACCES:
+            raise StartupError(f"port {port} on {host} needs root: choose --port 1024 or above") from e
+        raise StartupError(
+            f"cannot listen on {host}:{port} ({e.strerror or e}): give --host an address of this machine, "
+            "such as 127.0.0.1"
+        ) from e
+    return sock
+
+
+def _workers(args: argparse.Namespace) -> dict[str, WorkerEndpoint]:
     try:
         if args.worker or args.workers_file:
-            workers = load_workers(args.worker, args.workers_file)
-        else:
-            workers = workers_from_env()
+            return load_workers(args.worker, args.workers_file)
+        return workers_from_env()
     except ValueError as e:
-        print(
-            f"sandbox_service: bad worker allowlist (--worker/--workers-file, or ${WORKERS_ENV}/"
-            f"${WORKERS_FILE_ENV}): {e}",
-            file=sys.stderr,
-        )
-        return 2
-    try:
-        pythons = parse_pythons(args.python)
-    except ValueError as e:
-        print(f"sandbox_service: bad python: {e}", file=sys.stderr)
-        return 2
-    cgroups, cgroup_report = Cgroups.detect()
+        raise StartupError(
+            f"bad worker allowlist (--worker/--workers-file, or ${WORKERS_ENV}/${WORKERS_FILE_ENV}): {e}"
+        ) from e
+
+
+def _jail(
+    args: argparse.Namespace, pythons: dict[str, str], cgroup_report: CgroupReport
+) -> tuple[JailConfig, Isolation, dict[str, str]]:
+    """The jail's config, the isolation level it proved, and the version of each python tried in it."""
     try:
         uid_base = args.uid_base or 61000
         if os.geteuid() == 0:
-            uid_base, _uid_lock = claim_uid_block(args.workers, args.uid_base)  # held until the process exits
+            uid_base, _lock_fd = claim_uid_block(args.workers, args.uid_base)  # the fd stays open: the block is ours
         config = JailConfig(
             pythons=pythons,
             bwrap=args.bwrap,
@@ -149,49 +184,71 @@ def main(argv: list[str] | None = None) -> int:
             insecure=args.insecure,
         )
         isolation = probe_isolation(replace(config, pythons={DEFAULT_PYTHON: config.python}), cgroup_report)
-        versions = probe_pythons(config, isolation.level)
-        service = Service(
-            ServiceSettings(
-                workers=args.workers,
-                max_queue=args.max_queue,
-                max_output_bytes=args.max_output_bytes,
-                max_body_bytes=args.max_body_mb << 20,
-                default_memory_mb=args.default_memory_mb,
-                drain_timeout_s=args.drain_timeout,
-            ),
-            config,
-            isolation,
-            cgroups,
-        )
+        return config, isolation, probe_pythons(config, isolation.level)
     except PythonUnusable as e:
-        if cgroups is not None:
-            cgroups.remove()
-        print(f"sandbox_service refuses to start: {e}", file=sys.stderr)
-        return 2
+        raise StartupError(f"refuses to start: {e}") from e
     except IsolationError as e:
+        raise StartupError(
+            f"refuses to start: {e}. Fix the host (see README: bubblewrap, run as root for per-run uids and "
+            "cgroups), or pass --insecure to run code WITHOUT isolation (never on a shared machine)"
+        ) from e
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return _serve(args)
+    except StartupError as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"sandbox_service: {_one_line(e)}", file=sys.stderr)
+        return 2
+
+
+def _serve(args: argparse.Namespace) -> int:
+    log = logging.getLogger("sandbox_service")
+    if args.workers < 1 or args.max_queue < 0:
+        raise StartupError(
+            f"--workers {args.workers} --max-queue {args.max_queue}: give at least 1 worker and a queue of 0 or more"
+        )
+    workers = _workers(args)
+    try:
+        pythons = parse_pythons(args.python)
+    except ValueError as e:
+        raise StartupError(f"bad python: {e}") from e
+    sock = _listen(args.host, args.port)
+    cgroups, cgroup_report = Cgroups.detect()
+    try:
+        config, isolation, versions = _jail(args, pythons, cgroup_report)
+    except StartupError:
+        sock.close()
         if cgroups is not None:
             cgroups.remove()
-        print(
-            f"sandbox_service refuses to start: {e}\n"
-            "Fix the host (see README: bubblewrap, run as root for per-run uids and cgroups), or pass --insecure to "
-            "run code WITHOUT isolation (never on a shared machine).",
-            file=sys.stderr,
-        )
-        return 2
-    log.info("isolation: %s %s", isolation.level, json.dumps(isolation.detail))
-    log.info(
-        "pythons: %s", ", ".join(f"{name}={config.pythons[name]} ({version})" for name, version in versions.items())
+        raise
+    service = Service(
+        ServiceSettings(
+            workers=args.workers,
+            max_queue=args.max_queue,
+            max_output_bytes=args.max_output_bytes,
+            max_body_bytes=args.max_body_mb << 20,
+            default_memory_mb=args.default_memory_mb,
+            drain_timeout_s=args.drain_timeout,
+        ),
+        config,
+        isolation,
+        cgroups,
     )
+    log.info("isolation: %s %s", isolation.level, json.dumps(isolation.detail))
+    log.info("pythons: %s", ", ".join(f"{name}={pythons[name]} ({version})" for name, version in versions.items()))
     if isolation.level == "none":
         log.warning("NO ISOLATION: jailed code runs as a plain subprocess with the service's rights")
-
-    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((args.host, args.port))
-    port = sock.getsockname()[1]
-    url = f"http://{args.host}:{port}"
+    url = f"http://{args.host}:{sock.getsockname()[1]}"
     if args.port_file:
-        args.port_file.write_text(json.dumps({"url": url, "pid": os.getpid()}))
+        try:
+            args.port_file.write_text(json.dumps({"url": url, "pid": os.getpid()}))
+        except OSError as e:
+            raise StartupError(f"cannot write --port-file {args.port_file}: {e.strerror or e}") from e
     log.info("listening on %s with %d workers, queue %d", url, args.workers, args.max_queue)
     log.info(
         "workflow worker allowlist: %s",

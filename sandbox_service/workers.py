@@ -78,7 +78,10 @@ def load_workers(specs: Sequence[str] = (), file: Path | None = None) -> dict[st
                 raise ValueError(f"worker file {file}: entry {name!r} must be an object with a url")
             try:
                 endpoints.append(WorkerEndpoint(name=name, **entry))
-            except (ValidationError, TypeError) as e:
+            except ValidationError as e:
+                problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+                raise ValueError(f"worker file {file}: entry {name!r}: {problems}") from None
+            except TypeError as e:
                 raise ValueError(f"worker file {file}: entry {name!r}: {e}") from None
     workers: dict[str, WorkerEndpoint] = {}
     for endpoint in endpoints:
