@@ -55,6 +55,13 @@ def _parses(code: str) -> str:
     return code
 
 
+def _defines(code: str, kind: type[ast.FunctionDef | ast.ClassDef], name: str, missing: str) -> str:
+    """`code` if it parses and defines `name` (a `kind`) at top level; else ValueError(`missing`)."""
+    if not any(isinstance(node, kind) and node.name == name for node in ast.parse(_parses(code)).body):
+        raise ValueError(missing)
+    return code
+
+
 def _each_parses(codes: list[str]) -> list[str]:
     for i, code in enumerate(codes):
         try:
@@ -156,10 +163,7 @@ class HumanEvalTests(_Strict):
     @field_validator("test")
     @classmethod
     def _test(cls, test: str) -> str:
-        _parses(test)
-        if not any(isinstance(n, ast.FunctionDef) and n.name == "check" for n in ast.parse(test).body):
-            raise ValueError("defines no top-level check(candidate) function")
-        return test
+        return _defines(test, ast.FunctionDef, "check", "defines no top-level check(candidate) function")
 
     @field_validator("entry_point")
     @classmethod
@@ -200,10 +204,9 @@ class UnitTests(_Strict):
     @field_validator("test")
     @classmethod
     def _test(cls, test: str) -> str:
-        _parses(test)
-        if not any(isinstance(n, ast.ClassDef) and n.name == "TestCases" for n in ast.parse(test).body):
-            raise ValueError("defines no top-level class TestCases (the unittest.TestCase class that is run)")
-        return test
+        return _defines(
+            test, ast.ClassDef, "TestCases", "defines no top-level class TestCases (the unittest.TestCase class run)"
+        )
 
     @field_validator("test_imports")
     @classmethod
