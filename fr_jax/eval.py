@@ -24,17 +24,16 @@ from fr_jax import cli
 from fr_jax.config import Config, ConfigError, load_config
 from fr_jax.flow.mode import direct_worker_report
 from fr_jax.models.tokenizer import TOKENIZER_FILES, load_tokenizer
-from fr_jax.rl.collect import EVAL_CALL, sampling_seeds
-from fr_jax.rl.heldout import EvalReport, heldout_report
+from fr_jax.rl.heldout import EvalReport, HeldOutSet
 from fr_jax.rl.setup import (
     build_mode,
     check_external_services,
-    eval_params,
     load_prompts,
     planned_rollout,
     rollout_service,
     sandbox_session,
 )
+from fr_jax.trainer.records import RecordWriter
 from fr_jax.trainer.runtime import load_tokenizer as config_tokenizer
 from fr_jax.trainer.runtime import pretrained_dir
 
@@ -94,7 +93,7 @@ def model_dir(cfg: Config, given: str | None) -> pathlib.Path:
 
 def run_eval(cfg: Config, weights: pathlib.Path, *, given_model: bool) -> tuple[EvalReport, EvalReport | None]:
     """The policy's report, and for a mode whose answers call a worker LLM that of the worker prompted directly
-    (None when the worker's URL is not known here)."""
+    (None when the worker's URL is not known here). Both write their samples' records (docs/records.md)."""
     grpo = cfg.grpo
     has_tokenizer = any((weights / name).is_file() for name in TOKENIZER_FILES)
     tokenizer = load_tokenizer(weights) if has_tokenizer else config_tokenizer(cfg.model)
@@ -105,36 +104,24 @@ def run_eval(cfg: Config, weights: pathlib.Path, *, given_model: bool) -> tuple[
     with contextlib.ExitStack() as services:
         sandbox = services.enter_context(sandbox_session(grpo.sandbox, mode, rollout_url=rollout_url, log_dir=log_dir))
         tasks, prompts = load_prompts(grpo, split, mode, tokenizer, limit=grpo.data.eval_limit)
+        heldout = HeldOutSet(grpo, mode, tasks, prompts, seed=cfg.train.seed, tokenizer=tokenizer)
         client = services.enter_context(
             rollout_service(
                 grpo.rollout, weights, weight_version=EVAL_VERSION, seed=cfg.train.seed, log_dir=log_dir, port=port
             )
         )
+        records = services.enter_context(RecordWriter(cfg.run_dir, cfg.monitor.rollouts, seed=cfg.train.seed))
         if grpo.rollout.launch == "none" and given_model:
             client.update_weights_from_disk(weights, weight_version=EVAL_VERSION)
-        seeds = (
-            sampling_seeds(cfg.train.seed, 0, EVAL_CALL, count=len(tasks) * grpo.eval.n)
-            if grpo.eval.temperature
-            else None
-        )
-        report, _ = heldout_report(
-            client,
-            sandbox,
-            mode,
-            tasks,
-            prompts,
-            split=split,
-            n=grpo.eval.n,
-            ks=grpo.eval.k,
-            params=eval_params(grpo),
-            seeds=seeds,
-        )
+        report, samples = heldout.evaluate(client, sandbox, 0)  # round 0's seeds: those of the run's first evaluation
+        records.write_eval(split, mode.name, samples)
         worker_url = mode.worker.resolved_url(client.base_url) if mode.worker is not None else None
         if worker_url is None:
             return report, None
-        baseline = direct_worker_report(
-            grpo, tokenizer, tasks, worker_url=worker_url, sandbox=sandbox, split=split, seeds=seeds
+        baseline, samples = direct_worker_report(
+            grpo, tokenizer, tasks, worker_url=worker_url, sandbox=sandbox, split=split, seeds=heldout.seeds(0)
         )
+        records.write_eval(split, "direct-worker", samples)
         return report, baseline
 
 

@@ -24,13 +24,15 @@ import dataclasses
 import logging
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from fr_jax.config import GRPOSection
 from fr_jax.data.tasks import Task
-from fr_jax.flow.chat import ChatClient
+from fr_jax.flow.chat import ChatClient, ChatReply
 from fr_jax.flow.prompt import ParsedDesign, build_design_prompt, parse_design
 from fr_jax.rl.heldout import EvalReport, summarize
 from fr_jax.rl.modes import SandboxFailure, Score, WorkerSpec, build_direct_mode
+from fr_jax.rl.records import sample_record
 from fr_jax.rl.reward import RewardConfig, count_operator_calls, multi_purpose_reward
 from fr_jax.sandbox.client import SandboxClient, WorkflowRun
 from fr_jax.sandbox.session import SandboxSession
@@ -146,6 +148,11 @@ class WorkflowScore(Score):
     operator_calls: int = 0  # calls made at run time (the complexity term counts the graph's call sites)
     failure: str | None = None
     run: WorkflowRun | None = dataclasses.field(default=None, repr=False, compare=False)  # trace, solution, ...
+    design: ParsedDesign | None = dataclasses.field(default=None, repr=False, compare=False)
+
+    def record_fields(self) -> dict[str, Any]:
+        solution = self.run.solution if self.run is not None else None
+        return {**super().record_fields(), "design": self.design, "workflow": self.run, "solution": solution}
 
 
 def score_run(
@@ -165,6 +172,7 @@ def score_run(
             worker_tokens=tokens,
             failure=failure,
             run=run,
+            design=design,
         )
     evaluation = run.hidden if hidden else run.public
     passed, status = 0, "ok"
@@ -198,6 +206,7 @@ def score_run(
         failure=run.failure.kind if run.failure else None,
         run=run,
         evaluation=evaluation,
+        design=design,
     )
 
 
@@ -298,9 +307,10 @@ def direct_worker_report(
     sandbox: SandboxSession,
     split: str,
     seeds: Sequence[int] | None,
-) -> EvalReport:
+) -> tuple[EvalReport, list[dict[str, Any]]]:
     """The baseline a workflow must beat: the same worker answering each query itself (the direct mode's prompt,
-    one call of grpo.workflow.max_tokens, the eval's n and temperature), scored on the same hidden tests."""
+    one call of grpo.workflow.max_tokens, the eval's n and temperature), scored on the same hidden tests. The report
+    and its samples' records."""
     # the direct mode's prompt without the designer's system turn
     direct = build_direct_mode(
         grpo.model_copy(update={"prompt": grpo.prompt.model_copy(update={"system": None})}), tokenizer
@@ -309,7 +319,7 @@ def direct_worker_report(
     flat = [task for task in tasks for _ in range(n)]
     started = time.perf_counter()
 
-    async def run(sandbox: SandboxClient) -> list[Score]:
+    async def run(sandbox: SandboxClient) -> tuple[list[Score], list[ChatReply]]:
         async with ChatClient(worker_url, model=w.worker_model) as chat:
             replies = await asyncio.gather(
                 *(
@@ -326,10 +336,26 @@ def direct_worker_report(
             if any(reply.prompt_tokens is None or reply.completion_tokens is None for reply in replies):
                 raise ValueError(f"the worker at {worker_url} reports no token usage: cannot compare its cost")
             scores = await direct.score(sandbox, flat, [reply.content for reply in replies], hidden=True)
-        return [
+        costed = [
             dataclasses.replace(score, worker_calls=1, worker_tokens=reply.prompt_tokens + reply.completion_tokens)
             for score, reply in zip(scores, replies)
         ]
+        return costed, replies
 
-    scores = sandbox.run(run)
-    return summarize(tasks, scores, split=split, n=n, ks=grpo.eval.k, seconds=time.perf_counter() - started)
+    scores, replies = sandbox.run(run)
+    report = summarize(tasks, scores, split=split, n=n, ks=grpo.eval.k, seconds=time.perf_counter() - started)
+    records = [
+        sample_record(
+            task,
+            i // n,
+            i % n,
+            "\n\n".join(m["content"] for m in direct.messages(task)),
+            reply.content,
+            score,
+            mode="direct",
+            seed=None if seeds is None else seeds[i],
+            response_tokens=reply.completion_tokens,
+        )
+        for i, (task, reply, score) in enumerate(zip(flat, replies, scores))
+    ]
+    return report, records

@@ -8,18 +8,25 @@ fraction of tasks solved. The mean multi-purpose reward and each of its terms ar
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
+from fr_jax.config import GRPOSection
 from fr_jax.data.tasks import Task
-from fr_jax.rl.collect import generate_groups
+from fr_jax.rl.collect import EVAL_CALL, generate_groups, sampling_seeds
 from fr_jax.rl.modes import Mode, Score, worker_usage
+from fr_jax.rl.records import eval_records
 from fr_jax.rl.reward import pass_at_k
-from fr_jax.rollout import RolloutClient
+from fr_jax.rl.setup import eval_params
+from fr_jax.rollout import Rollout, RolloutClient
 from fr_jax.rollout.protocol import SamplingParams
 from fr_jax.sandbox.session import SandboxSession
+
+_log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,15 +84,15 @@ def heldout_report(
     ks: Sequence[int],
     params: SamplingParams,
     seeds: Sequence[int] | None,
-) -> tuple[EvalReport, list[Score]]:
-    """n samples per task from the rollout server, scored on the hidden tests: the report, and every sample's
-    score (task-major: the n of tasks[0] first)."""
+) -> tuple[EvalReport, list[list[Rollout]], list[Score]]:
+    """n samples per task from the rollout server, scored on the hidden tests: the report, the samples (per task)
+    and their scores (task-major: the n of tasks[0] first)."""
     started = time.perf_counter()
     groups = generate_groups(client, prompts, params, n, seeds)
     flat_tasks = [task for task in tasks for _ in range(n)]
     completions = [r.text for g in groups for r in g]
     scores = sandbox.run(lambda sb: mode.score(sb, flat_tasks, completions, hidden=True))
-    return summarize(tasks, scores, split=split, n=n, ks=ks, seconds=time.perf_counter() - started), scores
+    return summarize(tasks, scores, split=split, n=n, ks=ks, seconds=time.perf_counter() - started), groups, scores
 
 
 def summarize(
@@ -105,3 +112,54 @@ def summarize(
         seconds=seconds,
         **worker_usage(scores),
     )
+
+
+class HeldOutSet:
+    """A run's held-out split: its tasks and prompt tokens, evaluated with the grpo.eval settings after any round
+    (seeds depend on the round, so `python -m fr_jax.eval` redraws those of the evaluation before training)."""
+
+    def __init__(
+        self,
+        grpo: GRPOSection,
+        mode: Mode,
+        tasks: Sequence[Task],
+        prompts: Sequence[Sequence[int]],
+        *,
+        seed: int,
+        tokenizer,
+    ):
+        self.grpo, self.mode, self.tasks, self.prompts, self.seed, self.tokenizer = (
+            grpo,
+            mode,
+            tasks,
+            prompts,
+            seed,
+            tokenizer,
+        )
+
+    def seeds(self, round_index: int) -> list[int] | None:
+        ev = self.grpo.eval
+        if not ev.temperature:
+            return None
+        return sampling_seeds(self.seed, round_index, EVAL_CALL, count=len(self.tasks) * ev.n)
+
+    def evaluate(
+        self, client: RolloutClient, sandbox: SandboxSession, round_index: int
+    ) -> tuple[EvalReport, list[dict[str, Any]]]:
+        """The report after `round_index` rounds, and its samples' records."""
+        ev, seeds = self.grpo.eval, self.seeds(round_index)
+        report, samples, scores = heldout_report(
+            client,
+            sandbox,
+            self.mode,
+            self.tasks,
+            self.prompts,
+            split=self.grpo.data.eval_split,
+            n=ev.n,
+            ks=ev.k,
+            params=eval_params(self.grpo),
+            seeds=seeds,
+        )
+        _log.info("held-out after round %d: %s (%.1fs)", round_index, report.line(), report.seconds)
+        records = eval_records(self.tasks, self.prompts, samples, scores, seeds, self.tokenizer, self.mode.name)
+        return report, records

@@ -28,14 +28,14 @@ import numpy as np
 from fr_jax.config import ConfigError
 from fr_jax.models.hf import save_pretrained
 from fr_jax.rl.batch import Layout, group_rows, share_layout, share_rows
-from fr_jax.rl.collect import EVAL_CALL, Collector, TaskStream, round_scalars, samples_text, sampling_seeds
+from fr_jax.rl.collect import Collector, TaskStream, round_scalars, samples_text
 from fr_jax.rl.grpo import merge_metrics, needs_reference
-from fr_jax.rl.heldout import EvalReport, heldout_report
+from fr_jax.rl.heldout import EvalReport, HeldOutSet
+from fr_jax.rl.records import round_records
 from fr_jax.rl.setup import (
     ModeBuilder,
     build_mode,
     check_external_services,
-    eval_params,
     load_prompts,
     planned_rollout,
     rollout_params,
@@ -45,6 +45,8 @@ from fr_jax.rl.setup import (
 )
 from fr_jax.rl.update import RoundUpdate, grpo_loss_fn
 from fr_jax.rollout import RolloutClient, sync_weights
+from fr_jax.sandbox.session import SandboxSession
+from fr_jax.trainer.records import RecordWriter
 from fr_jax.trainer.runtime import Runtime
 from fr_jax.trainer.stage import Stage, policy_of, start_stage
 
@@ -116,7 +118,12 @@ class GRPORun:
             }
             try:
                 client = services.enter_context(self._rollout(stage, host["weight_version"], port)) if main else None
-                state = self._rounds(stage, layout, client, sandbox, host["weight_version"], summary)
+                records = None
+                if main:
+                    policy = self.cfg.monitor.rollouts
+                    writer = RecordWriter(self.rt.run_dir, policy, seed=self.train.seed, start_round=stage.start)
+                    records = services.enter_context(writer)
+                state = self._rounds(stage, layout, client, sandbox, records, host["weight_version"], summary)
             finally:
                 stage.close()
         return state, summary, stage
@@ -135,6 +142,9 @@ class GRPORun:
                 f"({self.layout.response_len}) exceed the model's context "
                 f"({self.policy.config.max_position_embeddings}); lower grpo.data.max_prompt_tokens"
             )
+        self.heldout = HeldOutSet(
+            g, self.mode, self.eval_tasks, self.eval_prompts, seed=self.train.seed, tokenizer=tokenizer
+        )
         self.stream = TaskStream(self.train_tasks, g.data.shuffle_seed)
         self.collector = Collector(
             g,
@@ -165,7 +175,14 @@ class GRPORun:
             yield client
 
     def _rounds(
-        self, stage: Stage, layout: Layout, client: RolloutClient | None, sandbox, version: str, summary: dict[str, Any]
+        self,
+        stage: Stage,
+        layout: Layout,
+        client: RolloutClient | None,
+        sandbox: SandboxSession | None,
+        records: RecordWriter | None,
+        version: str,
+        summary: dict[str, Any],
     ):
         g, train, main, writer, state = self.grpo, self.train, self.rt.is_main, stage.writer, stage.state
         reference = stage.initial_params() if needs_reference(g.loss.beta) else None
@@ -182,7 +199,7 @@ class GRPORun:
         if main:
             summary.update(train_tasks=len(self.train_tasks), eval_tasks=len(self.eval_tasks))
             if stage.start == 0:
-                summary["eval_before"] = self._evaluate(client, sandbox, 0, writer).to_json()
+                summary["eval_before"] = self._evaluate(client, sandbox, records, 0, writer).to_json()
         for round_index in range(stage.start, train.steps):
             started, done, scalars, data = time.perf_counter(), round_index + 1, {}, None
             if main:  # 1. collect
@@ -204,10 +221,14 @@ class GRPORun:
                 scalars["train/skipped"] = 1.0
             scalars["weight_version"] = float(version)
             if main and train.eval_every and done % train.eval_every == 0 and done < train.steps:
-                scalars.update(self._evaluate(client, sandbox, done, None).scalars())
+                scalars.update(self._evaluate(client, sandbox, records, done, None).scalars())
             scalars["time/round_s"] = time.perf_counter() - started
             scalars["memory/host_peak_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB
             if main:  # 5. log
+                records.write_round(
+                    done,
+                    round_records(data.drawn, data.groups, batch["advantages"], self.policy.tokenizer, self.mode.name),
+                )
                 summary["round_rewards"].append(scalars["reward/total"])
                 writer.scalars(done, scalars)
                 if g.samples_every and (done % g.samples_every == 0 or done == stage.start + 1):
@@ -223,7 +244,7 @@ class GRPORun:
                     done, state, {"tasks": self.stream.get_state() if main else None, "weight_version": version}
                 )
         if main:
-            summary["eval_after"] = self._evaluate(client, sandbox, train.steps, writer).to_json()
+            summary["eval_after"] = self._evaluate(client, sandbox, records, train.steps, writer).to_json()
         return state
 
     def _push_weights(self, client: RolloutClient | None, params, stage: Stage, version: str) -> dict[str, float]:
@@ -239,27 +260,10 @@ class GRPORun:
             "time/sync_load_s": sync.load_s,
         }
 
-    def _evaluate(self, client: RolloutClient, sandbox, round_index: int, writer) -> EvalReport:
-        """The held-out split after `round_index` rounds (its scalars go to `writer` when given)."""
-        ev = self.grpo.eval
-        seeds = (
-            sampling_seeds(self.train.seed, round_index, EVAL_CALL, count=len(self.eval_tasks) * ev.n)
-            if ev.temperature
-            else None
-        )
-        report, _ = heldout_report(
-            client,
-            sandbox,
-            self.mode,
-            self.eval_tasks,
-            self.eval_prompts,
-            split=self.grpo.data.eval_split,
-            n=ev.n,
-            ks=ev.k,
-            params=eval_params(self.grpo),
-            seeds=seeds,
-        )
-        _log.info("held-out after round %d: %s (%.1fs)", round_index, report.line(), report.seconds)
+    def _evaluate(self, client, sandbox, records: RecordWriter, round_index: int, writer) -> EvalReport:
+        """The held-out split after `round_index` rounds: its records, and its scalars to `writer` when given."""
+        report, samples = self.heldout.evaluate(client, sandbox, round_index)
+        records.write_eval(self.grpo.data.eval_split, self.mode.name, samples, round_index=round_index)
         if writer is not None:
             writer.scalars(round_index, report.scalars())
         return report

@@ -23,7 +23,7 @@ import ast
 import dataclasses
 import logging
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from fr_jax.config import GRPOSection
 from fr_jax.data.tasks import Task
@@ -74,8 +74,9 @@ class Score:
     total: int
     worker_calls: int | None = None  # what running the answer cost in worker-LLM calls and tokens (None: no worker)
     worker_tokens: int | None = None
-    # the sandbox's verdict (per-test results) behind the counts; None when nothing was run
+    # the sandbox's verdict (per-test results) behind the counts, and the code it ran; None when nothing was run
     evaluation: Evaluation | None = dataclasses.field(default=None, repr=False, compare=False)
+    solution: str | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def pass_rate(self) -> float:
@@ -84,6 +85,18 @@ class Score:
     @property
     def passed_all(self) -> bool:
         return self.total > 0 and self.passed == self.total
+
+    def record_fields(self) -> dict[str, Any]:
+        """What a rollout record (docs/records.md) shows of this score; a mode's own Score adds its details."""
+        return {
+            "well_formed": self.well_formed,
+            "passed": self.passed,
+            "total": self.total,
+            "worker_calls": self.worker_calls,
+            "worker_tokens": self.worker_tokens,
+            "sandbox": self.evaluation,
+            "solution": self.solution,
+        }
 
 
 def worker_usage(scores: Sequence[Score]) -> dict[str, float]:
@@ -226,7 +239,7 @@ class DirectCode:
                 code_tokens=self.count_tokens(codes[i]),
                 config=self.reward,
             )
-            scores[i] = Score(reward, True, ev.num_passed, total, evaluation=ev)
+            scores[i] = Score(reward, True, ev.num_passed, total, evaluation=ev, solution=codes[i])
         return scores
 
 

@@ -33,6 +33,7 @@ from fr_jax.sandbox.client import AssertTests, EvalItem, Evaluation, SandboxClie
 from fr_jax.sandbox.local import LocalSandbox
 from fr_jax.sandbox.suites import suite_item
 from fr_jax.trainer.metrics import read_metrics
+from fr_jax.trainer.records import read_records, rollouts_path
 from fr_jax.trainer.step import TrainStep
 from tests.support.grpo import HEADER, KNOWS_THE_FORMAT, build_tokenizer, grpo_config, write_bigram_model, write_tasks
 
@@ -321,6 +322,21 @@ def test_two_rounds_over_http_then_an_exact_resume(tmp_path, tiny_setup, capsys)
     assert (run_dir / "hf" / "config.json").is_file() and list((run_dir / "tensorboard").iterdir())
     host = json.loads(next((run_dir / "checkpoints" / "1" / "host").glob("process_0*.json")).read_text())
     assert host == {"tasks": {"epoch": 0, "cursor": 2, "size": 2}, "weight_version": "1"}
+    # every sample of every round is recorded (docs/records.md), with the reward and advantage it trained on
+    samples = {r: read_records(rollouts_path(run_dir, r)) for r in (1, 2)}
+    for r, written in samples.items():
+        assert len(written) == cfg["grpo"]["rollout"]["prompts_per_step"] * cfg["grpo"]["rollout"]["n"]
+        assert np.mean([x["reward"]["total"] for x in written]) == pytest.approx(rounds[r]["reward/total"])
+        for group in {x["group"] for x in written}:
+            rewards = np.array([x["reward"]["total"] for x in written if x["group"] == group])
+            advantages = np.array([x["advantage"] for x in written if x["group"] == group])
+            assert np.all(np.sign(advantages) == np.sign(np.round(rewards - rewards.mean(), 6)))
+        ran = [x for x in written if x["well_formed"]]
+        assert ran and all(x["sandbox"]["tests"] and x["solution"] and x["weight_version"] == str(r - 1) for x in ran)
+    assert {p.name for p in (run_dir / "eval" / "records").iterdir()} == {
+        "test_direct_round_00000.jsonl.gz",
+        "test_direct_round_00002.jsonl.gz",
+    }
 
     # resume: drop round 2's checkpoint and redo it
     resumed = tmp_path / "resumed"
