@@ -163,3 +163,26 @@ class HeldOutSet:
         _log.info("held-out after round %d: %s (%.1fs)", round_index, report.line(), report.seconds)
         records = eval_records(self.tasks, self.prompts, samples, scores, seeds, self.tokenizer, self.mode.name)
         return report, records
+
+
+def final_report(summary: dict[str, Any]) -> str:
+    """The lines a GRPO run prints at its end: the training reward's first and last rounds, held-out before/after."""
+    lines = [
+        f"GRPO rounds {summary['start_round'] + 1}-{summary['rounds']} done in {summary['wall_s']:.0f} s: "
+        f"{summary['train_tasks']} training tasks, {summary['eval_tasks']} held-out tasks"
+    ]
+    rewards = summary["round_rewards"]
+    if rewards:
+        k = max(1, min(3, len(rewards) // 2))
+        lines.append(
+            f"  training reward (mean over a round's samples): first {k} round(s) {np.mean(rewards[:k]):.3f} "
+            f"-> last {k} round(s) {np.mean(rewards[-k:]):.3f}"
+        )
+    before, after = summary.get("eval_before"), summary.get("eval_after")
+    if after:
+        for key, value in after["pass_at_k"].items():
+            was = f"{before['pass_at_k'][key]:.3f} -> " if before else ""
+            lines.append(f"  held-out {key} ({after['split']}, {after['tasks']} tasks): {was}{value:.3f}")
+        was = f"{before['reward']['total']:.3f} -> " if before else ""
+        lines.append(f"  held-out mean reward: {was}{after['reward']['total']:.3f}")
+    return "\n".join(lines)

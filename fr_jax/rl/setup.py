@@ -14,6 +14,7 @@ of a multi-process run talks to them.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import os
@@ -27,6 +28,7 @@ import httpx
 from fr_jax.config import ConfigError, GRPORolloutSection, GRPOSandboxSection, GRPOSection
 from fr_jax.data.task_file import load_task_set
 from fr_jax.data.tasks import Task
+from fr_jax.rl.batch import Layout
 from fr_jax.rl.modes import ROLLOUT_WORKER, Mode
 from fr_jax.rollout import RolloutClient, free_port, launch_server
 from fr_jax.rollout.protocol import SamplingParams
@@ -97,6 +99,31 @@ def load_prompts(
             f"{data.max_reference_lines}, max_prompt_tokens={data.max_prompt_tokens})"
         )
     return [t for t, _ in kept], [p for _, p in kept]
+
+
+@dataclasses.dataclass
+class TrainingTasks:
+    """What process 0 samples from and evaluates on, and the rows' layout every process trains with."""
+
+    train: list[Task]
+    prompt_of: dict[str, list[int]]  # a training task's prompt tokens
+    heldout: list[Task]
+    heldout_prompts: list[list[int]]
+    layout: Layout
+
+
+def training_tasks(grpo: GRPOSection, mode: Mode, tokenizer, context_length: int) -> TrainingTasks:
+    """The training and held-out splits with their prompt tokens; the longest training prompt fixes the layout."""
+    d = grpo.data
+    train, prompts = load_prompts(grpo, d.train_split, mode, tokenizer, limit=d.train_limit)
+    heldout, heldout_prompts = load_prompts(grpo, d.eval_split, mode, tokenizer, limit=d.eval_limit)
+    layout = Layout(max(map(len, prompts)), grpo.rollout.max_new_tokens)
+    if layout.prompt_len + layout.response_len > context_length:
+        raise ConfigError(
+            f"the longest training prompt ({layout.prompt_len} tokens) + grpo.rollout.max_new_tokens "
+            f"({layout.response_len}) exceed the model's context ({context_length}); lower grpo.data.max_prompt_tokens"
+        )
+    return TrainingTasks(train, dict(zip((t.task_id for t in train), prompts)), heldout, heldout_prompts, layout)
 
 
 def rollout_params(grpo: GRPOSection) -> SamplingParams:
