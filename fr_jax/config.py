@@ -281,6 +281,10 @@ class GRPOSandboxSection(Section):
     memory_limit_mb: int = Field(1024, ge=64)
     reward_tests: Literal["hidden", "public"] = "hidden"  # which tests of a training task score its reward
     max_retries: int = Field(2, ge=0)  # re-sends of programs the sandbox could not judge
+    # local launch: extra interpreters by name (`--python NAME=PATH`), e.g. {bcb: <venv>/bin/python} from
+    # `scripts/setup.sh --bcb` for BigCodeBench's libraries
+    pythons: dict[str, str] = Field(default_factory=dict, strict=False)
+    python: str | None = None  # the named python the solutions and tests run with (null: the service's default)
 
     @model_validator(mode="after")
     def _url(self):

@@ -63,6 +63,7 @@ class WorkflowRunSettings:
     seed: int | None = None
     test_timeout_s: float = 5.0
     test_memory_mb: int = 1024
+    python: str | None = None  # the sandbox's named python for the Test operator and the scoring (None: default)
 
 
 def is_design_failure(run: WorkflowRun) -> bool:
@@ -112,6 +113,7 @@ async def run_design(
             seed=settings.seed if seed is None else seed,
             test_timeout_s=settings.test_timeout_s,
             test_memory_mb=settings.test_memory_mb,
+            python=settings.python,
         )
         if run.failure is not None and run.failure.kind == "worker_not_allowed" and not run.trace:
             # the request's worker, not one the graph named: the setup is wrong, and every run would score 0
@@ -284,6 +286,7 @@ def build_workflow_mode(grpo: GRPOSection, tokenizer) -> WorkflowMode:
         top_p=w.top_p,
         test_timeout_s=sandbox.timeout_s,
         test_memory_mb=sandbox.memory_limit_mb,
+        python=sandbox.python,
     )
     return WorkflowMode(
         reward=grpo.reward,

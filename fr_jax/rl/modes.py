@@ -179,6 +179,7 @@ class DirectCode:
         timeout_s: float = 5.0,
         memory_limit_mb: int = 1024,
         retries: int = 2,
+        python: str | None = None,
     ):
         self.reward = reward
         self.count_tokens = count_tokens
@@ -188,6 +189,7 @@ class DirectCode:
         self.timeout_s = timeout_s
         self.memory_limit_mb = memory_limit_mb
         self.retries = retries
+        self.python = python  # the sandbox's named python (e.g. one with BigCodeBench's libraries)
 
     async def prepare(self, sandbox: SandboxClient) -> None:
         pass
@@ -221,6 +223,7 @@ class DirectCode:
                 codes[i],
                 timeout_s=self.timeout_s,
                 memory_limit_mb=self.memory_limit_mb,
+                python=self.python,
             )
             for i in runnable
         ]
@@ -254,4 +257,5 @@ def build_direct_mode(grpo: GRPOSection, tokenizer) -> DirectCode:
         timeout_s=grpo.sandbox.timeout_s,
         memory_limit_mb=grpo.sandbox.memory_limit_mb,
         retries=grpo.sandbox.max_retries,
+        python=grpo.sandbox.python,
     )

@@ -206,11 +206,10 @@ def sandbox_session(
             url = section.url
         else:
             entry = mode.worker.allowlist_entry(rollout_url) if mode.worker is not None else None
+            flags = ["--worker", entry] if entry else []
+            flags += [arg for name, path in section.pythons.items() for arg in ("--python", f"{name}={path}")]
             local = LocalSandbox(
-                workers=section.workers,
-                insecure=section.insecure,
-                log_path=log_dir / "sandbox.log",
-                extra_args=["--worker", entry] if entry else [],
+                workers=section.workers, insecure=section.insecure, log_path=log_dir / "sandbox.log", extra_args=flags
             )
             url = stack.enter_context(local).url
             _log.info("sandbox_service at %s (log %s)", url, log_dir / "sandbox.log")

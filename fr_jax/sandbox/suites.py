@@ -39,13 +39,19 @@ def suite_tests(suite: TestSuite, entry_point: str) -> Tests | None:
 
 
 def suite_item(
-    suite: TestSuite, entry_point: str, solution: str, *, timeout_s: float, memory_limit_mb: int
+    suite: TestSuite,
+    entry_point: str,
+    solution: str,
+    *,
+    timeout_s: float,
+    memory_limit_mb: int,
+    python: str | None = None,
 ) -> EvalItem:
-    """The /evaluate request that runs `solution` against a non-empty `suite`."""
+    """The /evaluate request that runs `solution` against a non-empty `suite` (with the sandbox's named `python`)."""
     tests = suite_tests(suite, entry_point)
     if tests is None:
         raise ValueError("an empty test suite cannot be evaluated")
-    return EvalItem(solution, tests, timeout_s=timeout_s, memory_limit_mb=memory_limit_mb)
+    return EvalItem(solution, tests, timeout_s=timeout_s, memory_limit_mb=memory_limit_mb, python=python)
 
 
 def counted_tests(suite: TestSuite) -> int:

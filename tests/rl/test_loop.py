@@ -29,7 +29,14 @@ from fr_jax.rl.reward import RewardConfig
 from fr_jax.rl.update import LogprobPass, grpo_loss_fn
 from fr_jax.rollout import Rollout, free_port
 from fr_jax.rollout.engine import Engine, GenerationRequest, SamplingOptions
-from fr_jax.sandbox.client import AssertTests, EvalItem, Evaluation, SandboxClient, SandboxUnavailable
+from fr_jax.sandbox.client import (
+    AssertTests,
+    EvalItem,
+    Evaluation,
+    SandboxClient,
+    SandboxRequestError,
+    SandboxUnavailable,
+)
 from fr_jax.sandbox.local import LocalSandbox
 from fr_jax.sandbox.suites import suite_item
 from fr_jax.trainer.metrics import read_metrics
@@ -244,6 +251,23 @@ def test_an_unreachable_sandbox_stops_the_round_with_the_cause(tmp_path):
 
     with pytest.raises(SandboxUnavailable, match="cannot reach the sandbox service"):
         asyncio.run(score())
+
+
+def test_the_configured_python_is_the_one_that_judges(tmp_path, sandbox):
+    """grpo.sandbox.python reaches every request: the service's own python judges, an unknown name is refused
+    with the names the service knows (a setup mistake, raised, never a score)."""
+    tasks = load_task_file(write_tasks(tmp_path / "tasks.jsonl"), "train")
+    answer = [f"```python\n{HEADER}{tasks[0].task_id.split('/')[1]}\n```"]
+
+    async def score(python):
+        mode = DirectCode(reward=RewardConfig(), count_tokens=len, instruction="", python=python)
+        async with SandboxClient(sandbox.url) as client:
+            return await mode.score(client, tasks[:1], answer, hidden=True)
+
+    (scored,) = asyncio.run(score("default"))
+    assert scored.passed_all and scored.evaluation.tests
+    with pytest.raises(SandboxRequestError, match=r"bcb.*default"):
+        asyncio.run(score("bcb"))
 
 
 def test_demo_config_loads_and_bad_grpo_keys_are_named(tmp_path):
