@@ -553,6 +553,17 @@ def parse_config(tree: dict, model: type[BaseModel] = Config) -> Config:
         raise ConfigError(_format_errors(err, model)) from None
 
 
+def _yaml_position(err: yaml.YAMLError) -> str:
+    mark = getattr(err, "problem_mark", None)
+    return f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """The parser's own words without its multi-line excerpt of the file."""
+    parts = [getattr(err, "context", None), getattr(err, "problem", None)]
+    return ", ".join(p for p in parts if p) or str(err).splitlines()[0]
+
+
 def load_config(path: str | os.PathLike, overrides: list[str] = (), model: type[BaseModel] = Config) -> Config:
     """Read a YAML config, apply overrides, validate (as `model`: another CLI's config tree may use the same
     machinery). Errors name the key and what is allowed."""
@@ -562,7 +573,7 @@ def load_config(path: str | os.PathLike, overrides: list[str] = (), model: type[
     try:
         tree = read_yaml(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        raise ConfigError(f"{path}{_yaml_position(err)}: not valid YAML: {_yaml_problem(err)}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     return parse_config(apply_overrides(tree, list(overrides)), model)

@@ -23,6 +23,8 @@ import sys
 from fr_jax import cli
 from fr_jax.config import Config, ConfigError, load_config
 from fr_jax.flow.mode import direct_worker_report
+from fr_jax.models.loading import load_tokenizer as config_tokenizer
+from fr_jax.models.loading import pretrained_dir
 from fr_jax.models.tokenizer import TOKENIZER_FILES, load_tokenizer
 from fr_jax.rl.heldout import EvalReport, HeldOutSet
 from fr_jax.rl.setup import (
@@ -34,8 +36,6 @@ from fr_jax.rl.setup import (
     sandbox_session,
 )
 from fr_jax.trainer.records import RecordWriter
-from fr_jax.trainer.runtime import load_tokenizer as config_tokenizer
-from fr_jax.trainer.runtime import pretrained_dir
 
 EVAL_VERSION = "eval"
 

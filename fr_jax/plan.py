@@ -54,6 +54,7 @@ from fr_jax import cli
 from fr_jax.config import PLAN_DEVICES, Config, ConfigError, Device, GRPOLossConfig, load_config, read_yaml
 from fr_jax.models.config import ModelConfig
 from fr_jax.models.decoder import CACHE_AXES, abstract_model, param_shardings
+from fr_jax.models.loading import model_config
 from fr_jax.parallel.mesh import resolve_axis_sizes
 from fr_jax.parallel.rules import (
     DEFAULT_RULES,
@@ -69,7 +70,6 @@ from fr_jax.rl.update import grpo_loss_fn
 from fr_jax.rollout.engine import bucket
 from fr_jax.trainer.metrics import forward_flops
 from fr_jax.trainer.optim import build_optimizer
-from fr_jax.trainer.runtime import model_config
 from fr_jax.trainer.sft import sft_loss
 from fr_jax.trainer.step import LossFn, TrainStep
 

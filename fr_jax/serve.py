@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import argparse
 import logging
+import pathlib
+import sys
 
 import uvicorn
 
+from fr_jax import cli
+from fr_jax.config import ConfigError
 from fr_jax.parallel.mesh import initialize_distributed, make_mesh
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m fr_jax.serve", description=__doc__.split("\n")[0])
+    p = cli.parser("python -m fr_jax.serve", __doc__)
     p.add_argument(
         "--model",
         "--model-path",
@@ -58,9 +62,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def main(argv=None) -> int:
+    return cli.run(serve, parse_args(argv))
+
+
+def serve(args: argparse.Namespace) -> int:
+    logging.getLogger().setLevel(args.log_level.upper())
     initialize_distributed()
     from fr_jax.rollout.server import RolloutServer, create_app  # after logging: loading logs progress
 
@@ -69,10 +76,12 @@ def main(argv=None) -> None:
         from fr_jax.models.gguf import smollm2_hf_dir
 
         model_dir = str(smollm2_hf_dir())
+    if not (pathlib.Path(model_dir) / "config.json").is_file():
+        raise ConfigError(f"--model {args.model}: not an HF model directory (no config.json there) nor 'smollm2'")
     try:
         data, fsdp, tensor = (int(x) for x in args.mesh.split(","))
     except ValueError:
-        raise SystemExit(f"--mesh {args.mesh!r}: expected three integers data,fsdp,tensor") from None
+        raise ConfigError(f"--mesh {args.mesh!r}: expected three integers data,fsdp,tensor") from None
     if args.tp_size is not None:
         data, fsdp, tensor = 1, -1, args.tp_size
     mesh = make_mesh(data, fsdp, tensor)
@@ -94,7 +103,8 @@ def main(argv=None) -> None:
         weight_version=args.weight_version,
     )
     uvicorn.run(create_app(server), host=args.host, port=args.port, log_level=args.log_level.lower())
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -8,7 +8,8 @@ import yaml
 
 from fr_jax import train
 from fr_jax.config import Config, ConfigError, apply_overrides, load_config, parse_config
-from fr_jax.trainer.runtime import check_batch_layout, mesh_from_config, model_config
+from fr_jax.models.loading import model_config
+from fr_jax.trainer.runtime import check_batch_layout, mesh_from_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 BASE = {

@@ -13,9 +13,10 @@ from flax import nnx
 from fr_jax import plan
 from fr_jax.config import PLAN_DEVICES, ConfigError, apply_overrides, load_config, parse_config
 from fr_jax.models.decoder import abstract_model, create_model
+from fr_jax.models.loading import model_config
 from fr_jax.parallel.rules import DEFAULT_RULES, active_rules
 from fr_jax.trainer.optim import build_optimizer
-from fr_jax.trainer.runtime import mesh_from_config, model_config
+from fr_jax.trainer.runtime import mesh_from_config
 from fr_jax.trainer.sft import sft_loss
 from fr_jax.trainer.step import TrainStep
 

@@ -18,10 +18,12 @@ from flax import nnx
 from fr_jax.config import ConfigError
 from fr_jax.models.config import ModelConfig
 from fr_jax.models.decoder import abstract_model
+from fr_jax.models.hf import save_pretrained
+from fr_jax.models.loading import load_model, load_tokenizer, model_config, pretrained_dir
 from fr_jax.trainer.checkpoint import Checkpointer
 from fr_jax.trainer.metrics import MetricsWriter
 from fr_jax.trainer.optim import build_optimizer
-from fr_jax.trainer.runtime import Runtime, export_hf, load_model, load_tokenizer, model_config
+from fr_jax.trainer.runtime import Runtime
 from fr_jax.trainer.step import LossFn, TrainState, TrainStep
 
 _log = logging.getLogger(__name__)
@@ -66,10 +68,17 @@ class Stage:
         self.writer.close()
 
     def export(self, state: TrainState) -> pathlib.Path | None:
-        """<run_dir>/hf with the final weights (train.export_hf); every process calls it."""
+        """<run_dir>/hf (train.export_hf): the final weights as an HF checkpoint with the tokenizer and, for a
+        pretrained model, its generation settings (special token ids, generation_config.json). Every process calls
+        it (saving gathers shards)."""
         if not self.rt.cfg.train.export_hf:
             return None
-        return export_hf(self.rt, self.step_fn.model(state.params), self.policy.tokenizer)
+        out, section = self.rt.run_dir / "hf", self.rt.cfg.model
+        source = pretrained_dir(section.pretrained) if section.pretrained else None
+        save_pretrained(self.step_fn.model(state.params), out, source_dir=source)
+        if self.rt.is_main:
+            self.policy.tokenizer.save_pretrained(out)
+        return out
 
 
 def start_stage(

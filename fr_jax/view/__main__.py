@@ -13,12 +13,13 @@ import pathlib
 import sys
 import time
 
+from fr_jax import cli
 from fr_jax.view.live import LiveReport
 from fr_jax.view.report import ReportBuilder
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m fr_jax.view", description=__doc__.splitlines()[0])
+    p = cli.parser("python -m fr_jax.view", __doc__)
     p.add_argument("runs", nargs="+", help="run directories (the run_dir of a fr_jax config)")
     p.add_argument("--out", default=None, help="report folder (default: <run_dir>/view for one run)")
     p.add_argument("--serve", action="store_true", help="serve on localhost and rebuild as records arrive")

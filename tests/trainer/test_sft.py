@@ -7,9 +7,10 @@ import transformers
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fr_jax.config import parse_config, read_yaml
+from fr_jax.models.loading import pretrained_dir
 from fr_jax.models.tokenizer import load_tokenizer
 from fr_jax.trainer.metrics import read_metrics
-from fr_jax.trainer.runtime import pretrained_dir, start_runtime
+from fr_jax.trainer.runtime import start_runtime
 from fr_jax.trainer.sft import run_sft
 
 STEPS = 2
