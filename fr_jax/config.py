@@ -83,6 +83,9 @@ class ModelSection(Section):
     config_json: str | None = None  # architecture from an HF config.json, random init
     architecture: dict[str, Any] | None = None  # architecture inline (HF config.json keys), random init
     tokenizer: str | None = None  # HF dir with tokenizer files, a demo name, or "qwen"; default: the pretrained dir
+    # the chat template for SFT, GRPO prompts and serving: a built-in name (fr_jax/models/chat_templates: chatml,
+    # deepseek-r1-keep-reasoning) or a Jinja file; null: the tokenizer's own
+    chat_template: str | None = None
     init_seed: int = 0
     dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype
     param_dtype: Literal["float32", "bfloat16"] = "float32"  # stored (master) parameter dtype

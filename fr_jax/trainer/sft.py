@@ -11,7 +11,7 @@ import optax
 from flax import nnx
 
 from fr_jax.config import Config, ConfigError
-from fr_jax.data.sft import build_sft_data
+from fr_jax.data.sft import build_sft_data, check_keeps_reasoning
 from fr_jax.trainer.metrics import Throughput, measure_peak_flops
 from fr_jax.trainer.runtime import Runtime
 from fr_jax.trainer.stage import Stage, policy_of, start_stage
@@ -40,6 +40,10 @@ def run_sft(rt: Runtime) -> dict[str, Any]:
     cfg: Config = rt.cfg
     train = cfg.train
     policy = policy_of(rt)
+    try:
+        check_keeps_reasoning(policy.tokenizer)
+    except ValueError as err:
+        raise ConfigError(f"model.chat_template: {err}") from None
     try:
         data = build_sft_data(
             cfg.sft.data,
