@@ -52,10 +52,19 @@ class Section(BaseModel):
 
 
 def check_external_url(section, prefix: str):
-    """A service the run does not start (launch: none) needs its url, and a service it starts has none."""
-    if (section.launch == "none") != (section.url is not None):
+    """A service the run does not start (launch: none) needs its url (or, for a fleet, its urls), and a service it
+    starts has none."""
+    urls = getattr(section, "urls", [])
+    if section.url is not None and urls:
+        raise ValueError(f"give {prefix}.url or {prefix}.urls, not both")
+    if (section.launch == "none") != (section.url is not None or bool(urls)):
         raise ValueError(f"{prefix}.url is required with {prefix}.launch 'none', and only then")
     return section
+
+
+def service_urls(section) -> list[str]:
+    """The URLs of a service the run does not start: its url, or its fleet's urls."""
+    return [section.url] if section.url is not None else list(section.urls)
 
 
 class _YamlLoader(yaml.SafeLoader):
@@ -276,8 +285,10 @@ class GRPORolloutSection(Section):
 
 
 class GRPOSandboxSection(Section):
-    launch: Literal["local", "none"] = "local"  # none: a sandbox_service already running at `url`
+    launch: Literal["local", "none"] = "local"  # none: a sandbox_service already running at `url` (or `urls`)
     url: str | None = None
+    urls: list[str] = Field(default_factory=list, strict=False)  # launch none: a fleet (fr_jax.sandbox.fleet)
+    replicas: int = Field(1, ge=1)  # local launch: this many services, used as a fleet
     workers: int | None = Field(None, ge=1)  # local launch: concurrent jailed runs (default: 2 per core)
     insecure: bool = False  # local launch: run without isolation when the jail cannot be set up
     timeout_s: float = Field(5.0, gt=0, le=60)  # per test

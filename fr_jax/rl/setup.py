@@ -25,7 +25,7 @@ from typing import Any
 
 import httpx
 
-from fr_jax.config import ConfigError, GRPORolloutSection, GRPOSandboxSection, GRPOSection
+from fr_jax.config import ConfigError, GRPORolloutSection, GRPOSandboxSection, GRPOSection, service_urls
 from fr_jax.data.task_file import load_task_set
 from fr_jax.data.tasks import Task
 from fr_jax.rl.batch import Layout
@@ -167,7 +167,8 @@ def check_external_services(grpo: GRPOSection, mode: Mode) -> None:
     if grpo.rollout.launch == "none":
         checks.append(("grpo.rollout.url", grpo.rollout.url, "/health", "start the rollout server"))
     if grpo.sandbox.launch == "none":
-        checks.append(("grpo.sandbox.url", grpo.sandbox.url, "/health", "start `python -m sandbox_service`"))
+        for url in service_urls(grpo.sandbox):
+            checks.append(("grpo.sandbox.url", url, "/health", "start `python -m sandbox_service`"))
     if grpo.sandbox.launch == "local" and worker is not None and worker.url not in (None, ROLLOUT_WORKER):
         checks.append(("grpo.workflow.worker_url", worker.url, "/models", "start the worker LLM's server"))
     for key, url, path, fix in checks:
@@ -198,22 +199,25 @@ def planned_rollout(section: GRPORolloutSection) -> tuple[str, int | None]:
 def sandbox_session(
     section: GRPOSandboxSection, mode: Mode, *, rollout_url: str | None, log_dir: pathlib.Path
 ) -> Iterator[SandboxSession]:
-    """A session on the sandbox, healthy, with `mode` prepared on it. A launched sandbox allowlists the mode's
-    worker; a running one has its own allowlist."""
+    """A session on the sandbox (or on a fleet of them: `urls`, or `replicas` launched here), healthy, with `mode`
+    prepared on it. A launched sandbox allowlists the mode's worker; a running one has its own allowlist."""
     log_dir.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
         if section.launch == "none":
-            url = section.url
+            urls = service_urls(section)
         else:
             entry = mode.worker.allowlist_entry(rollout_url) if mode.worker is not None else None
             flags = ["--worker", entry] if entry else []
             flags += [arg for name, path in section.pythons.items() for arg in ("--python", f"{name}={path}")]
-            local = LocalSandbox(
-                workers=section.workers, insecure=section.insecure, log_path=log_dir / "sandbox.log", extra_args=flags
-            )
-            url = stack.enter_context(local).url
-            _log.info("sandbox_service at %s (log %s)", url, log_dir / "sandbox.log")
-        session = stack.enter_context(SandboxSession(url))
+            urls = []
+            for i in range(section.replicas):
+                log_path = log_dir / ("sandbox.log" if section.replicas == 1 else f"sandbox_{i}.log")
+                local = LocalSandbox(
+                    workers=section.workers, insecure=section.insecure, log_path=log_path, extra_args=flags
+                )
+                urls.append(stack.enter_context(local).url)
+                _log.info("sandbox_service at %s (log %s)", urls[-1], log_path)
+        session = stack.enter_context(SandboxSession(urls))
         session.run(lambda sandbox: sandbox.health())
         session.run(mode.prepare)
         yield session

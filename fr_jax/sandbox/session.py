@@ -10,29 +10,33 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from fr_jax.sandbox.client import SandboxClient
+from fr_jax.sandbox.fleet import SandboxFleet
 
 T = TypeVar("T")
 
 
 class SandboxSession:
-    """`with SandboxSession(url) as session: session.run(lambda sandbox: sandbox.health())`."""
+    """`with SandboxSession(url) as session: session.run(lambda sandbox: sandbox.health())`; several URLs make the
+    session's client a SandboxFleet."""
 
-    def __init__(self, url: str, **client_kwargs: Any):
-        self.url = url
+    def __init__(self, urls: str | Sequence[str], **client_kwargs: Any):
+        self.urls = [urls] if isinstance(urls, str) else list(urls)
         self._client_kwargs = client_kwargs
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="sandbox-session", daemon=True)
-        self._client: SandboxClient | None = None
+        self._client: SandboxClient | SandboxFleet | None = None
 
     def __enter__(self) -> SandboxSession:
         self._thread.start()
 
-        async def open_client() -> SandboxClient:  # created on the session's loop, where it will be used
-            return SandboxClient(self.url, **self._client_kwargs)
+        async def open_client() -> SandboxClient | SandboxFleet:  # created on the session's loop, where it is used
+            if len(self.urls) == 1:
+                return SandboxClient(self.urls[0], **self._client_kwargs)
+            return SandboxFleet(self.urls, **self._client_kwargs)
 
         self._client = asyncio.run_coroutine_threadsafe(open_client(), self._loop).result()
         return self
