@@ -133,23 +133,20 @@ class GRPORun:
                     if host["tasks"] is not None:
                         stream.set_state(host["tasks"])
                     summary.update(train_tasks=len(tasks.train), eval_tasks=len(tasks.heldout))
-                    model = stage.step_fn.model(stage.state.params)
+                model, version = stage.step_fn.model(stage.state.params), host["weight_version"]
+                sync.publish(model, self.policy.tokenizer, write_tokenizer=main)  # every process: it gathers shards
+                if main:
                     svc.client = stack.enter_context(
-                        sync.serving(
-                            model,
-                            self.policy.tokenizer,
-                            log_dir=log_dir,
-                            version=host["weight_version"],
-                            seed=self.train.seed,
-                            port=port,
-                        )
+                        sync.serving(version=version, seed=self.train.seed, log_dir=log_dir, port=port)
                     )
                     svc.records = stack.enter_context(
                         RecordWriter(
                             self.rt.run_dir, self.cfg.monitor.rollouts, seed=self.train.seed, start_round=stage.start
                         )
                     )
-                state = self._rounds(stage, layout, sync, svc, host["weight_version"], summary)
+                if g.rollout.launch == "none":  # a running server: make it serve the run's weights
+                    sync.push(svc.client, model, version)
+                state = self._rounds(stage, layout, sync, svc, version, summary)
             finally:
                 stage.close()
         return state, stage, summary

@@ -3,7 +3,7 @@
 The weights go as an HF directory on a fast local path (by default a folder in /dev/shm, removed at the end), the
 server loads it with /update_weights_from_disk and must then report the round's weight_version: every rollout
 carries the version that sampled it. A server launched by the run starts on the run's current weights (the
-restored ones when resuming); a running server (`launch: none`) is made to load them first.
+restored ones when resuming, `publish`); a running server (`launch: none`) is made to load them first (`push`).
 """
 
 from __future__ import annotations
@@ -31,19 +31,21 @@ class PolicySync:
         if self._temporary:
             shutil.rmtree(self.dir, ignore_errors=True)
 
-    @contextlib.contextmanager
-    def serving(
-        self, model, tokenizer, *, version: str, seed: int, log_dir: pathlib.Path, port: int | None
-    ) -> Iterator[RolloutClient]:
-        """A client of the rollout server, which serves `model`'s weights as `version`."""
-        if self.section.launch != "none":  # a launched server starts on these weights
+    def publish(self, model, tokenizer, *, write_tokenizer: bool) -> None:
+        """Every process: write the run's current weights (and, on process 0, the tokenizer) for a server the run
+        launches; saving gathers the shards, so every process takes part."""
+        if self.section.launch != "none":
             save_pretrained(model, self.dir)
-            tokenizer.save_pretrained(self.dir)
+            if write_tokenizer:
+                tokenizer.save_pretrained(self.dir)
+
+    @contextlib.contextmanager
+    def serving(self, *, version: str, seed: int, log_dir: pathlib.Path, port: int | None) -> Iterator[RolloutClient]:
+        """Process 0: a client of the rollout server, which serves the published weights as `version` (a running
+        server is made to load them with `push`, which every process calls)."""
         with rollout_service(
             self.section, self.dir, weight_version=version, seed=seed, log_dir=log_dir, port=port
         ) as client:
-            if self.section.launch == "none":  # a running server: make it serve them
-                self.push(client, model, version)
             yield client
 
     def push(self, client: RolloutClient | None, model, version: str) -> dict[str, float]:
