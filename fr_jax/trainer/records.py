@@ -115,8 +115,10 @@ def eval_records_path(
 ) -> pathlib.Path:
     """<run_dir>/eval/records/<split>_<method>.jsonl.gz; an evaluation inside a GRPO run adds _round_NNNNN."""
     for name, value in (("split", split), ("method", method)):
-        if not re.fullmatch(r"[A-Za-z0-9.-]+", value):
-            raise RecordError(f"eval record {name} {value!r} must be letters, digits, '.' or '-' (it names a file)")
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", value):
+            raise RecordError(
+                f"eval record {name} {value!r} must be letters, digits, '.', '_' or '-' (it names a file)"
+            )
     suffix = "" if round_index is None else f"_round_{round_index:05d}"
     return pathlib.Path(run_dir) / EVAL_RECORDS_DIR / f"{split}_{method}{suffix}.jsonl.gz"
 

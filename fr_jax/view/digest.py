@@ -29,7 +29,7 @@ _ODD_CODE = re.compile(
 )
 _LIMIT_STATUSES = ("TimeLimitExceeded", "MemoryLimitExceeded", "OutputLimitExceeded")
 _BUDGET_FAILURES = ("budget_exceeded", "timeout")
-SEARCH_CHARS = 400  # of the answer and of the solution, per sample, in the search text
+SEARCH_CHARS = 400  # of the answer (a design's modification comes first) and of the solution, in the search text
 
 
 @dataclasses.dataclass
@@ -138,9 +138,7 @@ def digest(records: list[dict]) -> Digest:
                 "ops": _operators(record, flow),
                 "tokens": record.get("response_tokens"),
                 "flags": sample_flags,
-                "text": "\n".join(
-                    filter(None, [design.get("modification"), answer[:SEARCH_CHARS], (code or "")[:SEARCH_CHARS]])
-                ),
+                "text": answer[:SEARCH_CHARS] + "\n" + (code or "")[:SEARCH_CHARS],
             }
         )
         details.append(

@@ -297,9 +297,7 @@ def _record_tables(sources: list[dict[str, Any]], linked: set[int | None]) -> li
     return [
         {
             "run": run,
-            "title": f"{split} after round {round_index} (from the records)"
-            if round_index is not None
-            else f"{split} (from the records)",
+            "title": f"after round {round_index}, from the records" if round_index is not None else "from the records",
             "split": split,
             "columns": list(dict.fromkeys(key for i in members for key in sources[i]["stats"])),
             "rows": [{"method": sources[i]["method"], "values": sources[i]["stats"], "source": i} for i in members],

@@ -47,9 +47,9 @@ KNOWS_THE_FORMAT = {
 }
 
 
-def build_tokenizer(out_dir: pathlib.Path) -> pathlib.Path:
-    """A word-level tokenizer over VOCAB: prompts split on whitespace, outputs decode by plain concatenation."""
-    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel({t: i for i, t in enumerate(VOCAB)}, unk_token="<unk>"))
+def build_tokenizer(out_dir: pathlib.Path, vocab: list[str] = VOCAB) -> pathlib.Path:
+    """A word-level tokenizer over `vocab`: prompts split on whitespace, outputs decode by plain concatenation."""
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel({t: i for i, t in enumerate(vocab)}, unk_token="<unk>"))
     backend.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
     backend.decoder = tokenizers.decoders.Fuse()
     tokenizer = transformers.PreTrainedTokenizerFast(
@@ -119,20 +119,27 @@ def grpo_config(run_dir, model_dir, tasks_file, *, rounds: int, **grpo_overrides
 
 
 def write_bigram_model(
-    out_dir: pathlib.Path, tokenizer_dir: pathlib.Path, logits: dict[str, dict[str, float]], *, seed: int = 0
+    out_dir: pathlib.Path,
+    tokenizer_dir: pathlib.Path,
+    logits: dict[str, dict[str, float]],
+    *,
+    seed: int = 0,
+    vocab: list[str] = VOCAB,
+    **architecture,
 ) -> pathlib.Path:
-    """An HF checkpoint of TINY_LLAMA (plus the tokenizer) whose embeddings and output head encode a bigram table:
-    after token a the logit of token b is logits[a][b] (0 when absent), up to the small contribution of the randomly
-    initialised layers, which stay trainable."""
+    """An HF checkpoint of TINY_LLAMA (plus the tokenizer; `architecture` overrides its keys) whose embeddings and
+    output head encode a bigram table over `vocab`: after token a the logit of token b is logits[a][b] (0 when
+    absent), up to the small contribution of the randomly initialised layers, which stay trainable."""
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    model = create_model(ModelConfig.from_hf(TINY_LLAMA), mesh=mesh, rngs_seed=seed)
+    config = {**TINY_LLAMA, "vocab_size": len(vocab), **architecture}
+    model = create_model(ModelConfig.from_hf(config), mesh=mesh, rngs_seed=seed)
     params = jax.device_get(nnx.to_pure_dict(nnx.state(model)))
-    hidden = TINY_LLAMA["hidden_size"]
-    params["embed"] = np.eye(len(VOCAB), hidden, dtype=np.float32)
-    head = np.zeros((hidden, len(VOCAB)), np.float32)
+    hidden = config["hidden_size"]
+    params["embed"] = np.eye(len(vocab), hidden, dtype=np.float32)
+    head = np.zeros((hidden, len(vocab)), np.float32)
     for current, following in logits.items():
         for token, logit in following.items():
-            head[VOCAB.index(current), VOCAB.index(token)] = logit / np.sqrt(hidden)  # RMSNorm scales e_a by sqrt(H)
+            head[vocab.index(current), vocab.index(token)] = logit / np.sqrt(hidden)  # RMSNorm scales e_a by sqrt(H)
     params["lm_head"] = head
     nnx.update(model, jax.device_put(params))
     save_pretrained(model, out_dir)

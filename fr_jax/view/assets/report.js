@@ -84,7 +84,7 @@
     });
     svg += `<text x="${L}" y="${H - 8}">${num(x0, 0)}</text>`;
     svg += `<text x="${W - R}" y="${H - 8}" text-anchor="end">${num(x1, 0)}</text>`;
-    svg += `<text x="${(L + W) / 2}" y="${H - 8}" text-anchor="middle">round</text>`;
+    svg += `<text x="${(L + W) / 2}" y="${H - 8}" text-anchor="middle">step</text>`;
     curve.series.forEach((s) => {
       const color = FR.runs[s.run].color;
       const points = s.x.map((x, j) => `${sx(x).toFixed(1)},${sy(s.y[j]).toFixed(1)}`).join(" ");
@@ -200,7 +200,7 @@
       history.replaceState(null, "", "#" + tab + (query ? "?" + query : ""));
       show(filter, pageIndex);
     }
-    form.addEventListener("input", () => update(0));
+    ["input", "change"].forEach((event) => form.addEventListener(event, () => update(0)));
     show(current(), page);
   }
 
