@@ -3,10 +3,11 @@
 Both sides compute the mean next-token cross-entropy and its gradient w.r.t. every parameter (with --adamw, also
 an AdamW update). The weights are identical (copied through fr_jax's HF loader), and the first step's losses are
 printed side by side as a check that both compute the same thing. MFU is against this machine's measured peak:
-a jitted 2048^3 fp32 matmul.
+a jitted 2048^3 fp32 matmul (8192^3 in the compute dtype off CPU), or --peak-tflops (a vendor figure).
 
     python bench/model_step.py                       # SmolLM2-135M config and a tiny Qwen2, batch 4 x 256
     python bench/model_step.py --models smollm2 --batch 8 --seq 512 --steps 5 --adamw
+    python bench/model_step.py --models qwen2.5-0.5b --dtype bfloat16 --no-torch --peak-tflops 989   # an H100 SXM
 """
 
 from __future__ import annotations
@@ -42,6 +43,19 @@ CONFIGS = {
         rope_theta=100000.0,
         tie_word_embeddings=True,
         max_position_embeddings=8192,
+    ),
+    # Qwen2.5-0.5B's config.json values, random weights (the GPU check's MFU: --dtype bfloat16 --no-torch)
+    "qwen2.5-0.5b": lambda: transformers.Qwen2Config(
+        vocab_size=151936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-6,
+        rope_theta=1e6,
+        tie_word_embeddings=True,
+        max_position_embeddings=32768,
     ),
     "qwen-tiny": lambda: transformers.Qwen2Config(
         vocab_size=8192,
@@ -152,14 +166,23 @@ def main():
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps after compilation")
     parser.add_argument("--adamw", action="store_true", help="include an AdamW update in each step")
     parser.add_argument("--remat", default="none", choices=("none", "full", "dots"))
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="fr_jax compute dtype")
+    parser.add_argument("--no-torch", action="store_true", help="fr_jax alone (no transformers+torch baseline)")
+    parser.add_argument("--peak-tflops", type=float, help="MFU against this per-device peak (default: measured)")
     args = parser.parse_args()
+    if args.dtype != "float32" and not args.no_torch:
+        parser.error("the torch baseline is fp32 only: add --no-torch to --dtype bfloat16")
 
     torch.set_num_threads(os.cpu_count())
-    peak = measure_peak_flops(jnp.float32, 2048, repeats=10)
+    size = 2048 if jax.devices()[0].platform == "cpu" else 8192
+    if args.peak_tflops:
+        peak, source = args.peak_tflops * 1e12, "given"
+    else:
+        peak = measure_peak_flops(jnp.dtype(args.dtype), size, repeats=10)
+        source = f"jitted {size}^3 matmul, best of 10"
     print(
-        f"devices: {jax.devices()[0].platform} x{jax.device_count()}, torch threads {torch.get_num_threads()}, "
-        f"load average {os.getloadavg()[0]:.1f}; measured fp32 matmul peak (jitted 2048^3, best of 10): "
-        f"{peak / 1e9:.1f} GFLOP/s"
+        f"devices: {jax.devices()[0].device_kind} x{jax.device_count()}, torch threads {torch.get_num_threads()}, "
+        f"load average {os.getloadavg()[0]:.1f}; {args.dtype} peak ({source}): {peak / 1e9:.1f} GFLOP/s"
     )
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
     rows = []
@@ -169,37 +192,41 @@ def main():
         hf_model = transformers.AutoModelForCausalLM.from_config(hf_config, attn_implementation="sdpa")
         with tempfile.TemporaryDirectory() as tmp:
             hf_model.save_pretrained(tmp)
-            model = load_pretrained(tmp, mesh=mesh, remat=args.remat)
+            model = load_pretrained(tmp, mesh=mesh, remat=args.remat, dtype=args.dtype)
         cfg = model.cfg
         ids = np.random.RandomState(0).randint(0, cfg.vocab_size, (args.batch, args.seq))
         tokens = args.batch * args.seq
         flops = step_flops(cfg, args.batch, args.seq)
 
-        torch_step, torch_losses = torch_side(hf_model, ids, args.adamw)
-        torch_step()
+        steps = {}  # side -> one step
+        if not args.no_torch:
+            steps["transformers+torch"], torch_losses = torch_side(hf_model, ids, args.adamw)
+            steps["transformers+torch"]()
         with jax.set_mesh(mesh):
-            jax_step, jax_losses = jax_side(model, ids, args.adamw)
+            steps["fr_jax"], jax_losses = jax_side(model, ids, args.adamw)
             t = time.perf_counter()
-            jax_step()
+            steps["fr_jax"]()
             compile_s = time.perf_counter() - t
-            seconds = time_interleaved({"torch": torch_step, "jax": jax_step}, args.steps, args.warmup)
-        torch_s, jax_s = seconds["torch"], seconds["jax"]
+            seconds = time_interleaved(steps, args.steps, args.warmup)
         what = "fwd+bwd+AdamW" if args.adamw else "fwd+bwd"
         print(
-            f"\n[{name}] {what}, batch {args.batch} x {args.seq}, fp32, "
+            f"\n[{name}] {what}, batch {args.batch} x {args.seq}, {args.dtype}, "
             f"{sum(p.numel() for p in hf_model.parameters()) / 1e6:.1f}M params, {flops / 1e9:.0f} GFLOP/step"
         )
-        print(f"  first-step loss   torch {torch_losses[0]:.6f}   fr_jax {jax_losses[0]:.6f}  (same weights and batch)")
-        for label, sec in (("transformers+torch", torch_s), ("fr_jax", jax_s)):
+        torch_loss = "" if args.no_torch else f"torch {torch_losses[0]:.6f} (same weights and batch)   "
+        print(f"  first-step loss   {torch_loss}fr_jax {jax_losses[0]:.6f}")
+        for label, sec in seconds.items():
             print(
                 f"  {label:<19} {tokens / sec:9.1f} tokens/s  {sec * 1e3:8.1f} ms/step  MFU {flops / sec / peak:6.1%}"
             )
         print(f"  fr_jax compile+first step {compile_s:.1f} s")
-        print(f"  ratio fr_jax / torch: {torch_s / jax_s:.2f}x")
-        rows.append((name, torch_s / jax_s))
-    print(
-        f"\nsummary (load average now {os.getloadavg()[0]:.1f}): " + ", ".join(f"{n} {r:.2f}x torch" for n, r in rows)
-    )
+        if args.no_torch:
+            rows.append((name, f"MFU {flops / seconds['fr_jax'] / peak:.1%}"))
+            continue
+        ratio = seconds["transformers+torch"] / seconds["fr_jax"]
+        print(f"  ratio fr_jax / torch: {ratio:.2f}x")
+        rows.append((name, f"{ratio:.2f}x torch"))
+    print(f"\nsummary (load average now {os.getloadavg()[0]:.1f}): " + ", ".join(f"{n} {r}" for n, r in rows))
 
 
 if __name__ == "__main__":

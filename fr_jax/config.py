@@ -183,18 +183,60 @@ class TrainSection(Section):
         return self
 
 
+def storage_location(value: str) -> str:
+    """A place checkpoints or TensorBoard events can go: a local path (file:///x is read as /x) or gs://bucket/path.
+    Only these: orbax writes arrays through tensorstore's file or gcs driver, chosen by the path (an s3:// path would
+    go to the file driver), and etils.epath, which writes the rest, knows no memory:// or other fsspec schemes."""
+    scheme, sep, rest = value.partition("://")
+    if not sep:
+        return value
+    if scheme == "file" and rest.startswith("/"):
+        return rest
+    if scheme == "gs" and rest.split("/")[0]:
+        return value
+    raise ValueError(f"{value!r} is neither a local path nor gs://bucket/path (file:///abs/path reads as a local path)")
+
+
 class CheckpointSection(Section):
     every_steps: int = Field(100, ge=1)
     keep: int = Field(2, ge=1)
     async_save: bool = True
+    # where the checkpoints go: a local path or gs://bucket/path (a TPU pod's hosts all write there); null:
+    # <run_dir>/checkpoints. Several processes on several hosts need a place they all reach.
+    dir: str | None = None
+
+    @field_validator("dir")
+    @classmethod
+    def _location(cls, v):
+        return None if v is None else storage_location(v)
+
+
+class WandbSection(Section):
+    """Weights & Biases beside TensorBoard (`pip install -e .[wandb]`): the same scalars, the text samples and the
+    resolved config. offline mode writes under <run_dir>/wandb for a later `wandb sync`."""
+
+    enabled: bool = False
+    project: str = "fr_jax"
+    entity: str | None = None  # a team or user; null: the API key's default
+    name: str | None = None  # the run's display name; null: the run directory's name
+    mode: Literal["online", "offline"] = "online"
 
 
 class MonitorSection(Section):
     tensorboard: bool = True
+    # where TensorBoard's event files go: a local path or gs://bucket/path (`tensorboard --logdir` reads both);
+    # null: <run_dir>/tensorboard
+    tensorboard_dir: str | None = None
+    wandb: WandbSection = WandbSection()
     progress_bar: bool = True
     peak_tflops_per_device: float | None = Field(None, gt=0)  # null: measured once at start with a matmul
     # rollout records (docs/records.md): every sample, `sample:K` (whole groups, about K samples a round), or off
     rollouts: str = Field("all", pattern=r"^(all|off|sample:[1-9][0-9]*)$")
+
+    @field_validator("tensorboard_dir")
+    @classmethod
+    def _location(cls, v):
+        return None if v is None else storage_location(v)
 
 
 class SFTDataSection(Section):

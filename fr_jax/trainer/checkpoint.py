@@ -8,6 +8,9 @@ Two items per step:
   them (e.g. data shards) when the process count changed.
 Saves are asynchronous (the device->host copy blocks, the write does not); a checkpoint appears in the
 directory only once complete, so `kill -9` at any moment leaves the last complete one usable.
+The directory is a local path or a gs:// URL (fr_jax.config.storage_location): orbax writes the arrays through
+tensorstore's gcs driver and the rest through etils.epath (gcsfs), so every host of a TPU pod writes its own shards
+to the bucket and a resumed run on other hosts finds them.
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ import dataclasses
 import json
 import logging
 import os
-import pathlib
 import re
 from typing import Any
 
@@ -66,7 +68,8 @@ class Checkpointer:
     """Save every `every_steps` steps (and on demand), keep the newest `keep`, resume from the newest."""
 
     def __init__(self, directory: str | os.PathLike, *, every_steps: int, keep: int, async_save: bool = True):
-        self.directory = pathlib.Path(directory).absolute()
+        path = epath.Path(directory)
+        self.directory = path if path.is_absolute() else path.absolute()  # a gs:// path is absolute already
         self.every_steps = every_steps
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=async_save, create=True, save_interval_steps=1

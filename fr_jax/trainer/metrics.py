@@ -1,4 +1,4 @@
-"""Monitoring: per-step scalars to TensorBoard and metrics.jsonl, a tqdm bar, and the FLOP figures behind MFU.
+"""Monitoring: per-step scalars to metrics.jsonl, TensorBoard and W&B, a tqdm bar, and the FLOP figures behind MFU.
 
 MFU = model FLOPs per step / step time / (peak FLOP/s per device x devices). Model FLOPs are counted from the
 loss function's jaxpr (every dot_general, scan bodies times their length), times 3 for forward + backward,
@@ -9,19 +9,24 @@ matmul running on all local devices at once.
 
 from __future__ import annotations
 
+import html
 import json
 import math
 import os
 import pathlib
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import yaml
 from jax.extend import core as jex_core
 from tqdm import tqdm
+
+from fr_jax.config import WandbSection
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -98,9 +103,50 @@ class Throughput:
         return {"step_time_s": dt, "tokens_per_s": tokens / dt, "mfu": self.flops_per_step / dt / self.peak}
 
 
-class MetricsWriter:
-    """Scalars to TensorBoard and <run_dir>/metrics.jsonl, and the progress bar; only process 0 writes.
+class WandbRun:
+    """A Weights & Biases run (monitor.wandb) beside TensorBoard: scalars, text samples as HTML, the resolved config.
 
+    Every scalar is plotted against the run's own `step` metric rather than wandb's internal counter, which drops a
+    step lower than one already logged: steps redone after a resume are logged again, not lost. A resumed run
+    continues the W&B run of its run directory (online mode; offline runs are each their own)."""
+
+    ID_FILE = "wandb_run_id"
+
+    def __init__(self, section: WandbSection, run_dir: pathlib.Path, config: dict[str, Any], start_step: int):
+        import wandb  # the wandb extra; fr_jax.trainer.stage names it when missing
+
+        self._html = wandb.Html
+        id_file = run_dir / self.ID_FILE
+        run_id = id_file.read_text().strip() if start_step and id_file.is_file() else uuid.uuid4().hex[:12]
+        id_file.write_text(run_id)
+        self._run = wandb.init(
+            project=section.project,
+            entity=section.entity,
+            name=section.name or run_dir.name,
+            mode=section.mode,
+            dir=run_dir,
+            config=config,
+            id=run_id,
+            resume="allow",
+        )
+        self._run.define_metric("step")
+        self._run.define_metric("*", step_metric="step")
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        self._run.log({"step": step, **values})
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        self._run.log({"step": step, tag: self._html(f"<pre>{html.escape(text)}</pre>")})
+
+    def close(self) -> None:
+        self._run.finish()
+
+
+class MetricsWriter:
+    """Scalars to <run_dir>/metrics.jsonl, TensorBoard and W&B, and the progress bar; only process 0 writes.
+
+    metrics.jsonl stays in the (local) run directory; TensorBoard's directory may be a gs:// URL, which tensorboardX
+    writes with google-cloud-storage (each flush uploads the whole event file, about every 2 minutes).
     On resume from step s, lines for steps after s (from a run that died after its last checkpoint) are
     dropped and TensorBoard purges them, so the logs read as one uninterrupted run.
     """
@@ -111,14 +157,19 @@ class MetricsWriter:
         *,
         total_steps: int,
         start_step: int = 0,
-        tensorboard: bool = True,
+        tensorboard_dir: str | os.PathLike | None = None,
+        wandb: WandbSection | None = None,
+        config: dict[str, Any] | None = None,
         progress_bar: bool = True,
         enabled: bool | None = None,
         desc: str = "train",
     ):
+        """`tensorboard_dir` None: no TensorBoard; `wandb` None or not enabled: no W&B; `config`: the resolved
+        config, as TensorBoard text and as the W&B run's config."""
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self.path = pathlib.Path(run_dir) / METRICS_FILE
         self._tb = None
+        self._wandb = None
         self._bar = None
         if not self.enabled:
             return
@@ -127,17 +178,23 @@ class MetricsWriter:
             kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
             self.path.write_text("".join(line + "\n" for line in kept))
         self._file = self.path.open("a")
-        if tensorboard:
+        if tensorboard_dir is not None:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(str(pathlib.Path(run_dir) / "tensorboard"), purge_step=start_step + 1)
+            self._tb = SummaryWriter(str(tensorboard_dir), purge_step=start_step + 1)
+            if config is not None:
+                self._tb.add_text("config", f"```\n{yaml.safe_dump(config, sort_keys=False)}\n```", 0)
+        if wandb is not None and wandb.enabled:
+            self._wandb = WandbRun(wandb, self.path.parent, config or {}, start_step)
         if progress_bar:
             self._bar = tqdm(total=total_steps, initial=start_step, desc=desc, unit="step", dynamic_ncols=True)
 
     def text(self, tag: str, text: str, step: int = 0) -> None:
-        """Text to TensorBoard (shown verbatim): the resolved config, sample completions, ..."""
+        """Text shown verbatim (sample completions, ...) in TensorBoard and W&B."""
         if self._tb is not None:
             self._tb.add_text(tag, f"```\n{text}\n```", step)
+        if self._wandb is not None:
+            self._wandb.text(tag, text, step)
 
     def scalars(self, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:
@@ -148,6 +205,8 @@ class MetricsWriter:
         if self._tb is not None:
             for k, v in values.items():
                 self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.scalars(step, values)
 
     def progress(self, step: int, **postfix: float) -> None:
         """Move the bar to `step` and show `postfix` (loss, tokens/s, ...); tqdm adds the ETA."""
@@ -161,6 +220,9 @@ class MetricsWriter:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+            self._tb = None  # tensorboardX's gs:// writer uploads once more when collected: let that happen now
+        if self._wandb is not None:
+            self._wandb.close()
         if self._bar is not None:
             self._bar.close()
 

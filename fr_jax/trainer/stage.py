@@ -1,13 +1,15 @@
 """The start-up and the finish every training stage shares (SFT, GRPO, the pipeline's stages).
 
 Start: the policy's tokenizer and architecture with the vocabulary check; the optimizer and the jitted sharded
-step; the checkpointer, then restore-or-init (a resumed run never materialises initial weights); the metrics
-writer. Finish: close the checkpointer and the writer (also on failure), then the HF export of the final weights.
+step; the checkpointer (checkpoint.dir: local or gs://), then restore-or-init (a resumed run never materialises
+initial weights); the metrics writer (TensorBoard, local or gs://, and W&B). Finish: close the checkpointer and
+the writer (also on failure), then the HF export of the final weights.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import logging
 import pathlib
 from collections.abc import Callable
@@ -15,7 +17,7 @@ from typing import Any
 
 from flax import nnx
 
-from fr_jax.config import ConfigError
+from fr_jax.config import Config, ConfigError
 from fr_jax.models.config import ModelConfig
 from fr_jax.models.decoder import abstract_model
 from fr_jax.models.hf import save_pretrained
@@ -45,6 +47,31 @@ def policy_of(rt: Runtime) -> Policy:
             f"model.tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {config.vocab_size}"
         )
     return Policy(tokenizer, config)
+
+
+def check_optional_packages(cfg: Config) -> None:
+    """The packages the config asks for beyond the core (the gcs and wandb extras), named in one line before any
+    weight is loaded. gs:// needs gcsfs (etils.epath's backend for orbax) and google-cloud-storage (orbax's bucket
+    checks, tensorboardX's writer)."""
+    places = {"checkpoint.dir": cfg.checkpoint.dir}
+    if cfg.monitor.tensorboard:
+        places["monitor.tensorboard_dir"] = cfg.monitor.tensorboard_dir
+    needs = [
+        (key, "gcs", ("gcsfs", "google.cloud.storage")) for key, v in places.items() if v and v.startswith("gs://")
+    ]
+    if cfg.monitor.wandb.enabled:
+        needs.append(("monitor.wandb.enabled", "wandb", ("wandb",)))
+    for key, extra, modules in needs:
+        missing = [name for name in modules if not _importable(name)]
+        if missing:
+            raise ConfigError(f"{key} needs {' and '.join(missing)}: pip install -e '.[{extra}]'")
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a missing parent package (google.cloud)
+        return False
 
 
 @dataclasses.dataclass
@@ -103,8 +130,11 @@ def start_stage(
         learning_rate_fn=schedule,
         combine_metrics=combine_metrics,
     )
-    c = cfg.checkpoint
-    ckpt = Checkpointer(rt.run_dir / "checkpoints", every_steps=c.every_steps, keep=c.keep, async_save=c.async_save)
+    check_optional_packages(cfg)
+    c, m = cfg.checkpoint, cfg.monitor
+    ckpt = Checkpointer(
+        c.dir or rt.run_dir / "checkpoints", every_steps=c.every_steps, keep=c.keep, async_save=c.async_save
+    )
     start, host_states = ckpt.latest_step(), None
     if start is None:
         start = 0
@@ -117,9 +147,10 @@ def start_stage(
         rt.run_dir,
         total_steps=cfg.train.steps,
         start_step=start,
-        tensorboard=cfg.monitor.tensorboard,
-        progress_bar=cfg.monitor.progress_bar,
+        tensorboard_dir=(m.tensorboard_dir or rt.run_dir / "tensorboard") if m.tensorboard else None,
+        wandb=m.wandb,
+        config=cfg.model_dump(mode="json"),
+        progress_bar=m.progress_bar,
         desc=desc,
     )
-    writer.text("config", cfg.to_yaml())
     return Stage(rt, policy, step_fn, ckpt, writer, start, state, host_states)

@@ -10,12 +10,12 @@ from fr_jax.trainer.metrics import MetricsWriter, Throughput, forward_flops, rea
 
 
 def test_resumed_writer_drops_steps_after_the_checkpoint(tmp_path):
-    writer = MetricsWriter(tmp_path, total_steps=6, tensorboard=False, progress_bar=False, enabled=True)
+    writer = MetricsWriter(tmp_path, total_steps=6, progress_bar=False, enabled=True)
     for step in range(1, 6):
         writer.scalars(step, {"loss": 10.0 - step})
     writer.close()
     # the run died after step 5 with its last checkpoint at 3: steps 4-5 will be redone
-    writer = MetricsWriter(tmp_path, total_steps=6, start_step=3, tensorboard=False, progress_bar=False, enabled=True)
+    writer = MetricsWriter(tmp_path, total_steps=6, start_step=3, progress_bar=False, enabled=True)
     writer.scalars(4, {"loss": 1.5})
     writer.close()
     assert [(m["step"], m["loss"]) for m in read_metrics(tmp_path)] == [(1, 9.0), (2, 8.0), (3, 7.0), (4, 1.5)]
