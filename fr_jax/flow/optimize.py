@@ -1,34 +1,43 @@
-"""`python -m fr_jax.flow.optimize --config FILE.yaml [key.sub=value ...] [--sft-only]`: FlowReasoner's per-query
-refinement loop, and the distillation data it yields.
+"""`python -m fr_jax.flow.optimize --config FILE.yaml [key.sub=value ...] [--sft-only | --best-fixed] [--form F]`:
+FlowReasoner's per-query refinement loop, and the distillation data it yields.
 
 For every query, loop.rounds rounds:
 1. Round 1 runs the seed workflow (one CustomCodeGenerate call).
 2. Round r > 1 picks a parent among the candidates: round 1 and the best other rounds by score, loop.candidates
    in all (AFlow's top rounds, 4 in FlowReasoner), with p = 0.3 * uniform + 0.7 * softmax(0.2 * (100 * score -
-   max)). The designer sees the parent's graph, prompt and score and the experience list, what every earlier
-   modification of that parent did ("modification X took the score from a to b"), and changes one detail.
+   max)). The designer sees the parent's graph, prompt, score and validation feedback and the experience list,
+   what every earlier modification of that parent did ("modification X took the score from a to b"), and changes
+   one detail.
 3. A design that parses is run loop.validation_runs times on the public tests (3 in FlowReasoner); its score is
    the mean pass rate, a failed run counting 0. A design that cannot be parsed or loaded is a format failure: it
    scores 0 in its parent's experience and can never be a parent.
 4. Then the best round (highest score, earliest on ties) and the seed are run on the hidden tests.
 
-The designer is any OpenAI-compatible chat endpoint: a teacher such as DeepSeek-R1 served anywhere, or fr_jax.serve
-(its reasoning may come in a <think> block or in the API's reasoning_content field). The worker is a name on the
-sandbox's allowlist; a sandbox launched here allowlists worker.url under that name. `url: local` means the
-fr_jax.serve this command starts from the local_server section (one server may be designer and worker).
+The designer (designer.kind) is `chat`, any OpenAI-compatible endpoint (DeepSeek-R1 or o1-mini anywhere, or
+fr_jax.serve; reasoning from a <think> block or the API's reasoning_content field), or `search`, the offline search
+teacher of fr_jax.flow.teacher: a seeded search over the operator grammar, not an LLM, so the recipe runs on a
+machine without a teacher model. The worker is a name on the sandbox's allowlist; a sandbox launched here allowlists
+worker.url under that name. `url: local` means the fr_jax.serve this command starts from the local_server section.
 
 Written to out_dir:
 - rounds.jsonl: one line per finished query (in the order they finish) with every round: designer exchange,
-  design, runs, failures. Queries already there are skipped when the command runs again, so an interrupted
-  teacher run resumes.
-- sft.jsonl: SFT records (fr_jax.flow.data), rebuilt from rounds.jsonl with the configured filter each time;
-  --sft-only rebuilds it (e.g. after changing the filter) without running anything.
+  design, runs and their feedback. Queries already there are skipped when the command runs again, so an
+  interrupted run resumes.
+- sft.jsonl: SFT records (fr_jax.flow.data), rebuilt from rounds.jsonl each time: records.form `query` (one per
+  query: the policy's own prompt in, every round's reasoning and feedback then the best design out; the default)
+  or `rounds` (one per designed round), kept by filter.*. --sft-only rebuilds it without running anything, --form
+  picks the form.
 - summary.json: scores before and after refinement, format failures, records kept and dropped.
+- best_fixed.json, with --best-fixed after a run: the one design best on average over all the run's queries (the
+  task-level baseline `best_fixed`, fr_jax.flow.baselines); leading designs are run on the queries they were not
+  tried on.
+
+Exit status 0 done, 2 a mistake in the config or setup (one line; --debug for the traceback). Settings, outputs and
+measured runs: docs/flow.md.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import dataclasses
@@ -48,13 +57,16 @@ from pydantic import Field, model_validator
 from tqdm import tqdm
 
 import fr_jax
-from fr_jax.config import ConfigError, Section, TaskSetSection, check_external_url, load_config
+from fr_jax import cli
+from fr_jax.config import ConfigError, RewardConfig, Section, TaskSetSection, check_external_url, load_config
 from fr_jax.data.jsonl import read_jsonl, write_jsonl
 from fr_jax.data.task_file import load_task_set
 from fr_jax.data.tasks import Task
+from fr_jax.flow.baselines import best_fixed
 from fr_jax.flow.chat import ChatClient
 from fr_jax.flow.data import RecordFilter, sft_records
-from fr_jax.flow.mode import FLOW_SYSTEM_PROMPT, WorkflowRunSettings, is_design_failure, run_design, run_pass_rate
+from fr_jax.flow.feedback import RunRecord
+from fr_jax.flow.mode import FLOW_SYSTEM_PROMPT, WorkflowMode, WorkflowRunSettings, is_design_failure, run_design
 from fr_jax.flow.prompt import (
     MAX_OPERATOR_CALLS,
     SEED_GRAPH,
@@ -66,6 +78,7 @@ from fr_jax.flow.prompt import (
     build_design_prompt,
     parse_design,
 )
+from fr_jax.flow.teacher import ChatDesigner, Designer, DesignRequest, SearchDesigner
 from fr_jax.rl.setup import server_env
 from fr_jax.rollout.launch import launch_local
 from fr_jax.sandbox.client import SandboxClient, WorkflowRun
@@ -104,33 +117,6 @@ def parent_probabilities(scores: Sequence[float], *, uniform_weight: float = 0.3
 
 
 # ------------------------------------------------------------------------------------------------- rounds
-
-
-@dataclasses.dataclass(frozen=True)
-class RunRecord:
-    """One run of a design on one query, as the rounds log keeps it."""
-
-    pass_rate: float  # on the public tests; 0 when the workflow failed
-    failure: str | None  # /workflow/run's failure kind
-    message: str | None
-    operator_calls: int
-    worker_calls: int
-    worker_tokens: int
-    wall_s: float
-    hidden_pass_rate: float | None = None  # final runs only
-
-    @classmethod
-    def of(cls, run: WorkflowRun, *, hidden: bool = False) -> RunRecord:
-        return cls(
-            pass_rate=run_pass_rate(run, hidden=False),
-            failure=run.failure.kind if run.failure else None,
-            message=run.failure.message[:2000] if run.failure else None,
-            operator_calls=run.num_operator_calls,
-            worker_calls=run.worker.calls,
-            worker_tokens=run.worker.prompt_tokens + run.worker.completion_tokens,
-            wall_s=run.wall_s,
-            hidden_pass_rate=run_pass_rate(run, hidden=True) if hidden else None,
-        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,7 +179,8 @@ class LocalServerSection(Section):
 
 
 class DesignerSection(Section):
-    url: str  # OpenAI-compatible base URL ending in /v1, or `local`
+    kind: Literal["chat", "search"] = "chat"  # chat: a model behind url; search: the offline search teacher
+    url: str | None = None  # kind chat: OpenAI-compatible base URL ending in /v1, or `local`
     model: str | None = None  # the request's `model` field (null: left out)
     api_key_env: str | None = None  # environment variable holding a bearer token
     temperature: float = Field(0.0, ge=0, le=2)  # FlowReasoner's teacher: DeepSeek-R1 at temperature 0
@@ -202,6 +189,19 @@ class DesignerSection(Section):
     system: str | None = FLOW_SYSTEM_PROMPT
     timeout_s: float = Field(1800.0, gt=0)  # per request: a reasoning teacher may think for minutes
     max_retries: int = Field(3, ge=0)
+
+    @model_validator(mode="after")
+    def _kind(self):
+        if self.kind == "chat" and self.url is None:
+            raise ValueError(
+                "designer.url is required with designer.kind chat (an OpenAI-compatible base URL ending in /v1, or "
+                "`local`); or set designer.kind: search for the offline search teacher"
+            )
+        if self.kind == "search" and (self.url, self.model, self.api_key_env) != (None, None, None):
+            raise ValueError(
+                "designer.url, model and api_key_env are for designer.kind chat: the search calls no model"
+            )
+        return self
 
 
 class WorkerSection(Section):
@@ -249,6 +249,17 @@ class FilterSection(Section):
     best_per_query: bool = False
 
 
+class RecordsSection(Section):
+    form: Literal["query", "rounds"] = "query"  # query: FlowReasoner's one record per query; rounds: one per round
+    # the policy's system turn in query-form records: the GRPO run's grpo.prompt.system (FLOW_SYSTEM_PROMPT there
+    # when that is null)
+    system: str = FLOW_SYSTEM_PROMPT
+
+
+class BestFixedSection(Section):
+    candidates: int = Field(4, ge=1)  # designs (best by mean score where tried) run on every query to pick best_fixed
+
+
 class OptimizeConfig(Section):
     out_dir: str
     tasks: TasksSection
@@ -258,6 +269,8 @@ class OptimizeConfig(Section):
     loop: LoopSection = LoopSection()
     sandbox: SandboxSection = SandboxSection()
     filter: FilterSection = FilterSection()
+    records: RecordsSection = RecordsSection()
+    best_fixed: BestFixedSection = BestFixedSection()
     local_server: LocalServerSection | None = None
 
     @model_validator(mode="after")
@@ -294,23 +307,17 @@ def load_config_tasks(section: TasksSection) -> list[Task]:
 # ------------------------------------------------------------------------------------------------ the loop
 
 
-def _seed(*key: int) -> int:
+def derived_seed(*key: int) -> int:
+    """The seed of one draw of the loop, from (loop.seed, query index, round, ...): reruns draw the same."""
     return int(np.random.default_rng(list(key)).integers(0, _SEED_LIMIT))
 
 
-class Optimizer:
-    """The refinement loop of one run: one designer, one sandbox, one worker, settings from the config."""
+class DesignRunner:
+    """Runs designs on a query through the sandbox with the configured worker and budgets; each run's worker seed
+    comes from (loop.seed, query, round, public or hidden, run)."""
 
-    def __init__(
-        self,
-        cfg: OptimizeConfig,
-        sandbox: SandboxClient,
-        designer: ChatClient,
-        operators_text: str,
-        setup: dict[str, Any],
-    ):
-        self.cfg, self.sandbox, self.designer, self.operators_text = cfg, sandbox, designer, operators_text
-        self.setup = setup  # what produced the data (designer and worker settings), written with every query
+    def __init__(self, cfg: OptimizeConfig, sandbox: SandboxClient):
+        self.cfg, self.sandbox = cfg, sandbox
         b, w = cfg.budgets, cfg.worker
         self.settings = WorkflowRunSettings(
             worker=w.name,
@@ -324,11 +331,10 @@ class Optimizer:
             test_memory_mb=b.test_memory_mb,
         )
 
-    async def _runs(
+    async def runs(
         self, task: Task, design: ParsedDesign, count: int, index: int, number: int, *, hidden: bool
     ) -> list[WorkflowRun]:
-        """`count` runs with the worker seeds of (loop.seed, query, round, public or hidden, run)."""
-        seeds = [_seed(self.cfg.loop.seed, index, number, int(hidden), i) for i in range(count)]
+        seeds = [derived_seed(self.cfg.loop.seed, index, number, int(hidden), i) for i in range(count)]
         return list(
             await asyncio.gather(
                 *(
@@ -340,30 +346,51 @@ class Optimizer:
             )
         )
 
-    async def _validated(self, task: Task, index: int, number: int, design: ParsedDesign, **fields) -> Round:
-        """A round whose design parsed: run it on the public tests."""
-        runs = await self._runs(task, design, self.cfg.loop.validation_runs, index, number, hidden=False)
+    async def validate(
+        self, task: Task, index: int, number: int, design: ParsedDesign
+    ) -> tuple[tuple[RunRecord, ...], float, str | None]:
+        """loop.validation_runs runs on the public tests: their records, the score (mean pass rate) and the format
+        error of a design that parsed but could not be compiled or loaded (score 0)."""
+        runs = await self.runs(task, design, self.cfg.loop.validation_runs, index, number, hidden=False)
         records = tuple(RunRecord.of(run) for run in runs)
         loading = next((run for run in runs if is_design_failure(run)), None)
-        if loading is not None:  # it parsed, but Python could not compile or load it: a format failure too
-            return Round(
-                number,
-                modification=design.modification,
-                graph=design.graph,
-                prompt=design.prompt,
-                score=0.0,
-                runs=records,
-                format_error=f"{loading.failure.kind}: {loading.failure.message}",
-                warnings=design.warnings,
-                **fields,
-            )
+        if loading is not None:
+            return records, 0.0, f"{loading.failure.kind}: {loading.failure.message}"
+        return records, float(np.mean([r.pass_rate for r in records])), None
+
+
+class Optimizer:
+    """The refinement loop of one run: one designer, one sandbox, one worker, settings from the config."""
+
+    def __init__(
+        self,
+        cfg: OptimizeConfig,
+        runner: DesignRunner,
+        designer: Designer,
+        operators_text: str,
+        setup: dict[str, Any],
+    ):
+        self.cfg, self.runner, self.designer, self.operators_text = cfg, runner, designer, operators_text
+        self.setup = setup  # what produced the data (designer and worker settings), written with every query
+        # the prompt the policy gets for the query in GRPO and at inference: the query-form SFT records' input
+        self.policy = WorkflowMode(
+            reward=RewardConfig(max_operator_calls=cfg.loop.max_operator_calls_told),
+            run=runner.settings,
+            operators_text=operators_text,
+            system=cfg.records.system,
+        )
+
+    async def _validated(self, task: Task, index: int, number: int, design: ParsedDesign, **fields) -> Round:
+        """A round whose design parsed: run it on the public tests."""
+        records, score, format_error = await self.runner.validate(task, index, number, design)
         return Round(
             number,
             modification=design.modification,
             graph=design.graph,
             prompt=design.prompt,
-            score=float(np.mean([r.pass_rate for r in records])),
+            score=score,
             runs=records,
+            format_error=format_error,
             warnings=design.warnings,
             **fields,
         )
@@ -373,7 +400,8 @@ class Optimizer:
         candidates = candidate_rounds(scores, self.cfg.loop.candidates)
         probabilities = parent_probabilities([scores[c] for c in candidates])
         rng = np.random.default_rng([self.cfg.loop.seed, index, number])
-        parent = next(r for r in rounds if r.round == candidates[rng.choice(len(candidates), p=probabilities)])
+        drawn = candidates[rng.choice(len(candidates), p=probabilities)]  # once: not inside the search below
+        parent = next(r for r in rounds if r.round == drawn)
         experience = tuple(experience_for(parent.round, rounds))
         user = build_design_prompt(
             task.prompt,
@@ -384,13 +412,18 @@ class Optimizer:
         )
         system = self.cfg.designer.system
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
-        d = self.cfg.designer
-        reply = await self.designer.complete(
-            messages,
-            temperature=d.temperature,
-            top_p=d.top_p,
-            max_tokens=d.max_tokens,
-            seed=_seed(self.cfg.loop.seed, index, number),
+        reply = await self.designer.design(
+            DesignRequest(
+                messages=messages,
+                parent_round=parent.round,
+                parent_graph=parent.graph,
+                parent_prompt=parent.prompt,
+                parent_score=parent.score,
+                parent_runs=parent.runs,
+                experience=experience,
+                tried=tuple((r.graph, r.prompt) for r in rounds),
+                seed=derived_seed(self.cfg.loop.seed, index, number),
+            )
         )
         design = parse_design(reply.content)
         fields = dict(
@@ -425,7 +458,7 @@ class Optimizer:
         hidden = {}
         for r in sorted({rounds[0].round, best.round}):
             design = ParsedDesign(rounds[r - 1].modification, rounds[r - 1].graph, rounds[r - 1].prompt)
-            runs = await self._runs(task, design, self.cfg.loop.final_runs, index, r, hidden=True)
+            runs = await self.runner.runs(task, design, self.cfg.loop.final_runs, index, r, hidden=True)
             records = [RunRecord.of(run, hidden=True) for run in runs]
             hidden[str(r)] = {
                 "score": float(np.mean([x.hidden_pass_rate for x in records])),
@@ -443,6 +476,7 @@ class Optimizer:
             "best_score": best.score,
             "hidden": hidden,
             "rounds": [dataclasses.asdict(r) for r in rounds],
+            "policy_messages": self.policy.messages(task),
             "setup": self.setup,
             "seconds": time.perf_counter() - started,
             "finished_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -484,7 +518,7 @@ async def optimize_tasks(optimizer: Optimizer, tasks: Sequence[Task], rounds_pat
 # ------------------------------------------------------------------------------------------- report and CLI
 
 
-def summarize(queries: Sequence[dict], dropped: Mapping[str, int], kept: int) -> dict[str, Any]:
+def summarize(queries: Sequence[dict], form: str, dropped: Mapping[str, int], kept: int) -> dict[str, Any]:
     """What the run did, over all queries in rounds.jsonl."""
     designed = [r for q in queries for r in q["rounds"] if r["designer"] is not None]
 
@@ -492,6 +526,7 @@ def summarize(queries: Sequence[dict], dropped: Mapping[str, int], kept: int) ->
         values = list(values)
         return float(np.mean(values)) if values else None
 
+    tokens = [r["designer"]["completion_tokens"] for r in designed if r["designer"]["completion_tokens"] is not None]
     return {
         "queries": len(queries),
         "designer_rounds": len(designed),
@@ -506,30 +541,41 @@ def summarize(queries: Sequence[dict], dropped: Mapping[str, int], kept: int) ->
         "solved_best": mean(q["hidden"][str(q["best_round"])]["solved"] for q in queries),
         "worker_calls_per_run": mean(run["worker_calls"] for q in queries for r in q["rounds"] for run in r["runs"]),
         "worker_tokens_per_run": mean(run["worker_tokens"] for q in queries for r in q["rounds"] for run in r["runs"]),
-        "designer_completion_tokens": sum(r["designer"]["completion_tokens"] for r in designed),
+        "designer_completion_tokens": sum(tokens) if tokens else None,  # None: the designer reports none (search)
+        "seconds": sum(q["seconds"] for q in queries),
+        "sft_form": form,
         "sft_records": kept,
         "sft_dropped": dict(dropped),
     }
 
 
-def build_sft(cfg: OptimizeConfig) -> dict[str, Any]:
-    """sft.jsonl and summary.json from rounds.jsonl, with the configured filter."""
-    out_dir = pathlib.Path(cfg.out_dir)
-    rounds_path = out_dir / "rounds.jsonl"
+def _finished_queries(cfg: OptimizeConfig) -> list[dict]:
+    rounds_path = pathlib.Path(cfg.out_dir) / "rounds.jsonl"
     if not rounds_path.is_file():
-        raise ConfigError(f"{rounds_path} does not exist: run the loop first (without --sft-only)")
-    queries = sorted(read_jsonl(rounds_path), key=lambda q: q["index"])  # task order, however they finished
+        raise ConfigError(f"{rounds_path} does not exist: run the loop first (without --sft-only or --best-fixed)")
+    return sorted(read_jsonl(rounds_path), key=lambda q: q["index"])  # task order, however they finished
+
+
+def build_sft(cfg: OptimizeConfig) -> dict[str, Any]:
+    """sft.jsonl and summary.json from rounds.jsonl, with the configured form and filter."""
+    out_dir = pathlib.Path(cfg.out_dir)
+    queries = _finished_queries(cfg)
     f = cfg.filter
-    records, dropped = sft_records(queries, RecordFilter(f.min_score, f.min_gain, f.best_per_query))
+    try:
+        records, dropped = sft_records(
+            queries, RecordFilter(f.min_score, f.min_gain, f.best_per_query), cfg.records.form
+        )
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     write_jsonl(out_dir / "sft.jsonl", records)
-    summary = summarize(queries, dropped, len(records))
+    summary = summarize(queries, cfg.records.form, dropped, len(records))
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
 @contextlib.contextmanager
-def _services(cfg: OptimizeConfig, log_dir: pathlib.Path) -> Iterator[tuple[str, str, str | None]]:
-    """(designer URL, sandbox URL, worker URL or None) with whatever the config launches started."""
+def _services(cfg: OptimizeConfig, log_dir: pathlib.Path) -> Iterator[tuple[str | None, str, str | None]]:
+    """(designer URL or None, sandbox URL, worker URL or None) with whatever the config launches started."""
     log_dir.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
         local_url = None
@@ -574,6 +620,32 @@ async def _operators_text(sandbox: SandboxClient, cfg: OptimizeConfig) -> str:
     return (await sandbox.workflow_operators()).text
 
 
+def _sandbox_client(cfg: OptimizeConfig, url: str) -> SandboxClient:
+    # a run may wait for a jail slot behind many others: give each request far more than its wall_s
+    wait_s = max(300.0, 10 * cfg.budgets.wall_s)
+    return SandboxClient(url, request_timeout_s=wait_s, deadline_s=2 * wait_s)
+
+
+def _designer(cfg: OptimizeConfig, url: str | None) -> tuple[Designer, dict[str, Any]]:
+    """The configured designer and its settings as the data's provenance records them."""
+    d = cfg.designer
+    if d.kind == "search":
+        teacher = SearchDesigner(
+            max_call_sites=cfg.loop.max_operator_calls_told, max_operator_calls=cfg.budgets.max_operator_calls
+        )
+        return teacher, {"kind": "search", "teacher": "fr_jax.flow.teacher.SearchDesigner", "seed": cfg.loop.seed}
+    client = ChatClient(url, model=d.model, api_key_env=d.api_key_env, timeout_s=d.timeout_s, max_retries=d.max_retries)
+    chat = ChatDesigner(client, temperature=d.temperature, top_p=d.top_p, max_tokens=d.max_tokens)
+    settings = {
+        "url": url,
+        "model": d.model,
+        "temperature": d.temperature,
+        "top_p": d.top_p,
+        "max_tokens": d.max_tokens,
+    }
+    return chat, {"kind": "chat", **settings}
+
+
 def run(cfg: OptimizeConfig) -> dict[str, Any]:
     """The refinement loop over the configured tasks, then the SFT records and the summary."""
     out_dir = pathlib.Path(cfg.out_dir)
@@ -581,36 +653,25 @@ def run(cfg: OptimizeConfig) -> dict[str, Any]:
     (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     tasks = load_config_tasks(cfg.tasks)
     with _services(cfg, out_dir / "logs") as (designer_url, sandbox_url, worker_url):
-        d = cfg.designer
-        setup = {
-            "designer": {
-                "url": designer_url,
-                "model": d.model,
-                "temperature": d.temperature,
-                "top_p": d.top_p,
-                "max_tokens": d.max_tokens,
-            },
-            "worker": {
-                "name": cfg.worker.name,
-                "url": worker_url,
-                "model": cfg.worker.model,
-                "temperature": cfg.worker.temperature,
-                "max_tokens": cfg.worker.max_tokens,
-            },
-            "budgets": cfg.budgets.model_dump(),
-            "source": f"fr_jax.flow.optimize {fr_jax.__version__}",
-        }
 
         async def go() -> None:
-            designer = ChatClient(
-                designer_url, model=d.model, api_key_env=d.api_key_env, timeout_s=d.timeout_s, max_retries=d.max_retries
-            )
+            designer, designer_setup = _designer(cfg, designer_url)
+            setup = {
+                "designer": designer_setup,
+                "worker": {
+                    "name": cfg.worker.name,
+                    "url": worker_url,
+                    "model": cfg.worker.model,
+                    "temperature": cfg.worker.temperature,
+                    "max_tokens": cfg.worker.max_tokens,
+                },
+                "budgets": cfg.budgets.model_dump(),
+                "source": f"fr_jax.flow.optimize {fr_jax.__version__}",
+            }
             try:
-                # a run may wait for a jail slot behind many others: give each request far more than its wall_s
-                wait_s = max(300.0, 10 * cfg.budgets.wall_s)
-                async with SandboxClient(sandbox_url, request_timeout_s=wait_s, deadline_s=2 * wait_s) as sandbox:
+                async with _sandbox_client(cfg, sandbox_url) as sandbox:
                     operators_text = await _operators_text(sandbox, cfg)
-                    optimizer = Optimizer(cfg, sandbox, designer, operators_text, setup)
+                    optimizer = Optimizer(cfg, DesignRunner(cfg, sandbox), designer, operators_text, setup)
                     await optimize_tasks(optimizer, tasks, out_dir / "rounds.jsonl")
             finally:
                 await designer.aclose()
@@ -619,39 +680,87 @@ def run(cfg: OptimizeConfig) -> dict[str, Any]:
     return build_sft(cfg)
 
 
+def pick_best_fixed(cfg: OptimizeConfig) -> dict[str, Any]:
+    """best_fixed.json: the single design of rounds.jsonl with the best mean validation score over all its queries
+    (fr_jax.flow.baselines.best_fixed; the best_fixed.candidates leading designs are run on the queries they were
+    not tried on, with the configured sandbox, worker and budgets)."""
+    queries = _finished_queries(cfg)
+    tasks = {task.task_id: (index, task) for index, task in enumerate(load_config_tasks(cfg.tasks))}
+    missing = [q["task_id"] for q in queries if q["task_id"] not in tasks]
+    if missing:
+        raise ConfigError(f"rounds.jsonl holds queries that tasks.* does not give: {missing[:5]}")
+    out_dir = pathlib.Path(cfg.out_dir)
+    with _services(cfg, out_dir / "logs") as (_, sandbox_url, _):
+
+        async def go() -> dict[str, Any]:
+            async with _sandbox_client(cfg, sandbox_url) as sandbox:
+                await _operators_text(sandbox, cfg)  # the worker is on the allowlist
+                runner = DesignRunner(cfg, sandbox)
+
+                async def validate(task_id: str, design: ParsedDesign) -> float:
+                    index, task = tasks[task_id]
+                    return (await runner.validate(task, index, 0, design))[1]  # "round 0": seeds no round uses
+
+                return await best_fixed(queries, validate, candidates=cfg.best_fixed.candidates)
+
+        choice = asyncio.run(go())
+    (out_dir / "best_fixed.json").write_text(json.dumps(choice, indent=2) + "\n")
+    return choice
+
+
 def report(summary: Mapping[str, Any]) -> str:
     def fmt(value) -> str:
         return "n/a" if value is None else f"{value:.3f}"
 
+    unit = "queries" if summary["sft_form"] == "query" else "rounds"
     return "\n".join(
         [
             f"{summary['queries']} queries, {summary['designer_rounds']} designed rounds "
-            f"({summary['format_failures']} format failures)",
+            f"({summary['format_failures']} format failures), {summary['seconds']:.0f} s of query time",
             f"  validation score (public tests): seed {fmt(summary['validation_seed'])} -> best round "
             f"{fmt(summary['validation_best'])} ({summary['improved_queries']} queries improved)",
             f"  hidden pass rate: seed {fmt(summary['hidden_seed'])} -> best round {fmt(summary['hidden_best'])}; "
             f"solved: seed {fmt(summary['solved_seed'])} -> best round {fmt(summary['solved_best'])}",
             f"  worker per run: {fmt(summary['worker_calls_per_run'])} calls, "
             f"{fmt(summary['worker_tokens_per_run'])} tokens",
-            f"  SFT records: {summary['sft_records']} kept, dropped {summary['sft_dropped']}",
+            f"  SFT records ({summary['sft_form']} form): {summary['sft_records']} kept, dropped {unit} "
+            f"{summary['sft_dropped']}",
         ]
     )
 
 
+def _best_fixed_report(choice: Mapping[str, Any]) -> str:
+    return (
+        f"best_fixed over {len(choice['scores'])} queries: {choice['design']['modification']!r} scored "
+        f"{choice['score']:.3f} (mean validation score); candidates: "
+        + ", ".join(f"{c['score']:.3f}" for c in choice["candidates"])
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fr_jax.flow.optimize", description=__doc__.splitlines()[0])
+    parser = cli.parser("python -m fr_jax.flow.optimize", __doc__)
     parser.add_argument("--config", required=True, help="YAML config (configs/flow_optimize_demo.yaml)")
-    parser.add_argument("--sft-only", action="store_true", help="rebuild sft.jsonl and summary.json from rounds.jsonl")
+    what = parser.add_mutually_exclusive_group()
+    what.add_argument("--sft-only", action="store_true", help="rebuild sft.jsonl and summary.json from rounds.jsonl")
+    what.add_argument(
+        "--best-fixed", action="store_true", help="pick best_fixed.json, the one design best over every query"
+    )
+    parser.add_argument(
+        "--form", choices=["query", "rounds"], help="the SFT records' form (records.form; default: query)"
+    )
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides (values parsed as YAML)")
     args = parser.parse_intermixed_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return cli.run(_main, args)
+
+
+def _main(args) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would bury the progress
-    try:
-        cfg = load_config(args.config, args.overrides, OptimizeConfig)
-        summary = build_sft(cfg) if args.sft_only else run(cfg)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
+    overrides = [*args.overrides, *([f"records.form={args.form}"] if args.form else [])]
+    cfg = load_config(args.config, overrides, OptimizeConfig)
+    if args.best_fixed:
+        print(_best_fixed_report(pick_best_fixed(cfg)), flush=True)
+        return 0
+    summary = build_sft(cfg) if args.sft_only else run(cfg)
     print(report(summary), flush=True)
     return 0
 

@@ -23,6 +23,7 @@ import re
 import textwrap
 from collections.abc import Sequence
 
+from fr_jax.flow.grammar import WorkflowSpec, render
 from fr_jax.rl.reward import strip_reasoning
 
 MAX_OPERATOR_CALLS = 10  # FlowReasoner: "the graph complexity should not exceed 10"
@@ -32,24 +33,8 @@ MAX_OPERATOR_CALLS = 10  # FlowReasoner: "the graph complexity should not exceed
 PROVIDED_NAMES = ("operator", "prompt_custom", "create_llm_instance", "DatasetType")
 
 SEED_MODIFICATION = "Seed workflow: a single CustomCodeGenerate call."
-SEED_GRAPH = """class Workflow:
-    def __init__(self, name: str, llm_config, dataset: DatasetType) -> None:
-        self.name = name
-        self.dataset = dataset
-        self.llm = create_llm_instance(llm_config)
-        self.custom_code_generate = operator.CustomCodeGenerate(self.llm)
-
-    async def __call__(self, problem: str, entry_point: str):
-        solution = await self.custom_code_generate(
-            problem=problem, entry_point=entry_point, instruction=prompt_custom.CODE_GENERATE_PROMPT
-        )
-        return solution["response"], self.llm.get_usage_summary()["total_cost"]
-"""
-SEED_PROMPT = '''CODE_GENERATE_PROMPT = """
-Write a complete, correct Python solution to the problem below. Keep the function name and signature exactly
-as given, include every import it needs, and reply with the code in one ```python block.
-"""
-'''
+# FlowReasoner's round 1: the root of the operator grammar (fr_jax.flow.grammar), one CustomCodeGenerate call.
+SEED_GRAPH, SEED_PROMPT = render(WorkflowSpec())
 
 _INSTRUCTIONS = """\
 You design a workflow that solves ONE coding problem with the help of a worker LLM. The workflow is run on the \
@@ -171,6 +156,14 @@ def format_experience(experience: Sequence[Experience]) -> str:
 def _check_score(name: str, value: float) -> None:
     if not (isinstance(value, int | float) and math.isfinite(value) and 0.0 <= value <= 1.0):
         raise ValueError(f"{name} must be a score in [0, 1], got {value!r}")
+
+
+def design_text(modification: str, graph: str, prompt: str) -> str:
+    """A design in the three tags the prompt asks for (parse_design reads it back to the same graph and prompt)."""
+    return (
+        f"<modification>{modification.strip()}</modification>\n<graph>\n{graph.strip(chr(10))}\n</graph>\n"
+        f"<prompt>\n{prompt.strip(chr(10))}\n</prompt>"
+    )
 
 
 # --------------------------------------------------------------------------------------------- parsing
@@ -310,3 +303,34 @@ def _parse_python(source: str, where: str) -> tuple[ast.Module | None, str | Non
 
 def _is_str(node: ast.expr) -> bool:
     return isinstance(node, ast.Constant) and isinstance(node.value, str)
+
+
+def operator_outline(graph: str) -> str:
+    """The operators a graph calls, in the order of its call sites ('Custom -> CustomCodeGenerate -> Test'), read
+    from `self.x = operator.Name(...)` in __init__ and `self.x(...)` elsewhere; '' for a graph that does not parse."""
+    module, _ = _parse_python(graph, "<graph>")
+    if module is None:
+        return ""
+    names: dict[str, str] = {}
+    calls: list[ast.Call] = []
+    for cls in (node for node in module.body if isinstance(node, ast.ClassDef)):
+        for node in ast.walk(cls):
+            if (
+                isinstance(node, ast.Assign)
+                and isinstance(node.value, ast.Call)
+                and isinstance(node.value.func, ast.Attribute)
+                and isinstance(node.value.func.value, ast.Name)
+                and node.value.func.value.id == "operator"
+            ):
+                for target in node.targets:
+                    if isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name):
+                        names[target.attr] = node.value.func.attr
+            elif (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and isinstance(node.func.value, ast.Name)
+                and node.func.value.id == "self"
+            ):
+                calls.append(node)
+    ordered = sorted(calls, key=lambda call: (call.lineno, call.col_offset))
+    return " -> ".join(names[call.func.attr] for call in ordered if call.func.attr in names)

@@ -182,6 +182,7 @@ def config(tmp_path, designer: dict, sandbox_url: str, limit: int | None = None,
         "sandbox": {"launch": "none", "url": sandbox_url},
         "loop": {"rounds": 2, "validation_runs": 2, "final_runs": 1, "concurrency": 3},
         "filter": {"min_score": 0.5},
+        "records": {"form": "rounds"},  # these tests read the designer's exchanges; the query form: test_distil.py
     }
     cfg.update(sections)
     path = tmp_path / "optimize.yaml"
@@ -276,8 +277,21 @@ def test_two_rounds_on_three_queries_write_sft_records(tmp_path, teacher, workfl
     assert main(["--config", str(path)]) == 0
     assert (out / "rounds.jsonl").read_text() == before and len(state.requests) == 3
     everything = list(queries.values())
-    assert len(sft_records(everything, RecordFilter(min_gain=0.01))[0]) == (add["parent_score"] < 1.0)
-    assert len(sft_records(everything, RecordFilter(best_per_query=True))[0]) == 2
+    assert len(sft_records(everything, RecordFilter(min_gain=0.01), "rounds")[0]) == (add["parent_score"] < 1.0)
+    assert len(sft_records(everything, RecordFilter(best_per_query=True), "rounds")[0]) == 2
+
+    # the query form from a chat teacher: its reasoning and every round's feedback, format failures included
+    by_query, dropped = sft_records(everything, RecordFilter(min_score=0.5))
+    assert [r["provenance"]["task_id"] for r in by_query] == [
+        q["task_id"] for q in everything if q["best_score"] >= 0.5
+    ]
+    assert sum(dropped.values()) == 3 - len(by_query)
+    think = next(r for r in by_query if r["provenance"]["task_id"] == "toy/add")["messages"][-1]["content"]
+    assert TEACHER["add"]["reasoning_content"] in think and "Feedback: public pass rate 1.000 over 2 runs" in think
+    [neg_record] = sft_records([queries["toy/neg"]], RecordFilter())[0]
+    assert "Feedback: the design could not be used: no complete <graph>" in neg_record["messages"][-1]["content"]
+    with pytest.raises(ValueError, match="records.form must be 'query' or 'rounds'"):
+        sft_records(everything, RecordFilter(), "round")
 
 
 def test_smollm2_as_designer_gives_recorded_format_failures(tmp_path, workflow_worker, workflow_sandbox):
