@@ -233,6 +233,11 @@ class MonitorSection(Section):
     # rollout records (docs/records.md): every sample, `sample:K` (whole groups, about K samples a round), or off
     rollouts: str = Field("all", pattern=r"^(all|off|sample:[1-9][0-9]*)$")
 
+    @field_validator("rollouts", mode="before")
+    @classmethod
+    def _off(cls, value):
+        return "off" if value is False else value  # YAML reads a bare `off` as false
+
     @field_validator("tensorboard_dir")
     @classmethod
     def _location(cls, v):

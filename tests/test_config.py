@@ -129,3 +129,13 @@ def test_shipped_sft_configs_validate(name):
     assert cfg.stage == "sft"
     if cfg.model.pretrained is None:
         assert model_config(cfg.model).num_hidden_layers > 0
+
+
+def test_monitor_rollouts_off_survives_yaml(tmp_path):
+    """YAML reads a bare `off` as false; the record policy still means off (and a typo is named)."""
+    path = tmp_path / "c.yaml"
+    path.write_text((REPO / "configs" / "grpo_demo.yaml").read_text() + "\n")
+    assert load_config(path, ["monitor.rollouts=off"]).monitor.rollouts == "off"
+    assert load_config(path, ["monitor.rollouts=sample:8"]).monitor.rollouts == "sample:8"
+    with pytest.raises(ConfigError, match="monitor.rollouts"):
+        load_config(path, ["monitor.rollouts=some"])

@@ -187,13 +187,13 @@ class GRPORun:
             scalars["weight_version"] = float(version)
             if main and train.eval_every and done % train.eval_every == 0 and done < train.steps:
                 scalars.update(self._evaluate(svc, done, None).scalars())
+            tokenizer = self.policy.tokenizer
+            if main:  # 5. log: the round's samples (written off this thread), then its scalars
+                records = round_records(data.drawn, data.groups, batch["advantages"], tokenizer, self.mode.name)
+                svc.records.write_round(done, records)
             scalars["time/round_s"] = time.perf_counter() - started
             scalars["memory/host_peak_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB
-            if main:  # 5. log
-                tokenizer = self.policy.tokenizer
-                svc.records.write_round(
-                    done, round_records(data.drawn, data.groups, batch["advantages"], tokenizer, self.mode.name)
-                )
+            if main:
                 summary["round_rewards"].append(scalars["reward/total"])
                 writer.scalars(done, scalars)
                 if g.samples_every and (done % g.samples_every == 0 or done == stage.start + 1):
