@@ -108,7 +108,7 @@ class WandbRun:
 
     Every scalar is plotted against the run's own `step` metric rather than wandb's internal counter, which drops a
     step lower than one already logged: steps redone after a resume are logged again, not lost. A resumed run
-    continues the W&B run of its run directory (online mode; offline runs are each their own)."""
+    continues the W&B run of its run directory (offline, each start writes its own folder under that run's id)."""
 
     ID_FILE = "wandb_run_id"
 

