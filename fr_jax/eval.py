@@ -22,11 +22,14 @@ import sys
 
 from fr_jax import cli
 from fr_jax.config import Config, ConfigError, load_config
+from fr_jax.flow.baselines import BASELINES, fixed_design, load_best_fixed
 from fr_jax.flow.mode import direct_worker_report
+from fr_jax.flow.prompt import ParsedDesign, design_text
 from fr_jax.models.loading import load_tokenizer as config_tokenizer
 from fr_jax.models.loading import pretrained_dir
 from fr_jax.models.tokenizer import TOKENIZER_FILES, load_tokenizer
 from fr_jax.rl.heldout import EvalReport, HeldOutSet
+from fr_jax.rl.modes import ROLLOUT_WORKER
 from fr_jax.rl.setup import (
     build_mode,
     check_external_services,
@@ -38,6 +41,7 @@ from fr_jax.rl.setup import (
 from fr_jax.trainer.records import RecordWriter
 
 EVAL_VERSION = "eval"
+BASELINE_PREFIX = "baseline:"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -45,8 +49,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--config", required=True, help="YAML config with a grpo: section")
     p.add_argument("--split", default=None, help="the split to evaluate (default: grpo.data.eval_split)")
     p.add_argument(
-        "--mode", choices=sorted(cli.MODES), default=None, help="what the policy writes (default: grpo.mode)"
+        "--mode",
+        default=None,
+        help=f"what answers: a policy mode ({', '.join(sorted(cli.MODES))}; default grpo.mode), or a fixed workflow "
+        f"run for every query (baseline:NAME, NAME one of {', '.join(BASELINES)})",
     )
+    p.add_argument("--best-fixed", default=None, help="best_fixed.json of an optimiser run (for baseline:best_fixed)")
     p.add_argument("--model", default=None, help="HF model directory (default: <run_dir>/hf, else model.pretrained)")
     p.add_argument("--n", type=int, default=None, help="samples per task (default: grpo.eval.n)")
     p.add_argument("--k", nargs="+", default=None, help="report pass@k for these k (default: grpo.eval.k)")
@@ -55,6 +63,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="report JSON path (default: <run_dir>/eval/<split>.json)")
     p.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
     args = p.parse_args(argv)
+    args.baseline = None
+    if args.mode is not None and args.mode.startswith(BASELINE_PREFIX):
+        args.baseline, args.mode = args.mode.removeprefix(BASELINE_PREFIX), "workflow"  # baselines run workflows
+        if args.baseline not in BASELINES:
+            p.error(f"--mode {BASELINE_PREFIX}{args.baseline}: known baselines are {', '.join(BASELINES)}")
+        if (args.baseline == "best_fixed") != (args.best_fixed is not None):
+            p.error("--best-fixed FILE goes with --mode baseline:best_fixed, and only with it")
+    elif args.mode is not None and args.mode not in cli.MODES:
+        p.error(f"--mode {args.mode}: expected one of {', '.join(sorted(cli.MODES))} or baseline:NAME")
     if args.k is not None:  # `--k 1 5 key=value`: argparse hands the override to --k; give it back
         args.overrides += [item for item in args.k if "=" in item]
         try:
@@ -91,9 +108,12 @@ def model_dir(cfg: Config, given: str | None) -> pathlib.Path:
     raise ConfigError(f"nothing to evaluate: no --model, no export at {export}, and model.pretrained is not set")
 
 
-def run_eval(cfg: Config, weights: pathlib.Path, *, given_model: bool) -> tuple[EvalReport, EvalReport | None]:
+def run_eval(
+    cfg: Config, weights: pathlib.Path, *, given_model: bool, fixed: tuple[str, ParsedDesign] | None = None
+) -> tuple[EvalReport, EvalReport | None]:
     """The policy's report, and for a mode whose answers call a worker LLM that of the worker prompted directly
-    (None when the worker's URL is not known here). Both write their samples' records (docs/records.md)."""
+    (None when the worker's URL is not known here). Both write their samples' records (docs/records.md). With
+    `fixed` (a baseline's name and design) no policy answers: that design is run for every query."""
     grpo = cfg.grpo
     has_tokenizer = any((weights / name).is_file() for name in TOKENIZER_FILES)
     tokenizer = load_tokenizer(weights) if has_tokenizer else config_tokenizer(cfg.model)
@@ -105,14 +125,24 @@ def run_eval(cfg: Config, weights: pathlib.Path, *, given_model: bool) -> tuple[
         sandbox = services.enter_context(sandbox_session(grpo.sandbox, mode, rollout_url=rollout_url, log_dir=log_dir))
         tasks, prompts = load_prompts(grpo, split, mode, tokenizer, limit=grpo.data.eval_limit)
         heldout = HeldOutSet(grpo, mode, tasks, prompts, seed=cfg.train.seed, tokenizer=tokenizer)
-        client = services.enter_context(
-            rollout_service(
-                grpo.rollout, weights, weight_version=EVAL_VERSION, seed=cfg.train.seed, log_dir=log_dir, port=port
-            )
-        )
         records = services.enter_context(RecordWriter(cfg.run_dir, cfg.monitor.rollouts, seed=cfg.train.seed))
-        if grpo.rollout.launch == "none" and given_model:
-            client.update_weights_from_disk(weights, weight_version=EVAL_VERSION)
+        worker_is_policy = mode.worker is not None and mode.worker.url == ROLLOUT_WORKER
+        if fixed is not None and not worker_is_policy:  # no policy answers, and the worker is elsewhere
+            client = None
+        else:
+            client = services.enter_context(
+                rollout_service(
+                    grpo.rollout, weights, weight_version=EVAL_VERSION, seed=cfg.train.seed, log_dir=log_dir, port=port
+                )
+            )
+            if grpo.rollout.launch == "none" and given_model:
+                client.update_weights_from_disk(weights, weight_version=EVAL_VERSION)
+        if fixed is not None:
+            report, samples = heldout.evaluate_fixed(
+                sandbox, design_text(fixed[1].modification, fixed[1].graph, fixed[1].prompt), f"baseline-{fixed[0]}"
+            )
+            records.write_eval(split, f"baseline-{fixed[0]}", samples)
+            return report, None
         report, samples = heldout.evaluate(client, sandbox, 0)  # round 0's seeds: those of the run's first evaluation
         records.write_eval(split, mode.name, samples)
         worker_url = mode.worker.resolved_url(client.base_url) if mode.worker is not None else None
@@ -121,7 +151,7 @@ def run_eval(cfg: Config, weights: pathlib.Path, *, given_model: bool) -> tuple[
         baseline, samples = direct_worker_report(
             grpo, tokenizer, tasks, worker_url=worker_url, sandbox=sandbox, split=split, seeds=heldout.seeds(0)
         )
-        records.write_eval(split, "direct-worker", samples)
+        records.write_eval(split, "direct_worker", samples)
         return report, baseline
 
 
@@ -141,10 +171,21 @@ def evaluate_policy(args: argparse.Namespace) -> int:
     if cfg.grpo is None:
         raise ConfigError("evaluation reads the config's grpo: section (data, prompt, rollout, sandbox, eval)")
     weights = model_dir(cfg, args.model)
-    report, baseline = run_eval(cfg, weights, given_model=args.model is not None)
-    out = pathlib.Path(args.out) if args.out else pathlib.Path(cfg.run_dir) / "eval" / f"{report.split}.json"
+    fixed = None
+    if args.baseline is not None:
+        design = load_best_fixed(args.best_fixed) if args.baseline == "best_fixed" else fixed_design(args.baseline)
+        fixed = (args.baseline, design)
+    report, baseline = run_eval(cfg, weights, given_model=args.model is not None, fixed=fixed)
+    method = f"baseline-{args.baseline}" if args.baseline else cfg.grpo.mode
+    default = f"{report.split}_{method}.json" if args.baseline else f"{report.split}.json"
+    out = pathlib.Path(args.out) if args.out else pathlib.Path(cfg.run_dir) / "eval" / default
     out.parent.mkdir(parents=True, exist_ok=True)
-    document = {"model": str(weights), "mode": cfg.grpo.mode, **report.to_json()}
+    document = {
+        "model": None if args.baseline else str(weights),
+        "mode": cfg.grpo.mode,
+        "method": method,
+        **report.to_json(),
+    }
     if baseline is not None:
         document["direct_worker"] = baseline.to_json()
     out.write_text(json.dumps(document, indent=2) + "\n")

@@ -19,7 +19,7 @@ from fr_jax.config import GRPOSection
 from fr_jax.data.tasks import Task
 from fr_jax.rl.collect import EVAL_CALL, generate_groups, sampling_seeds
 from fr_jax.rl.modes import Mode, Score, worker_usage
-from fr_jax.rl.records import eval_records
+from fr_jax.rl.records import eval_records, sample_record
 from fr_jax.rl.reward import pass_at_k
 from fr_jax.rl.setup import eval_params
 from fr_jax.rollout import Rollout, RolloutClient
@@ -162,6 +162,29 @@ class HeldOutSet:
         )
         _log.info("held-out after round %d: %s (%.1fs)", round_index, report.line(), report.seconds)
         records = eval_records(self.tasks, self.prompts, samples, scores, seeds, self.tokenizer, self.mode.name)
+        return report, records
+
+    def evaluate_fixed(self, sandbox: SandboxSession, answer: str, method: str) -> tuple[EvalReport, list[dict]]:
+        """The same `answer` (e.g. a fixed workflow's design) scored for every task, grpo.eval.n times: a baseline
+        run through the same sandbox, worker, budgets and tests as the policy's answers."""
+        started, n = time.perf_counter(), self.grpo.eval.n
+        flat = [task for task in self.tasks for _ in range(n)]
+        scores = sandbox.run(lambda sb: self.mode.score(sb, flat, [answer] * len(flat), hidden=True))
+        report = summarize(
+            self.tasks,
+            scores,
+            split=self.grpo.data.eval_split,
+            n=n,
+            ks=self.grpo.eval.k,
+            seconds=time.perf_counter() - started,
+        )
+        _log.info("%s: %s (%.1fs)", method, report.line(), report.seconds)
+        records = [
+            sample_record(
+                task, i // n, i % n, self.tokenizer.decode(self.prompts[i // n]), answer, score, mode=self.mode.name
+            )
+            for i, (task, score) in enumerate(zip(flat, scores))
+        ]
         return report, records
 
 

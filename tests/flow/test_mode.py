@@ -24,6 +24,7 @@ from fr_jax.rl.setup import build_mode
 from fr_jax.sandbox.client import AssertTests, SandboxClient
 from fr_jax.sandbox.suites import suite_tests
 from fr_jax.trainer.metrics import read_metrics
+from fr_jax.trainer.records import read_records
 from tests.support.grpo import TINY_LLAMA, build_tokenizer, grpo_config, write_tasks
 
 REWARD = RewardConfig()
@@ -260,3 +261,16 @@ def test_grpo_then_eval_in_workflow_mode(tmp_path, workflow_worker, capsys):
     direct = report["direct_worker"]
     assert direct["worker_calls"] == 1.0 and direct["worker_tokens"] > 0 and direct["tasks"] == 2
     assert direct["pass_at_k"]["pass@1"] == sum(direct["per_task"].values()) / 2
+
+    # the fixed workflows run through the same /workflow/run, worker, queries and budgets: no policy answers
+    for name, calls in (("io", 1.0), ("sc", 4.0)):  # sc: 3 candidates + the ScEnsemble pick
+        assert fr_eval.main(["--config", str(path), "--mode", f"baseline:{name}"]) == 0
+        fixed = json.loads((tmp_path / "run" / "eval" / f"test_baseline-{name}.json").read_text())
+        assert fixed["method"] == f"baseline-{name}" and fixed["model"] is None and fixed["well_formed"] == 1.0
+        assert fixed["worker_calls"] == calls and fixed["worker_tokens"] > 0 and fixed["tasks"] == 2
+        written = read_records(tmp_path / "run" / "eval" / "records" / f"test_baseline-{name}.jsonl.gz")
+        assert len(written) == 2 and all(r["workflow"]["trace"] and r["design"]["graph"] for r in written)
+    with pytest.raises(SystemExit) as refused:  # which design? argparse refuses it with the fix
+        fr_eval.main(["--config", str(path), "--mode", "baseline:best_fixed"])
+    assert refused.value.code == 2
+    assert "--best-fixed FILE goes with --mode baseline:best_fixed" in capsys.readouterr().err
