@@ -1,28 +1,44 @@
-"""Rollout generation tokens/s: fr_jax's engine vs transformers' generate, side by side, same model, prompts and
-settings; then the HTTP server's overhead over the in-process engine.
+"""Rollout engine benchmarks, each measured side by side with its baseline in one run, on SmolLM2-135M-Instruct.
 
-Setup: SmolLM2-135M-Instruct (fp32), a batch of HumanEval prompts cut to --prompt-tokens tokens, --new-tokens new
-tokens each, sampling at temperature 1 with top-k/top-p off and EOS ignored, so both sides generate exactly
-batch x new-tokens tokens. Each side is warmed up first (the engine's compiles, torch's first call), then timed
---repeats times; the best time counts. Wall time and this process's CPU time are both printed, with the load
-average: other processes on these cores slow both sides, and not equally. transformers runs twice, with torch's
-default thread count and with one thread: on a shared 2-core machine its multi-threaded GEMMs can be many times
-slower than single-threaded ones, and the fair baseline is the faster of the two.
+Workloads (--workload, default all):
+- uniform: one batch (--batch prompts, --new-tokens each, EOS ignored) through the engine and through
+  transformers' generate (torch at its default threads and at 1), then the HTTP server's overhead over the
+  in-process engine. Goal: no regression against the README's figure.
+- long-tail: 64 requests whose max_new_tokens are drawn long-tailed (56 between 8 and 32, 8 at 256; EOS ignored,
+  so every request generates exactly its budget). Useful tokens/s of continuous batching against the static
+  engine (the same engine, new batches only when the last has ended) and transformers' generate (one batch run
+  to the longest). Goal: >= 2x static.
+- arrivals: worker-style requests (64-token prompts, 16-128 new tokens) arriving as a Poisson process at 70% of
+  the continuous engine's capacity (its closed-loop requests/s on the same requests, measured first), served by
+  the real serving thread (fr_jax.rollout.scheduler); p50/p99 latency and throughput, continuous against static.
+  Goal: p99 <= 1/2 of static.
+- shared-prefix: 16 prompts that share a 1024-token prefix, 4 samples each sent as separate requests (as GRPO
+  sends them), one new token each: the time to prefill a round, with the prefix cache against without it, for a
+  cold cache and for the next round's new prompts behind the same prefix. Goal: >= 5x.
+Every run first runs its workload once to compile (and prints the compiles of the timed runs: 0 is steady
+state). The long-tail and arrivals engines have no prefix cache: they measure scheduling alone, on prompts that
+the timed run would otherwise find cached from the compiling run. Wall times; the load average is printed before
+and after: other processes on these cores slow every side, and not equally.
 
-    python bench/rollout.py                         # batch 16, 128 new tokens (goal: engine >= 3x transformers)
-    python bench/rollout.py --batch 32 --new-tokens 256 --no-server
+    python bench/rollout.py                                  # everything, fp32 (~10 minutes here)
+    python bench/rollout.py --workload long-tail --slots 16
+    python bench/rollout.py --workload uniform --batch 32 --new-tokens 256 --no-server
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
+import sys
+import threading
 import time
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
@@ -33,12 +49,25 @@ from fr_jax.models.tokenizer import load_tokenizer  # noqa: E402
 from fr_jax.parallel.mesh import make_mesh  # noqa: E402
 from fr_jax.rollout import RolloutClient, launch_local  # noqa: E402
 from fr_jax.rollout.engine import Engine, GenerationRequest, SamplingOptions  # noqa: E402
+from fr_jax.rollout.scheduler import Scheduler  # noqa: E402
+
+COMMAND = "python bench/rollout.py " + " ".join(sys.argv[1:])
 
 
-def prompts(tokenizer, batch: int, length: int) -> list[list[int]]:
+def humaneval_prompts(tokenizer, count: int, length: int) -> list[tuple[int, ...]]:
+    """`count` HumanEval prompts cut to `length` tokens (only prompts at least that long)."""
     with open(default_data_dir() / "HumanEval.jsonl") as f:
-        tasks = [json.loads(line) for line in f][:batch]
-    return [tokenizer.encode(task["prompt"])[:length] for task in tasks]
+        encoded = [tokenizer.encode(json.loads(line)["prompt"]) for line in f]
+    long_enough = [tuple(ids[:length]) for ids in encoded if len(ids) >= length]
+    if len(long_enough) < count:
+        raise SystemExit(f"only {len(long_enough)} HumanEval prompts have {length} tokens; asked for {count}")
+    return long_enough[:count]
+
+
+def timed(run) -> float:
+    started = time.perf_counter()
+    run()
+    return time.perf_counter() - started
 
 
 def best_of(repeats: int, run) -> tuple[float, float]:
@@ -51,62 +80,229 @@ def best_of(repeats: int, run) -> tuple[float, float]:
     return min(times)
 
 
-def bench_engine(model_dir, ids, new_tokens, repeats, dtype) -> tuple[float, float]:
-    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    model = load_pretrained(model_dir, mesh=mesh, param_dtype=dtype, dtype=dtype)
-    engine = Engine(model, mesh=mesh, max_batch_rows=len(ids))
-    options = SamplingOptions(max_new_tokens=new_tokens, temperature=1.0, ignore_eos=True)
-    requests = [GenerationRequest(tuple(p), options) for p in ids]
-    engine.generate(requests)  # compiles
-    return best_of(repeats, lambda: engine.generate(requests))
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.model_dir = smollm2_hf_dir()
+        self.tokenizer = load_tokenizer(self.model_dir)
+        self.mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+        self.model = load_pretrained(self.model_dir, mesh=self.mesh, param_dtype=args.dtype, dtype=args.dtype)
 
+    def engine(self, **options) -> Engine:
+        """An engine on the loaded weights (each engine holds its own copy of the layers)."""
+        return Engine(self.model, mesh=self.mesh, eos_token_ids=(self.tokenizer.eos_token_id,), **options)
 
-def bench_transformers(model_dir, tokenizer, ids, new_tokens, repeats, threads, dtype) -> tuple[float, float]:
-    torch.set_num_threads(threads)
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
-    model.generation_config.eos_token_id = None  # ignore EOS, as the engine does
-    width = max(map(len, ids))
-    pad = tokenizer.pad_token_id
-    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in ids])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ids])
+    def transformers_generate(self, prompts, new_tokens: int, threads: int) -> float:
+        """Seconds for transformers' generate on `prompts` (left-padded), `new_tokens` each, EOS ignored."""
+        torch.set_num_threads(threads)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(
+            self.model_dir, dtype=getattr(torch, self.args.dtype)
+        ).eval()
+        hf.generation_config.eos_token_id = None  # ignore EOS, as the engine does
+        width, pad = max(map(len, prompts)), self.tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
 
-    def run(n):
-        with torch.no_grad():
-            out = model.generate(
-                input_ids=input_ids,
-                attention_mask=mask,
-                max_new_tokens=n,
-                min_new_tokens=n,
-                do_sample=True,
-                temperature=1.0,
-                top_k=0,
-                top_p=1.0,
-                pad_token_id=pad,
+        def run(n):
+            with torch.no_grad():
+                out = hf.generate(
+                    input_ids=input_ids,
+                    attention_mask=mask,
+                    max_new_tokens=n,
+                    min_new_tokens=n,
+                    do_sample=True,
+                    temperature=1.0,
+                    top_k=0,
+                    top_p=1.0,
+                    pad_token_id=pad,
+                )
+            assert out.shape[1] == width + n
+
+        run(2)  # warm-up
+        return best_of(self.args.repeats, lambda: run(new_tokens))[0]
+
+    # ------------------------------------------------------------------------------------------ uniform
+
+    def uniform(self) -> None:
+        args = self.args
+        prompts = humaneval_prompts(self.tokenizer, args.batch, args.prompt_tokens)
+        tokens = args.batch * args.new_tokens
+        print(f"\n== uniform: batch {args.batch}, {args.prompt_tokens}-token prompts, {args.new_tokens} new tokens")
+        engine = self.engine(max_running_requests=args.batch)
+        options = SamplingOptions(max_new_tokens=args.new_tokens, temperature=1.0, ignore_eos=True)
+        requests = [GenerationRequest(p, options) for p in prompts]
+        engine.generate(requests)  # compiles
+        engine_s, engine_cpu = best_of(args.repeats, lambda: engine.generate(requests))
+        print(f"fr_jax engine (in process)   {tokens / engine_s:8.1f} tok/s   ({engine_s:.2f}s, {engine_cpu:.2f}s CPU)")
+        for threads in [] if args.no_transformers else [int(t) for t in args.torch_threads.split(",")]:
+            hf_s = self.transformers_generate(prompts, args.new_tokens, threads)
+            print(f"transformers, {threads} thread(s)     {tokens / hf_s:8.1f} tok/s   ({hf_s:.2f}s)")
+            print(f"  engine / transformers      {hf_s / engine_s:8.2f}x")
+        if not args.no_server:
+            env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+            params = {"max_new_tokens": args.new_tokens, "temperature": 1.0, "ignore_eos": True}
+            ids = [list(p) for p in prompts]
+            with (
+                launch_local(
+                    self.model_dir,
+                    env=env,
+                    mesh="1,1,1",
+                    max_running_requests=args.batch,
+                    dtype=args.dtype,
+                    param_dtype=args.dtype,
+                ) as server,
+                RolloutClient(server.url) as client,
+            ):
+                client.generate(ids, params)  # compiles
+                server_s, _ = best_of(args.repeats, lambda: client.generate(ids, params))
+            print(f"fr_jax server over HTTP      {tokens / server_s:8.1f} tok/s   ({server_s:.2f}s)")
+            print(f"server overhead vs engine    {100 * (server_s / engine_s - 1):+8.1f}%")
+
+    # ---------------------------------------------------------------------------------------- long tail
+
+    def long_tail(self) -> None:
+        args = self.args
+        rng = np.random.default_rng(0)
+        budgets = rng.integers(8, 33, size=64)
+        budgets[rng.choice(64, size=8, replace=False)] = 256
+        prompts = humaneval_prompts(self.tokenizer, 64, 32)
+        requests = [
+            GenerationRequest(p, SamplingOptions(max_new_tokens=int(m), temperature=1.0, ignore_eos=True, seed=i))
+            for i, (p, m) in enumerate(zip(prompts, budgets))
+        ]
+        useful = int(budgets.sum())
+        print(
+            f"\n== long tail: 64 requests, max_new_tokens 8-32 (56 of them) and 256 (8), {useful} useful tokens, "
+            f"{args.slots} slots"
+        )
+        results = {}
+        for scheduling in ("continuous", "static"):
+            engine = self.engine(max_running_requests=args.slots, scheduling=scheduling, prefix_cache_tokens=0)
+            engine.generate(requests)  # compiles
+            compiles = engine.compiles
+            seconds = min(timed(lambda e=engine: e.generate(requests)) for _ in range(args.repeats))
+            results[scheduling] = seconds
+            print(
+                f"{scheduling:>10} engine           {useful / seconds:8.1f} useful tok/s ({seconds:.2f}s, "
+                f"{engine.compiles - compiles} compiles while timed)"
             )
-        assert out.shape[1] == width + n
+            del engine
+        print(f"  continuous / static        {results['static'] / results['continuous']:8.2f}x (goal >= 2x)")
+        if not args.no_transformers:
+            hf_s = self.transformers_generate(prompts, 256, int(args.torch_threads.split(",")[0]))
+            print(f"transformers generate        {useful / hf_s:8.1f} useful tok/s ({hf_s:.2f}s: 64 rows x 256 steps)")
+            print(f"  continuous / transformers  {hf_s / results['continuous']:8.2f}x")
 
-    run(2)  # warm-up
-    return best_of(repeats, lambda: run(new_tokens))
+    # ----------------------------------------------------------------------------------------- arrivals
 
+    def arrivals(self) -> None:
+        args = self.args
+        count = args.arrivals
+        rng = np.random.default_rng(1)
+        budgets = rng.integers(16, 129, size=count)
+        prompts = humaneval_prompts(self.tokenizer, count, 64)
+        requests = [
+            GenerationRequest(p, SamplingOptions(max_new_tokens=int(m), temperature=1.0, ignore_eos=True, seed=i))
+            for i, (p, m) in enumerate(zip(prompts, budgets))
+        ]
+        slots = args.arrival_slots
+        print(f"\n== arrivals: {count} requests, 64-token prompts, 16-128 new tokens, {slots} slots")
+        engines = {
+            s: self.engine(max_running_requests=slots, scheduling=s, prefix_cache_tokens=0)
+            for s in ("continuous", "static")
+        }
+        engines["continuous"].generate(requests)  # compiles
+        capacity = count / timed(lambda: engines["continuous"].generate(requests))
+        rate = 0.7 * capacity
+        gaps = rng.exponential(1 / rate, size=count)
+        offsets = np.cumsum(gaps) - gaps[0]
+        print(f"capacity (closed loop)       {capacity:8.2f} requests/s; arrivals at 70%: {rate:.2f}/s")
+        measured = {}
+        for scheduling, engine in engines.items():
+            scheduler = Scheduler(engine)
+            try:
+                self._replay(scheduler, requests, offsets)  # compiles the shapes this arrival pattern visits
+                compiles = engine.compiles
+                latencies, span = self._replay(scheduler, requests, offsets)
+            finally:
+                scheduler.stop()
+            p50, p99 = np.percentile(latencies, [50, 99])
+            measured[scheduling] = p99
+            print(
+                f"{scheduling:>10}: p50 {p50:6.2f}s  p99 {p99:6.2f}s  throughput {count / span:5.2f} requests/s "
+                f"({engine.compiles - compiles} compiles while timed)"
+            )
+        print(f"  p99 continuous / static    {measured['continuous'] / measured['static']:8.2f} (goal <= 0.5)")
 
-def bench_server(model_dir, ids, new_tokens, repeats, dtype) -> tuple[float, float]:
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-    params = {"max_new_tokens": new_tokens, "temperature": 1.0, "ignore_eos": True}
-    with (
-        launch_local(
-            model_dir, env=env, mesh="1,1,1", max_running_requests=len(ids), dtype=dtype, param_dtype=dtype
-        ) as server,
-        RolloutClient(server.url) as client,
-    ):
-        client.generate(ids, params)  # compiles
-        return best_of(repeats, lambda: client.generate(ids, params))
+    @staticmethod
+    def _replay(scheduler: Scheduler, requests, offsets) -> tuple[np.ndarray, float]:
+        """Submit request i at offsets[i] seconds; (each one's seconds from submission to completion, seconds from
+        the first submission to the last completion)."""
+        submitted, finished, jobs = {}, {}, []
+        lock = threading.Lock()
+        start = time.perf_counter()
+        for i, (request, offset) in enumerate(zip(requests, offsets)):
+            time.sleep(max(0.0, start + offset - time.perf_counter()))
+            submitted[i] = time.perf_counter()
+            job = scheduler.submit([request])
+
+            def done(_, i=i):
+                with lock:
+                    finished[i] = time.perf_counter()
+
+            job.future.add_done_callback(done)
+            jobs.append(job.future)
+        concurrent.futures.wait(jobs)
+        latencies = np.array([finished[i] - submitted[i] for i in range(len(requests))])
+        return latencies, max(finished.values()) - start
+
+    # ------------------------------------------------------------------------------------ shared prefix
+
+    def shared_prefix(self) -> None:
+        tokenizer, size = self.tokenizer, self.args.prefix_tokens
+        with open(default_data_dir() / "HumanEval.jsonl") as f:
+            corpus = tokenizer.encode("\n".join(json.loads(line)["prompt"] for line in f))
+        prefixes = [tuple(corpus[:size]), tuple(corpus[size : 2 * size])]  # compiling, timed: same lengths
+        queries = humaneval_prompts(tokenizer, 64, 64)
+
+        def round_of(prefix, first_query: int):
+            return [
+                GenerationRequest(prefix + q, SamplingOptions(max_new_tokens=1, temperature=1.0, seed=k * 4 + j))
+                for k, q in enumerate(queries[first_query : first_query + 16])
+                for j in range(4)
+            ]
+
+        print(f"\n== shared prefix: 16 prompts = a common {size}-token prefix + a 64-token query, 4 samples each")
+        off = self.engine(max_running_requests=64, prefix_cache_tokens=0)
+        off.generate(round_of(prefixes[0], 0))  # compiles (without a cache every round has the same shapes)
+        compiles = off.compiles
+        off_s = timed(lambda: off.generate(round_of(prefixes[1], 32)))
+        print(f"without prefix cache: a round {off_s:7.2f}s ({off.compiles - compiles} compiles while timed)")
+        on = self.engine(max_running_requests=64, prefix_cache_tokens=4 * size)
+        on.generate(round_of(prefixes[0], 0))  # compiles the cold round's shapes
+        on.generate(round_of(prefixes[0], 16))  # and the next round's
+        on.flush_cache()
+        compiles = on.compiles
+        cold = timed(lambda: on.generate(round_of(prefixes[1], 32)))
+        warm = timed(lambda: on.generate(round_of(prefixes[1], 48)))
+        print(
+            f"with prefix cache:    round 1 (cold) {cold:7.2f}s, round 2 (new queries) {warm:7.2f}s "
+            f"({on.compiles - compiles} compiles while timed)"
+        )
+        print(f"  speed-up, cold cache       {off_s / cold:8.2f}x")
+        print(f"  speed-up, next round       {off_s / warm:8.2f}x (goal >= 5x)")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--prompt-tokens", type=int, default=32)
+    p.add_argument("--workload", choices=["all", "uniform", "long-tail", "arrivals", "shared-prefix"], default="all")
+    p.add_argument("--batch", type=int, default=16, help="uniform: prompts in the batch")
+    p.add_argument("--new-tokens", type=int, default=128, help="uniform: new tokens per prompt")
+    p.add_argument("--prompt-tokens", type=int, default=32, help="uniform: prompt length")
+    p.add_argument("--slots", type=int, default=64, help="long-tail: decode slots (max_running_requests)")
+    p.add_argument("--arrival-slots", type=int, default=16, help="arrivals: decode slots")
+    p.add_argument("--arrivals", type=int, default=48, help="arrivals: number of requests")
+    p.add_argument("--prefix-tokens", type=int, default=1024, help="shared-prefix: length of the common prefix")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument(
         "--dtype",
@@ -114,42 +310,27 @@ def main() -> None:
         default="float32",
         help="weights, activations and KV cache of both sides (matmuls accumulate in float32)",
     )
-    p.add_argument("--no-server", action="store_true", help="skip the HTTP server overhead measurement")
-    p.add_argument("--no-transformers", action="store_true", help="skip the (slow) transformers baseline")
+    p.add_argument("--no-server", action="store_true", help="uniform: skip the HTTP server overhead measurement")
+    p.add_argument("--no-transformers", action="store_true", help="skip the (slow) transformers baselines")
     p.add_argument(
         "--torch-threads",
         default=f"{os.cpu_count()},1",
-        help="comma-separated torch intra-op thread counts, one baseline run each (default: all cores, 1)",
+        help="comma-separated torch intra-op thread counts, one uniform baseline run each (default: all cores, 1)",
     )
     args = p.parse_args()
-
-    model_dir = smollm2_hf_dir()
-    tokenizer = load_tokenizer(model_dir)
-    ids = prompts(tokenizer, args.batch, args.prompt_tokens)
-    tokens = args.batch * args.new_tokens
-    print(
-        f"SmolLM2-135M {args.dtype}, batch {args.batch}, prompts {min(map(len, ids))}-{max(map(len, ids))} tokens, "
-        f"{args.new_tokens} new tokens, temperature 1; {os.cpu_count()} CPU cores; load average {os.getloadavg()}"
-    )
-
-    engine_s, engine_cpu = bench_engine(model_dir, ids, args.new_tokens, args.repeats, args.dtype)
-    print(
-        f"fr_jax engine (in process)   {tokens / engine_s:8.1f} tok/s   ({engine_s:.2f}s wall, {engine_cpu:.2f}s CPU)"
-    )
-    for threads in [] if args.no_transformers else [int(t) for t in args.torch_threads.split(",")]:
-        hf_s, hf_cpu = bench_transformers(model_dir, tokenizer, ids, args.new_tokens, args.repeats, threads, args.dtype)
-        print(
-            f"transformers, {threads} thread(s)     {tokens / hf_s:8.1f} tok/s   ({hf_s:.2f}s wall, {hf_cpu:.2f}s CPU)"
-        )
-        print(
-            f"  engine / transformers      {hf_s / engine_s:8.2f}x wall (goal >= 3x), "
-            f"{hf_cpu / engine_cpu:.2f}x CPU time"
-        )
-    if not args.no_server:
-        server_s, _ = bench_server(model_dir, ids, args.new_tokens, args.repeats, args.dtype)
-        print(f"fr_jax server over HTTP      {tokens / server_s:8.1f} tok/s   ({server_s:.2f}s wall)")
-        print(f"server overhead vs engine    {100 * (server_s / engine_s - 1):+8.1f}%")
-    print(f"load average at the end {os.getloadavg()}")
+    print(f"$ {COMMAND}")
+    print(f"SmolLM2-135M {args.dtype}; {os.cpu_count()} CPU cores; load average {os.getloadavg()}")
+    bench = Bench(args)
+    workloads = {
+        "uniform": bench.uniform,
+        "long-tail": bench.long_tail,
+        "arrivals": bench.arrivals,
+        "shared-prefix": bench.shared_prefix,
+    }
+    for name, run in workloads.items():
+        if args.workload in ("all", name):
+            run()
+    print(f"\nload average at the end {os.getloadavg()}")
 
 
 if __name__ == "__main__":

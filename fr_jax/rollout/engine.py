@@ -17,10 +17,11 @@ How requests move through it (one `step()` at a time, on one thread):
   ended completely, and finished rows keep their slots until then, as a plain batched generate does.
 
 Shapes: the decode cache is [rows, kv_heads, length, head_dim] per layer, rows and length rounded up to powers of
-two (rows cover the live rows, length their prompt + max_new_tokens); it grows when new rows need more and shrinks
-(live rows moved to the front) when rows leave. Prefill groups, chunk sizes and pool transfers are bucketed the
-same way. So each program compiles once per bucket combination, a bounded number, and a workload that repeats
-compiles nothing more (`compiles` counts them; each compile is logged). No shape depends on data: it runs on TPU.
+two (rows cover the live rows, length what they fill by the end of the next chunk: attention reads the whole
+length at every step); it grows when rows need more and shrinks (live rows moved to the front) when rows leave.
+Prefill groups, chunk sizes and pool transfers are bucketed the same way. So each program compiles once per bucket
+combination, a bounded number, and a workload that repeats compiles nothing more (`compiles` counts them; each
+compile is logged). No shape depends on data: it runs on TPU.
 
 Log-prob convention (shared with the GRPO trainer): see fr_jax.rollout.sampling. The engine returns the log-prob of
 each generated token under log_softmax(logits / temperature), before top-k/top-p/min-p filtering, in float32.
@@ -290,7 +291,7 @@ class Engine:
         self._pool: KVCache | None = None
         self.compiles = 0
         self.steps = 0
-        self._prefill = jax.jit(self._prefill_fn, donate_argnums=(1,))
+        self._prefill = jax.jit(self._prefill_fn, static_argnums=(4,), donate_argnums=(1,))
         self._assemble = jax.jit(self._assemble_fn, static_argnums=(1,))
         self._zeros = jax.jit(self._zeros_fn, static_argnums=(0, 1))
         self._save = jax.jit(self._save_fn, donate_argnums=(0,))
@@ -354,13 +355,14 @@ class Engine:
 
         return jax.tree.map(gather, pool)
 
-    def _prefill_fn(self, state, cache: KVCache, ids, starts) -> KVCache:
-        """K/V of ids [G, C] written from each prompt's own start slot (no logits: nothing uses them)."""
+    def _prefill_fn(self, state, cache: KVCache, ids, starts, window: int) -> KVCache:
+        """K/V of ids [G, C] written from each prompt's own start slot (no logits: nothing uses them). Attention
+        reads only the first `window` slots, which hold every write of this chunk."""
         model = nnx.merge(self.graphdef, state)
         positions = starts[:, None] + jnp.arange(ids.shape[1], dtype=jnp.int32)
-        everything = jnp.ones((ids.shape[0], cache.k[0].shape[2]), bool)
-        _, cache = model.decode(ids, positions, cache, starts, everything)
-        return cache
+        head = jax.tree.map(lambda x: x[:, :, :window], cache)
+        _, head = model.decode(ids, positions, head, starts, jnp.ones((ids.shape[0], window), bool))
+        return jax.tree.map(lambda x, h: jax.lax.dynamic_update_slice(x, h, (0, 0, 0, 0)), cache, head)
 
     def _save_fn(self, pool: KVCache, cache: KVCache, rows, starts, blocks) -> KVCache:
         """Copy block-sized slices cache[rows[i], :, starts[i]:] into pool[blocks[i]] (out-of-range: skipped)."""
@@ -510,9 +512,9 @@ class Engine:
 
     @property
     def running_samples(self) -> int:
-        """Samples decoding or being prefilled."""
-        group = sum(len(p.samples) for p in self._group.prompts) if self._group else 0
-        return group + sum(s is not None for s in self._slots)
+        """Samples decoding or being prefilled (read from any thread: a snapshot)."""
+        group, slots = self._group, list(self._slots)
+        return (sum(len(p.samples) for p in group.prompts) if group else 0) + sum(s is not None for s in slots)
 
     def live_tokens(self) -> int:
         """Tokens held in the decode cache by the running samples (prompt and output)."""
@@ -623,8 +625,7 @@ class Engine:
         longest = max(remaining)
         chunk = min(bucket(longest, _MIN_CHUNK), max(_MIN_CHUNK, _floor_pow2(self.chunked_prefill_size // rows)))
         chunks = math.ceil(longest / chunk)
-        # each prompt writes chunk k at cached + k * chunk while it has tokens left, then (garbage) at length - chunk,
-        # which must lie past its own K/V
+        # each prompt writes chunk k at cached + k * chunk while it has tokens left, then (garbage) from its K/V's end
         ends = [p.cached + math.ceil(r / chunk) * chunk for p, r in zip(prompts, remaining)]
         ends += [p.kv_len + chunk for p, r in zip(prompts, remaining) if math.ceil(r / chunk) < chunks]
         hits = max(len(p.pool_blocks) for p in prompts)
@@ -646,15 +647,18 @@ class Engine:
         if group.done < group.chunks:
             rows = bucket(len(group.prompts))
             ids = np.zeros((rows, group.chunk), np.int32)
-            starts = np.full(rows, group.length - group.chunk, np.int32)
+            starts = np.zeros(rows, np.int32)  # padding rows write garbage into their own unused rows
             for i, p in enumerate(group.prompts):
                 start = p.cached + group.done * group.chunk
                 if start < p.kv_len:
                     piece = p.tokens[start : min(start + group.chunk, p.kv_len)]
                     ids[i, : len(piece)], starts[i] = piece, start
+                else:
+                    starts[i] = p.kv_len  # done: garbage past its own K/V
+            window = min(bucket(int(starts.max()) + group.chunk, _MIN_CHUNK), group.length)
             inputs = self._put((ids, starts), (("batch", "length"), ("batch",)))
-            shapes = dict(prompts=rows, chunk=group.chunk, length=group.length)
-            group.cache = self._call(self._prefill, "prefill", shapes, self.state, group.cache, *inputs)
+            shapes = dict(prompts=rows, chunk=group.chunk, window=window, length=group.length)
+            group.cache = self._call(self._prefill, "prefill", shapes, self.state, group.cache, *inputs, window)
             group.done += 1
         if group.done < group.chunks:
             return []
@@ -687,7 +691,7 @@ class Engine:
         if not new:
             return []
         live = [s for s in self._slots if s is not None]
-        self._layout(len(live) + len(new), [s for s in live] + [s for _, s in new], grow_only=True)
+        self._layout(len(live) + len(new), live + [s for _, s in new], grow_only=True)
         free = [i for i, s in enumerate(self._slots) if s is None]
         count = bucket(len(new))
         slots = np.full(count, len(self._slots), np.int32)  # padding: out of range, dropped
@@ -701,11 +705,16 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------- layout
 
+    def _reach(self, sample: Sample) -> int:
+        """The cache slots `sample` may fill by the end of the next decode chunk."""
+        return len(sample.prompt) + min(sample.options.max_new_tokens, len(sample.output_ids) + self.chunk_steps)
+
     def _layout(self, live: int, samples: Sequence[Sample], *, grow_only: bool) -> None:
-        """Give the decode cache room for `live` rows holding `samples` (live ones first), growing it, or shrinking
-        it when grow_only is False; live rows move to the front."""
+        """Give the decode cache room for `live` rows holding `samples` through their next chunk, growing it, or
+        shrinking it when grow_only is False; live rows move to the front. The length follows the rows as they
+        grow: attention reads the whole cache every step, so it must not be longer than the rows need."""
         rows = min(bucket(live, self.min_rows_bucket), bucket(self.max_running_requests, self.min_rows_bucket))
-        length = bucket(max(len(s.prompt) + s.options.max_new_tokens for s in samples), self.min_length_bucket)
+        length = bucket(max(map(self._reach, samples)), self.min_length_bucket)
         if self._cache is None:
             self._cache = self._call(self._zeros, "zeros", dict(rows=rows, length=length), rows, length)
             self._slots = [None] * rows
@@ -763,6 +772,8 @@ class Engine:
         return RowInputs(*self._put(host, [("batch",)] * 11 + [("batch", None)]))
 
     def _decode_step(self) -> list[Sample]:
+        live = [s for s in self._slots if s is not None]
+        self._layout(len(live), live, grow_only=True)
         rows = self._row_inputs()
         waiting = self.scheduling == "continuous" and self.admitting and self.waiting_samples > 0
         shapes = dict(rows=len(self._slots), length=self._cache.k[0].shape[2], steps=self.chunk_steps)

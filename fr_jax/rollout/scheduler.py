@@ -64,6 +64,7 @@ class Scheduler:
         self._wake = threading.Condition()
         self._stopped = False
         self.jobs_served = 0
+        self.samples_aborted = 0
         self._thread = threading.Thread(target=self._run, name="rollout-scheduler", daemon=True)
         self._thread.start()
 
@@ -88,7 +89,11 @@ class Scheduler:
 
     def cancel(self, job: Job) -> concurrent.futures.Future:
         """Abort a job's samples (its client went away)."""
-        return self.call(lambda engine: self._dispatch(engine.abort(job.owner, "the client disconnected")))
+        return self.call(lambda engine: self._dispatch_aborted(engine.abort(job.owner, "the client disconnected")))
+
+    def _dispatch_aborted(self, aborted: Sequence[Sample]) -> None:
+        self.samples_aborted += len(aborted)
+        self._dispatch(aborted)
 
     def call(self, run: Callable[[Engine], Any], *, drain: bool = False, abort: str | None = None):
         """Run `run(engine)` on the scheduler thread between steps; drain: once no sample runs (new ones wait
@@ -139,7 +144,7 @@ class Scheduler:
     def _try(self, command: _Command) -> None:
         engine = self.engine
         if command.abort is not None:
-            self._dispatch(engine.abort(None, command.abort))
+            self._dispatch_aborted(engine.abort(None, command.abort))
             command.abort = None
         if command.drain and engine.running_samples:
             engine.admitting = False  # the running samples finish; then this command runs

@@ -290,6 +290,8 @@ class RolloutServer:
         except Exception as error:  # noqa: BLE001 - the stream has started: SGLang reports errors in-band
             _log.exception("/generate stream failed")
             yield _sse({"error": {"message": f"{type(error).__name__}: {error}"}})
+        finally:
+            await updates.aclose()  # a client that went away: its samples are aborted
         yield _DONE
 
     @staticmethod
@@ -455,6 +457,8 @@ class RolloutServer:
         except Exception as error:  # noqa: BLE001 - the stream has started: report in-band, as SGLang does
             _log.exception("OpenAI stream failed")
             yield _sse({"error": {"message": f"{type(error).__name__}: {error}", "type": "server_error", "code": 500}})
+        finally:
+            await updates.aclose()  # a client that went away: its samples are aborted
         yield _DONE
 
     # ------------------------------------------------------------------------------------------ status
@@ -512,6 +516,7 @@ class RolloutServer:
                     "engine_compiles": engine.compiles,
                     "engine_steps": engine.steps,
                     "jobs_served": self.scheduler.jobs_served,
+                    "samples_aborted": self.scheduler.samples_aborted,
                     "running_samples": engine.running_samples,
                     "waiting_samples": engine.waiting_samples,
                     "prefix_cache_hit_tokens": engine.prefix.hit_tokens,

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import transformers
 
+from fr_jax.models.hf import load_pretrained
 from fr_jax.models.tokenizer import load_tokenizer
 from fr_jax.parallel.mesh import make_mesh
 from fr_jax.rollout.engine import Engine, GenerationRequest, SamplingOptions
@@ -199,7 +200,7 @@ def test_stop_tokens_strings_and_lengths(tiny, tokenizer, prompt_ids):
 def test_prefix_cache_hits_change_no_output(tiny_dir, mesh1, tokenizer, prompt_ids):
     """Prompts sharing a 40-token prefix: the second and third wait one step for the first to cache its two full
     blocks, then reuse them (cached_tokens 32); a repeat reuses everything. Greedy outputs equal the cache-less
-    engine's and log-probs agree."""
+    engine's and log-probs agree. /flush_cache and new weights empty the cache."""
     prompts = [SHARED + p for p in prompt_ids]
     requests = [GenerationRequest(p, SamplingOptions(max_new_tokens=10, temperature=0.0)) for p in prompts]
     _, off = make_engine(tiny_dir, mesh1, tokenizer, prefix_cache_tokens=0)
@@ -217,6 +218,10 @@ def test_prefix_cache_hits_change_no_output(tiny_dir, mesh1, tokenizer, prompt_i
     assert on.prefix.hit_tokens == 2 * 32 + sum(c.cached_tokens for c in got)
     on.flush_cache()
     assert [c.cached_tokens for [c] in on.generate(requests[:1])] == [0]
+    assert on.prefix.cached_blocks > 0
+    on.swap_state(load_pretrained(tiny_dir, mesh=mesh1), weight_version="v2")  # new weights: the old K/V is stale
+    assert on.prefix.cached_blocks == 0
+    assert [(c.cached_tokens, c.weight_version) for [c] in on.generate(requests[:1])] == [(0, "v2")]
 
 
 def test_prefix_cache_evicts_under_memory_pressure(tiny_dir, mesh1, tokenizer, prompt_ids):

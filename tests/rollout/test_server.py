@@ -352,6 +352,21 @@ def test_generate_streams_sglang_data_lines(server):
     assert [finals[k]["meta_info"]["prompt_tokens"] for k in range(4)] == [3, 3, 4, 4]
 
 
+def test_a_stream_closed_early_aborts_its_request(local_server):
+    _, process, _ = local_server
+    before = _engine_state(process)["samples_aborted"]
+    params = {"max_new_tokens": 480, "temperature": 0, "ignore_eos": True}
+    body = {"input_ids": [41, 42, 43], "sampling_params": params, "stream": True}
+    with httpx.stream("POST", process.url + "/generate", json=body, timeout=60) as response:
+        first = json.loads(next(line for line in response.iter_lines() if line).removeprefix("data: "))
+    assert first["meta_info"]["finish_reason"] is None
+    deadline = time.monotonic() + 60
+    while (state := _engine_state(process))["samples_aborted"] == before:
+        assert time.monotonic() < deadline, "closing the stream should abort the request"
+        time.sleep(0.05)
+    assert state["running_samples"] == 0
+
+
 def test_openai_client_streams_chat_and_completions(server):
     """The official openai client, streaming and not: the streamed pieces add up to the non-streamed text."""
     _, process, _ = server
