@@ -1,10 +1,11 @@
 """Sandbox speed, each figure against a baseline measured side by side in the same run.
 
 1. Added latency of one jailed run: POST /run_code of `print(1)` vs bare `python3 -c 'print(1)'`, one at a time,
-   interleaved (p50 and p99; goal: at most 20 ms added at p50). Where cgroup v1 cpuacct is writable (root), also
-   the CPU time per run of everything involved (client, service, jail, program) vs bare: on a host shared with
-   other work, wall-clock latency mostly measures waiting for a CPU at each of the jail's process hops, while
-   CPU time is what an idle host would see as latency.
+   interleaved (p50 and p99; goal: at most 20 ms added at p50); and of one judged evaluation: POST /evaluate of a
+   function and three asserts vs bare `python3 -c` of the same function and asserts. Where cgroup v1 cpuacct is
+   writable (root), also the CPU time per run of everything involved (client, service, jail, program) vs bare: on
+   a host shared with other work, wall-clock latency mostly measures waiting for a CPU at each of the jail's
+   process hops, while CPU time is what an idle host would see as latency.
 2. Trivial runs per second at concurrency 2, 8 and 32, vs bare `python3 -c` at the same concurrency
    (goal: at least 30/s on 2 cores).
 3. Load: 1,000 /evaluate requests at 32 concurrent against a service with a small queue, so that back-pressure
@@ -31,6 +32,8 @@ from fr_jax.sandbox.local import LocalSandbox
 
 PYTHON = "/usr/bin/python3"
 TRIVIAL = "print(1)"
+SOLUTION = "def add(a, b):\n    return a + b\n"
+ASSERTS = ["assert add(1, 2) == 3", "assert add(-1, 1) == 0", "assert abs(add(0.1, 0.2) - 0.3) < 1e-9"]
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -59,31 +62,46 @@ class _CpuMeter:
             self.group.rmdir()
 
 
-def latency(url: str, runs: int, cpu: _CpuMeter) -> None:
+def _measure(url: str, runs: int, cpu: _CpuMeter, name: str, bare_code: str, path: str, payload: dict, check) -> None:
+    """`runs` interleaved pairs: bare `python3 -c bare_code`, then POST `path` with `payload` (`check` its answer)."""
     bare, jailed, bare_cpu, jailed_cpu = [], [], 0.0, 0.0
     with httpx.Client(base_url=url, timeout=60) as client:
-        client.post("/run_code", json={"code": TRIVIAL})  # warm the connection
-        for _ in tqdm(range(runs), desc="latency", leave=False):
+        client.post(path, json=payload)  # warm the connection
+        for _ in tqdm(range(runs), desc=name, leave=False):
             started, cpu_before = time.perf_counter(), cpu.ms()
-            subprocess.run([PYTHON, "-c", TRIVIAL], capture_output=True, check=True)
+            subprocess.run([PYTHON, "-c", bare_code], capture_output=True, check=True)
             bare.append((time.perf_counter() - started) * 1000)
             started, cpu_between = time.perf_counter(), cpu.ms()
-            answer = client.post("/run_code", json={"code": TRIVIAL}).json()
+            answer = client.post(path, json=payload).json()
             jailed.append((time.perf_counter() - started) * 1000)
             bare_cpu, jailed_cpu = bare_cpu + cpu_between - cpu_before, jailed_cpu + cpu.ms() - cpu_between
-            assert answer["run_result"]["stdout"] == "1\n", answer
-    for name, q in (("p50", 0.5), ("p99", 0.99)):
+            check(answer)
+    for label, q in (("p50", 0.5), ("p99", 0.99)):
         b, j = _percentile(bare, q), _percentile(jailed, q)
         print(
-            f"latency {name}: bare python3 -c {b:6.1f} ms | sandbox /run_code {j:6.1f} ms | "
-            f"added {j - b:6.1f} ms | ratio {j / b:4.2f}x" + ("   (goal: added <= 20 ms)" if name == "p50" else "")
+            f"{name} latency {label}: bare python3 -c {b:6.1f} ms | sandbox {path} {j:6.1f} ms | "
+            f"added {j - b:6.1f} ms | ratio {j / b:4.2f}x" + ("   (goal: added <= 20 ms)" if label == "p50" else "")
         )
     if cpu.group:
         b, j = bare_cpu / runs, jailed_cpu / runs
         print(
-            f"CPU per run: bare python3 -c {b:6.1f} ms | sandbox /run_code {j:6.1f} ms | added {j - b:6.1f} ms | "
+            f"{name} CPU per run: bare python3 -c {b:6.1f} ms | sandbox {path} {j:6.1f} ms | added {j - b:6.1f} ms | "
             f"ratio {j / b:4.2f}x   (client, service, jail and program together)"
         )
+
+
+def _run_code_ok(answer: dict) -> None:
+    assert answer["run_result"]["stdout"] == "1\n", answer
+
+
+def _judged_ok(answer: dict) -> None:
+    assert answer["passed_all"] and not any(t["judged_in_process"] for t in answer["tests"]), answer
+
+
+def latency(url: str, runs: int, cpu: _CpuMeter) -> None:
+    _measure(url, runs, cpu, "run_code", TRIVIAL, "/run_code", {"code": TRIVIAL}, _run_code_ok)
+    evaluate = {"code": SOLUTION, "tests": {"kind": "asserts", "test_list": ASSERTS}}
+    _measure(url, runs, cpu, "evaluate", SOLUTION + "\n".join(ASSERTS), "/evaluate", evaluate, _judged_ok)
 
 
 async def _bare_rate(concurrency: int, runs: int) -> float:

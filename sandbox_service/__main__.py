@@ -45,6 +45,7 @@ from sandbox_service.jail import (
 )
 from sandbox_service.pythons import DEFAULT as DEFAULT_PYTHON
 from sandbox_service.pythons import parse_pythons
+from sandbox_service.run_dir import DiskQuota, private_mounts, sweep_stale
 from sandbox_service.workers import WORKERS_ENV, WORKERS_FILE_ENV, WorkerEndpoint, load_workers, workers_from_env
 
 
@@ -74,6 +75,35 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-output-bytes", type=int, default=1 << 20, help="cap per stream; a run past it is killed")
     p.add_argument("--max-body-mb", type=int, default=32, help="larger request bodies get 413")
     p.add_argument("--default-memory-mb", type=int, default=1024, help="memory limit when a request gives -1")
+    p.add_argument(
+        "--run-disk-mb",
+        type=int,
+        default=256,
+        help="disk a run may fill, /tmp and /dev/shm included (as root: a tmpfs of its own per run)",
+    )
+    p.add_argument("--run-inodes", type=int, default=10_000, help="files and directories a run may make (as root)")
+    p.add_argument("--max-fetch-mb", type=int, default=16, help="bytes of fetch_files one run returns, all together")
+    p.add_argument(
+        "--max-eval-s", type=float, default=300.0, help="wall time of one evaluation, however many tests it has"
+    )
+    p.add_argument(
+        "--harness-start-s",
+        type=float,
+        default=30.0,
+        help="for the evaluation harness to start (a start that takes longer is retried, then 'could not judge')",
+    )
+    p.add_argument(
+        "--worker-timeout-s",
+        type=float,
+        default=120.0,
+        help="a worker call unanswered this long fails the run as the worker's fault (infrastructure)",
+    )
+    p.add_argument(
+        "--max-workflow-wait-s",
+        type=float,
+        default=600.0,
+        help="the most a workflow may wait on workers and jail slots beyond its own wall_s budget",
+    )
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds in-flight runs get on shutdown")
     p.add_argument(
         "--python",
@@ -182,6 +212,8 @@ def _jail(
             run_root=args.run_root,
             extra_ro_binds=tuple(args.ro_bind),
             insecure=args.insecure,
+            disk=DiskQuota(args.run_disk_mb, args.run_inodes) if os.geteuid() == 0 else None,
+            max_fetch_bytes=args.max_fetch_mb << 20,
         )
         isolation = probe_isolation(replace(config, pythons={DEFAULT_PYTHON: config.python}), cgroup_report)
         return config, isolation, probe_pythons(config, isolation.level)
@@ -212,12 +244,19 @@ def _serve(args: argparse.Namespace) -> int:
         raise StartupError(
             f"--workers {args.workers} --max-queue {args.max_queue}: give at least 1 worker and a queue of 0 or more"
         )
+    if min(args.run_disk_mb, args.run_inodes, args.max_fetch_mb, args.max_eval_s, args.worker_timeout_s) <= 0:
+        raise StartupError(
+            "--run-disk-mb, --run-inodes, --max-fetch-mb, --max-eval-s and --worker-timeout-s must be positive"
+        )
     workers = _workers(args)
     try:
         pythons = parse_pythons(args.python)
     except ValueError as e:
         raise StartupError(f"bad python: {e}") from e
     sock = _listen(args.host, args.port)
+    if os.geteuid() == 0 and not private_mounts():
+        sock.close()
+        raise StartupError("cannot make a private mount namespace for the runs' filesystems (is this root?)")
     cgroups, cgroup_report = Cgroups.detect()
     try:
         config, isolation, versions = _jail(args, pythons, cgroup_report)
@@ -226,6 +265,8 @@ def _serve(args: argparse.Namespace) -> int:
         if cgroups is not None:
             cgroups.remove()
         raise
+    if swept := sweep_stale(args.run_root):
+        log.info("removed the run directories of %d sandbox services that are gone", swept)
     service = Service(
         ServiceSettings(
             workers=args.workers,
@@ -234,6 +275,10 @@ def _serve(args: argparse.Namespace) -> int:
             max_body_bytes=args.max_body_mb << 20,
             default_memory_mb=args.default_memory_mb,
             drain_timeout_s=args.drain_timeout,
+            max_eval_s=args.max_eval_s,
+            worker_timeout_s=args.worker_timeout_s,
+            max_workflow_wait_s=args.max_workflow_wait_s,
+            harness_start_s=args.harness_start_s,
         ),
         config,
         isolation,

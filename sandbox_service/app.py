@@ -48,6 +48,9 @@ from sandbox_service.workers import WorkerEndpoint, workers_from_env
 from sandbox_service.workflow import WorkflowRunner
 
 _log = logging.getLogger(__name__)
+# A workflow is admitted as two runs: its graph, and its test runs (one at a time: the Test operator's, then the
+# solution's scoring), so that test runs never wait on admission behind other requests.
+WORKFLOW_RUNS = 2
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,10 @@ class ServiceSettings:
     max_body_bytes: int = 32 << 20
     default_memory_mb: int = 1024
     drain_timeout_s: float = 30.0
+    max_eval_s: float = 300.0
+    worker_timeout_s: float = 120.0
+    max_workflow_wait_s: float = 600.0
+    harness_start_s: float = 30.0
 
 
 class RequestError(Exception):
@@ -128,7 +135,9 @@ class Service:
         self.metrics = Metrics(settings.workers, waiting=lambda: self.jail.waiting, busy=lambda: self.jail.busy)
         self.jail = Jail(jail_config, settings.workers, isolation, cgroups, observer=self._observe)
         self.pythons = dict(jail_config.pythons)
-        self.judge = Judge(self.jail, self.pythons, settings.max_output_bytes)
+        self.judge = Judge(
+            self.jail, self.pythons, settings.max_output_bytes, settings.max_eval_s, settings.harness_start_s
+        )
         self.admission = Admission(settings, self.jail, self.metrics)
         self.loop: asyncio.AbstractEventLoop | None = None
 
@@ -156,6 +165,11 @@ class Service:
     async def run_code(self, request: RunCodeRequest) -> RunCodeResponse:
         files = {path: base64.b64decode(content) for path, content in request.files.items()}
         files[CODE_FILE] = request.code.encode()
+        quota = self.jail.config.disk
+        if quota is not None and sum(map(len, files.values())) > quota.megabytes << 20:
+            raise RequestError(
+                ("files",), "over_quota", f"the files exceed a run's disk quota of {quota.megabytes} MiB"
+            )
         memory = request.memory_limit_MB if request.memory_limit_MB > 0 else self.settings.default_memory_mb
         limits = Limits(
             wall_s=request.run_timeout,
@@ -237,6 +251,7 @@ class Service:
                 **jail.isolation.detail,
                 "jail_uids": jail.uids,
                 "child_subreaper": jail.subreaper,
+                "run_root": str(jail.run_root),
             },
             capacity={
                 "workers": self.settings.workers,
@@ -249,6 +264,13 @@ class Service:
                 "max_output_bytes": self.settings.max_output_bytes,
                 "max_body_bytes": self.settings.max_body_bytes,
                 "default_memory_mb": self.settings.default_memory_mb,
+                "max_fetch_bytes": jail.config.max_fetch_bytes,
+                "max_eval_s": round(self.settings.max_eval_s),
+                **(
+                    {"run_disk_mb": jail.config.disk.megabytes, "run_inodes": jail.config.disk.inodes}
+                    if jail.config.disk
+                    else {}
+                ),
             },
             pythons=self.pythons,
         )
@@ -269,7 +291,8 @@ def _error_text(error: dict) -> str:
 
 
 class _Gate:
-    """ASGI middleware: refuses bodies over the limit (413) before parsing, and records request metrics."""
+    """ASGI middleware: refuses bodies over the limit (413) before parsing, records request metrics, and cancels a
+    request whose client has gone (its jailed runs are killed), rather than running it to the end for nobody."""
 
     def __init__(self, app, service: Service):
         self.app, self.service = app, service
@@ -298,11 +321,27 @@ class _Gate:
             async def replay():
                 return {"type": "http.request", "body": body, "more_body": False}
 
-            await self.app(scope, replay, send_recording)
+            await self._unless_disconnected(self.app(scope, replay, send_recording), receive, scope["path"])
         finally:
             endpoint = scope["path"] if scope["path"] in _ENDPOINTS else "other"
             self.service.metrics.requests.labels(endpoint, str(status["code"])).inc()
             self.service.metrics.request_seconds.labels(endpoint).observe(time.monotonic() - started)
+
+    async def _unless_disconnected(self, handling, receive, path: str) -> None:
+        """Run the request's handling; cancel it if the client disconnects first."""
+        task = asyncio.ensure_future(handling)
+        gone = asyncio.ensure_future(_disconnected(receive))
+        try:
+            await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not task.done():
+                task.cancel()
+                self.service.metrics.rejected.labels("client_gone").inc()
+                _log.info("the client of %s went away: its request was cancelled", path)
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        finally:
+            gone.cancel()
+            task.cancel()
 
     async def _read_body(self, scope, receive) -> bytes | None:
         limit = self.service.settings.max_body_bytes
@@ -323,6 +362,12 @@ class _Gate:
         return b"".join(chunks)
 
 
+async def _disconnected(receive) -> None:
+    """Returns once the client has disconnected (the body has been read already)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
 async def _send_json(send, status: int, content: dict) -> None:
     response = JSONResponse(status_code=status, content=content)
     await send({"type": "http.response.start", "status": status, "headers": response.raw_headers})
@@ -341,6 +386,8 @@ def create_app(service: Service, workers: Mapping[str, WorkerEndpoint] | None = 
         workers_from_env() if workers is None else workers,
         python=service.pythons[DEFAULT_PYTHON],
         output_bytes=service.settings.max_output_bytes,
+        worker_timeout_s=service.settings.worker_timeout_s,
+        max_wait_s=service.settings.max_workflow_wait_s,
     )
     operators = OperatorsResponse(operators=describe_operators(), text=operators_text())
 
@@ -410,7 +457,7 @@ def create_app(service: Service, workers: Mapping[str, WorkerEndpoint] | None = 
     @app.post("/workflow/run", response_model=WorkflowRunResponse)
     async def workflow_run(request: WorkflowRunRequest) -> WorkflowRunResponse:
         service.check_python(request.python, ("python",))
-        with admission.admitted(1):
+        with admission.admitted(WORKFLOW_RUNS):
             return await runner.run(request)
 
     @app.get("/health")

@@ -45,7 +45,16 @@ from typing import Any
 from sandbox_service.cgroups import CgroupReport, Cgroups, SlotCgroup
 from sandbox_service.pythons import DEFAULT as DEFAULT_PYTHON
 from sandbox_service.pythons import DEFAULT_PATH as DEFAULT_PYTHON_PATH
-from sandbox_service.run_dir import JAIL_HOME, safe_relative_path
+from sandbox_service.run_dir import (
+    JAIL_HOME,
+    DiskQuota,
+    RunDir,
+    make_root,
+    make_run_dir,
+    remove_root,
+    remove_run_dir,
+    safe_relative_path,
+)
 
 _log = logging.getLogger(__name__)
 
@@ -74,6 +83,7 @@ class Limits:
     cpu_s: float
     memory_mb: int
     processes: int = 64
+    cpus: float = 1.0  # the CPU share a run may take, where a cgroup can enforce it
     file_size_mb: int = 64
     open_files: int = 256
     output_bytes: int = _MiB  # per stream (stdout, stderr)
@@ -88,7 +98,9 @@ class JailConfig:
     prlimit: str = "prlimit"
     uid_base: int = 61000  # slot i runs as uid_base + i (see claim_uid_block), so runs never share a uid
     run_root: Path | None = None
-    tmp_size_mb: int = 64
+    tmp_size_mb: int = 64  # /tmp and /dev/shm each, where runs have no disk quota of their own
+    disk: DiskQuota | None = None  # as root: a tmpfs per run of this size and these inodes (home, /tmp, /dev/shm)
+    max_fetch_bytes: int = 16 << 20  # files a run's caller may read back, all together
     extra_ro_binds: tuple[str, ...] = ()
     insecure: bool = False
 
@@ -137,10 +149,10 @@ class _JailCommand:
         self.ro_binds = _system_binds()
         self.extra_binds = _extra_binds(config)  # after /tmp is mounted, so that a path under /tmp shows too
 
-    def env(self, run_dir: Path, program: Sequence[str], extra: Mapping[str, str]) -> dict[str, str]:
+    def env(self, home: Path, program: Sequence[str], extra: Mapping[str, str]) -> dict[str, str]:
         """The program's whole environment. PATH starts with the program's own directory, as an activated virtual
         environment's does (so `python` and `pip` are that environment's)."""
-        home = str(run_dir) if self.level == "none" else JAIL_HOME
+        home = str(home) if self.level == "none" else JAIL_HOME
         path = ["/usr/local/bin", "/usr/bin", "/bin"]
         own = os.path.dirname(program[0])
         return {
@@ -155,7 +167,7 @@ class _JailCommand:
     def argv(
         self,
         uid: int | None,
-        run_dir: Path,
+        run: RunDir,
         env: Mapping[str, str],
         program: Sequence[str],
         limits: Limits | None = None,
@@ -182,17 +194,15 @@ class _JailCommand:
             "--hostname",
             "sandbox",
             *self.ro_binds,
-            "--size",
-            str(self.config.tmp_size_mb * _MiB),
-            "--tmpfs",
-            "/tmp",
+            *self._scratch(run.tmp, "/tmp"),
             *self.extra_binds,
             "--proc",
             "/proc",
             "--dev",
             "/dev",
+            *self._scratch(run.shm, "/dev/shm"),
             "--bind",
-            str(run_dir),
+            str(run.home),
             JAIL_HOME,
             "--chdir",
             JAIL_HOME,
@@ -206,6 +216,12 @@ class _JailCommand:
         if as_pid_1:  # no separate pid 1 that bwrap's monitor would leave behind for someone else to reap
             cmd += ["--as-pid-1"]
         return [*cmd, "--", *program]
+
+    def _scratch(self, shared: Path | None, where: str) -> list[str]:
+        """/tmp or /dev/shm: a directory on the run's own tmpfs (its quota), or a size-limited tmpfs of the jail's."""
+        if shared is not None:
+            return ["--bind", str(shared), where]
+        return ["--size", str(self.config.tmp_size_mb * _MiB), "--tmpfs", where]
 
     def _rlimits(self, limits: Limits, uid: int | None) -> list[str]:
         processes = limits.processes + 2  # bwrap's monitor and pid 1 run as the jail's uid too
@@ -391,6 +407,38 @@ class _ActiveRun:
             self.slot.cgroup.kill_all()
 
 
+class _Ticket:
+    """A run's cancellation: before it has a slot the waiting task is cancelled; after, the run is killed."""
+
+    def __init__(self):
+        self.started, self.cancelled = False, False
+        self.run: _ActiveRun | None = None
+
+    def cancel(self, task: asyncio.Future) -> None:
+        self.cancelled = True
+        if not self.started:
+            task.cancel()
+        elif self.run is not None:
+            self.run.kill("cancelled")
+
+    def watch(self, run: _ActiveRun) -> None:
+        self.run = run
+        if self.cancelled:
+            run.kill("cancelled")
+
+
+@dataclass
+class _Started:
+    """A jail just started, before its pipes are read: the process and the service's ends of its pipes."""
+
+    proc: subprocess.Popen
+    bare: bool
+    stdout: int
+    stderr: int
+    status: int | None
+    channel_sock: socket.socket | None
+
+
 @dataclass
 class _Spawned:
     """A started jail: the run a timer or cap can kill, the pipes being read, and the channel's service end."""
@@ -401,6 +449,19 @@ class _Spawned:
     stderr: _Capture
     status: _Capture | None  # bwrap's --json-status-fd
     channel_sock: socket.socket | None
+
+    @classmethod
+    def reading(cls, started: _Started, slot: _Slot, limits: Limits) -> _Spawned:
+        """Start reading a started jail's pipes on the running event loop."""
+        run = _ActiveRun(started.proc, slot)
+        return cls(
+            run,
+            started.bare,
+            _Capture(started.stdout, limits.output_bytes, lambda: run.kill("output_limit")),
+            _Capture(started.stderr, limits.output_bytes, lambda: run.kill("output_limit")),
+            _Capture(started.status, 1 << 16) if started.status is not None else None,
+            started.channel_sock,
+        )
 
 
 def _set_child_subreaper() -> bool:
@@ -430,8 +491,7 @@ class Jail:
         for uid in filter(None, uids):
             _check_uid_unused(uid)
         self.subreaper = _set_child_subreaper()
-        self.run_root = Path(tempfile.mkdtemp(prefix="fr_sandbox-", dir=config.run_root))
-        self.run_root.chmod(0o711)  # slot uids must traverse it to reach their own 0700 run directory
+        self.run_root = make_root(config.run_root)
         self._slots = [_Slot(i, uid, cgroups.slot(i) if cgroups else None) for i, uid in enumerate(uids)]
         self._free: asyncio.Queue[_Slot] | None = None
         self._active: set[_ActiveRun] = set()
@@ -465,31 +525,93 @@ class Jail:
         stdin: bytes = b"",
         fetch_files: Sequence[str] = (),
         channel: ChannelHandler | None = None,
+        channel_line_limit: int = 64 << 10,
         env: Mapping[str, str] | None = None,
         label: str = "run",
+        on_queue: Callable[[bool], None] | None = None,
     ) -> RunOutcome:
         """Run `program` (paths as seen inside the jail; cwd is the run directory) in the next free slot.
 
-        `label` names the kind of run for the observer (metrics).
+        `channel_line_limit` bounds a line the channel handler's reader reads; `label` names the kind of run for
+        the observer (metrics); `on_queue(True)` and `on_queue(False)` bracket the wait for a free slot (a
+        workflow's budget does not count it). Cancelled (its client has gone), a run is killed and cleaned up
+        before the cancellation goes on.
         """
+        ticket = _Ticket()
+        task = asyncio.ensure_future(
+            self._run_in_slot(
+                ticket,
+                program,
+                limits,
+                files or {},
+                stdin,
+                fetch_files,
+                channel,
+                channel_line_limit,
+                env or {},
+                label,
+                on_queue,
+            )
+        )
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            ticket.cancel(task)
+            with contextlib.suppress(BaseException):
+                await task
+            raise
+
+    async def _run_in_slot(
+        self,
+        ticket: _Ticket,
+        program: Sequence[str],
+        limits: Limits,
+        files: Mapping[str, bytes],
+        stdin: bytes,
+        fetch_files: Sequence[str],
+        channel: ChannelHandler | None,
+        channel_line_limit: int,
+        env: Mapping[str, str],
+        label: str,
+        on_queue: Callable[[bool], None] | None,
+    ) -> RunOutcome:
         free = self._free_slots()
         self.waiting += 1
+        if on_queue is not None:
+            on_queue(True)
         try:
             slot = await free.get()
         finally:
             self.waiting -= 1
+            if on_queue is not None:
+                on_queue(False)
+        ticket.started = True
         started = time.monotonic()
-        if self.refusing is not None:
-            free.put_nowait(slot)
-            return RunOutcome(None, b"", b"", 0.0, killed_for=self.refusing)
         try:
-            run_dir = self._make_run_dir(slot, files or {})
+            if self.refusing is not None or ticket.cancelled:
+                return RunOutcome(None, b"", b"", 0.0, killed_for=self.refusing or "cancelled")
+            self._counter += 1
+            name = f"run-{slot.index}-{self._counter}"
+            try:
+                run = await asyncio.to_thread(make_run_dir, self.run_root, name, slot.uid, files, self.config.disk)
+            except OSError as e:
+                return RunOutcome(None, b"", b"", time.monotonic() - started, sandbox_error=f"no run directory: {e}")
             try:
                 outcome = await self._run(
-                    slot, run_dir, list(program), limits, stdin, fetch_files, channel, env or {}, started
+                    ticket,
+                    slot,
+                    run,
+                    list(program),
+                    limits,
+                    stdin,
+                    fetch_files,
+                    channel,
+                    channel_line_limit,
+                    env,
+                    started,
                 )
             finally:
-                shutil.rmtree(run_dir, onerror=_force_remove)
+                await asyncio.to_thread(remove_run_dir, run)
         finally:
             free.put_nowait(slot)
         if self.observer is not None:
@@ -507,54 +629,47 @@ class Jail:
 
     def close(self) -> None:
         self.kill_all("shutdown", refuse_new=True)
-        shutil.rmtree(self.run_root, ignore_errors=True)
+        remove_root(self.run_root)
         if self.cgroups is not None:
             self.cgroups.remove()
 
-    def _make_run_dir(self, slot: _Slot, files: Mapping[str, bytes]) -> Path:
-        self._counter += 1
-        run_dir = self.run_root / f"run-{slot.index}-{self._counter}"
-        run_dir.mkdir(mode=0o700)
-        for rel, content in files.items():
-            target = run_dir / safe_relative_path(rel)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(content)
-        if slot.uid is not None:
-            for path in [run_dir, *run_dir.rglob("*")]:
-                os.chown(path, slot.uid, slot.uid)
-        return run_dir
-
     async def _run(
         self,
+        ticket: _Ticket,
         slot: _Slot,
-        run_dir: Path,
+        run: RunDir,
         program: list[str],
         limits: Limits,
         stdin: bytes,
         fetch_files: Sequence[str],
         channel: ChannelHandler | None,
+        channel_line_limit: int,
         env: Mapping[str, str],
         started: float,
     ) -> RunOutcome:
-        spawned = self._spawn(slot, run_dir, program, limits, stdin, channel is not None, env)
-        if isinstance(spawned, str):
-            return RunOutcome(None, b"", b"", time.monotonic() - started, sandbox_error=spawned)
-        channel_task, sandbox_error = await self._supervise(spawned, limits, channel)
-        return await _collect(spawned, run_dir, fetch_files, channel_task, sandbox_error, started)
+        started_jail = await asyncio.to_thread(self._spawn, slot, run, program, limits, stdin, channel is not None, env)
+        if isinstance(started_jail, str):
+            return RunOutcome(None, b"", b"", time.monotonic() - started, sandbox_error=started_jail)
+        spawned = _Spawned.reading(started_jail, slot, limits)
+        ticket.watch(spawned.run)
+        channel_task, sandbox_error = await self._supervise(spawned, limits, channel, channel_line_limit)
+        return await _collect(
+            spawned, run, fetch_files, self.config.max_fetch_bytes, channel_task, sandbox_error, started
+        )
 
     def _spawn(
         self,
         slot: _Slot,
-        run_dir: Path,
+        run: RunDir,
         program: list[str],
         limits: Limits,
         stdin: bytes,
         with_channel: bool,
         env: Mapping[str, str],
-    ) -> _Spawned | str:
-        """Start the jail on `program` with its pipes being read; a string says why it could not start."""
+    ) -> _Started | str:
+        """Start the jail on `program` (blocking: run in a worker thread); a string says why it could not start."""
         if slot.cgroup is not None:
-            slot.cgroup.set_limits(limits.memory_mb * _MiB, limits.processes + 2)
+            slot.cgroup.set_limits(limits.memory_mb * _MiB, limits.processes + 2, limits.cpus)
         bare = self.isolation.level == "none"
         stdin_fd = os.memfd_create("stdin")
         os.write(stdin_fd, stdin)
@@ -563,11 +678,11 @@ class Jail:
         err_r, err_w = os.pipe()
         status_r, status_w = os.pipe() if not bare else (None, None)
         parent_sock, child_sock = socket.socketpair() if with_channel else (None, None)
-        inside_env = self.command.env(run_dir, program, {CHANNEL_ENV: str(child_sock.fileno())} if child_sock else {})
+        inside_env = self.command.env(run.home, program, {CHANNEL_ENV: str(child_sock.fileno())} if child_sock else {})
         inside_env.update(env)
         command = self.command.argv(
             slot.uid,
-            run_dir,
+            run,
             inside_env,
             program,
             limits,
@@ -583,7 +698,7 @@ class Jail:
                 stderr=err_w,
                 pass_fds=pass_fds,
                 env=inside_env if bare else {},
-                cwd=run_dir if bare else "/",
+                cwd=run.home if bare else "/",
                 start_new_session=True,
             )
         except OSError as e:
@@ -599,18 +714,10 @@ class Jail:
                     os.close(fd)
             if child_sock is not None:
                 child_sock.close()
-        run = _ActiveRun(proc, slot)
-        return _Spawned(
-            run,
-            bare,
-            _Capture(out_r, limits.output_bytes, lambda: run.kill("output_limit")),
-            _Capture(err_r, limits.output_bytes, lambda: run.kill("output_limit")),
-            _Capture(status_r, 1 << 16) if status_r is not None else None,
-            parent_sock,
-        )
+        return _Started(proc, bare, out_r, err_r, status_r, parent_sock)
 
     async def _supervise(
-        self, spawned: _Spawned, limits: Limits, channel: ChannelHandler | None
+        self, spawned: _Spawned, limits: Limits, channel: ChannelHandler | None, line_limit: int
     ) -> tuple[asyncio.Future | None, str | None]:
         """Serve the channel and enforce the limits until the program's whole tree is gone and its pipes are read.
 
@@ -632,7 +739,7 @@ class Jail:
                 sandbox_error = "bwrap did not report the sandbox's pid"
                 run.kill_tree()
             if spawned.channel_sock is not None and channel is not None and sandbox_error is None:
-                channel_task = await _serve_channel(spawned.channel_sock, channel)
+                channel_task = await _serve_channel(spawned.channel_sock, channel, line_limit)
                 spawned.channel_sock = None
                 await asyncio.wait({monitor.exited, channel_task}, return_when=asyncio.FIRST_COMPLETED)
                 if not monitor.exited.done():  # the handler saw EOF because the program is exiting, or gave up on it
@@ -658,8 +765,9 @@ class Jail:
 
 async def _collect(
     spawned: _Spawned,
-    run_dir: Path,
+    run_dir: RunDir,
     fetch_files: Sequence[str],
+    max_fetch_bytes: int,
     channel_task: asyncio.Future | None,
     sandbox_error: str | None,
     started: float,
@@ -673,8 +781,12 @@ async def _collect(
     sandbox_error = sandbox_error or channel_error
     if sandbox_error and stderr.data:
         sandbox_error += f"; stderr: {stderr.data[-2000:].decode(errors='replace')}"
-    oom, peak = run.slot.cgroup.take_run_stats() if run.slot.cgroup is not None else (False, None)
-    fetched, missing = _fetch(run_dir, fetch_files)
+
+    def read_back() -> tuple[tuple[bool, int | None], dict[str, bytes], list[str]]:
+        stats = run.slot.cgroup.take_run_stats() if run.slot.cgroup is not None else (False, None)
+        return (stats, *_fetch(run_dir.home, fetch_files, max_fetch_bytes))
+
+    (oom, peak), fetched, missing = await asyncio.to_thread(read_back)
     return RunOutcome(
         exit_code,
         stdout.data,
@@ -705,8 +817,8 @@ async def _sandbox_pid(status: _Capture, monitor_exited: asyncio.Future) -> int 
         return None
 
 
-async def _serve_channel(sock: socket.socket, handler: ChannelHandler) -> asyncio.Future:
-    reader, writer = await asyncio.open_connection(sock=sock)
+async def _serve_channel(sock: socket.socket, handler: ChannelHandler, line_limit: int) -> asyncio.Future:
+    reader, writer = await asyncio.open_connection(sock=sock, limit=line_limit)
 
     async def serve() -> Any:
         try:
@@ -747,27 +859,25 @@ def _exit_code(status: bytes, returncode: int | None, bare: bool) -> int | None:
     return None
 
 
-def _fetch(run_dir: Path, paths: Sequence[str]) -> tuple[dict[str, bytes], list[str]]:
-    """Regular files the program left in its run directory; symlinks out of it count as missing."""
+def _fetch(home: Path, paths: Sequence[str], max_bytes: int) -> tuple[dict[str, bytes], list[str]]:
+    """Regular files the program left in its run directory, at most `max_bytes` of them in all; symlinks out of it
+    count as missing, and so does what does not fit."""
     found, missing = {}, []
-    root = run_dir.resolve()
+    root = home.resolve()
     for rel in paths:
         try:
-            resolved = (run_dir / safe_relative_path(rel)).resolve(strict=True)
+            resolved = (home / safe_relative_path(rel)).resolve(strict=True)
             if not resolved.is_relative_to(root) or not resolved.is_file():
                 raise FileNotFoundError(rel)
-            found[rel] = resolved.read_bytes()
-        except OSError:
+            with resolved.open("rb") as file:
+                data = file.read(max_bytes + 1)
+            if len(data) > max_bytes:
+                raise FileNotFoundError(rel)
+            max_bytes -= len(data)
+            found[rel] = data
+        except (OSError, ValueError):
             missing.append(rel)
     return found, missing
-
-
-def _force_remove(function, path, excinfo) -> None:
-    """rmtree fallback for directories the program made unwritable (matters when the service is not root)."""
-    with contextlib.suppress(OSError):
-        os.chmod(os.path.dirname(path), 0o700)
-        os.chmod(path, 0o700)
-        function(path)
 
 
 def _processes_of_uid(uid: int) -> int:
@@ -876,19 +986,19 @@ def _run_once(config: JailConfig, level: str, program: Sequence[str]) -> tuple[s
     uid = config.uid_base if level == "full" else None
     with tempfile.TemporaryDirectory(prefix="fr_sandbox-probe-", dir=config.run_root) as tmp:
         os.chmod(tmp, 0o711)
-        run_dir = Path(tmp) / "run"
-        run_dir.mkdir(mode=0o700)
-        if uid is not None:
-            os.chown(run_dir, uid, uid)
-        command = _JailCommand(config, level)
-        env = command.env(run_dir, program, {})
-        argv = command.argv(uid, run_dir, env, program, as_pid_1=True)
-        bare = level == "none"
-        done = subprocess.run(
-            argv, capture_output=True, env=env if bare else {}, cwd=run_dir if bare else None, timeout=30
-        )
-        owner = run_dir / "owner"
-        return done, owner.stat().st_uid if owner.exists() else -1
+        run = make_run_dir(Path(tmp), "run", uid, {}, config.disk if level == "full" else None)
+        try:
+            command = _JailCommand(config, level)
+            env = command.env(run.home, program, {})
+            argv = command.argv(uid, run, env, program, as_pid_1=True)
+            bare = level == "none"
+            done = subprocess.run(
+                argv, capture_output=True, env=env if bare else {}, cwd=run.home if bare else None, timeout=30
+            )
+            owner = run.home / "owner"
+            return done, owner.stat().st_uid if owner.exists() else -1
+        finally:
+            remove_run_dir(run)
 
 
 def probe_pythons(config: JailConfig, level: str) -> dict[str, str]:

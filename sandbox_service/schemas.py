@@ -6,6 +6,7 @@ import ast
 import base64
 import binascii
 import keyword
+from pathlib import PurePosixPath
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -16,6 +17,9 @@ MAX_CODE_CHARS = 1_000_000
 MAX_TESTS = 1000
 MAX_BATCH = 512
 MAX_TIMEOUT_S = 300.0
+MAX_FILES = 1000
+MAX_PATH_PARTS = 32
+MAX_PATH_CHARS = 1024
 CODE_FILE = "main.py"
 
 FailureKind = Literal[
@@ -62,6 +66,12 @@ def _defines(code: str, kind: type[ast.FunctionDef | ast.ClassDef], name: str, m
     return code
 
 
+def _identifier(name: str) -> str:
+    if not name.isidentifier() or keyword.iskeyword(name):
+        raise ValueError(f"{name!r} is not a Python identifier")
+    return name
+
+
 def _each_parses(codes: list[str]) -> list[str]:
     for i, code in enumerate(codes):
         try:
@@ -86,7 +96,9 @@ class RunCodeRequest(_Strict):
     files: dict[str, str] = Field(
         default_factory=dict, description="path -> base64 content, written into the run directory"
     )
-    fetch_files: list[str] = Field(default_factory=list, description="paths to read back after the run")
+    fetch_files: list[str] = Field(
+        default_factory=list, max_length=MAX_FILES, description="paths to read back after the run"
+    )
     python: str | None = _python_field()
 
     @field_validator("language")
@@ -106,14 +118,24 @@ class RunCodeRequest(_Strict):
     @field_validator("files")
     @classmethod
     def _files(cls, files: dict[str, str]) -> dict[str, str]:
+        if len(files) > MAX_FILES:
+            raise ValueError(f"{len(files)} files, over the limit of {MAX_FILES}")
+        seen: dict[PurePosixPath, str] = {}
         for path, content in files.items():
-            _check_path(path)
-            if str(safe_relative_path(path)) == CODE_FILE:
+            relative = _check_path(path)
+            if str(relative) == CODE_FILE:
                 raise ValueError(f"{path!r}: the code itself is written to {CODE_FILE}")
+            if relative in seen:
+                raise ValueError(f"{path!r} and {seen[relative]!r} name the same file")
+            seen[relative] = path
             try:
                 base64.b64decode(content, validate=True)
             except binascii.Error as e:
                 raise ValueError(f"{path!r}: content is not valid base64 ({e})") from None
+        for relative, path in seen.items():
+            clash = next((parent for parent in relative.parents if parent in seen), None)
+            if clash is not None:
+                raise ValueError(f"{path!r} lies under {seen[clash]!r}, which is a file")
         return files
 
     @field_validator("fetch_files")
@@ -124,11 +146,16 @@ class RunCodeRequest(_Strict):
         return paths
 
 
-def _check_path(path: str) -> None:
+def _check_path(path: str) -> PurePosixPath:
     try:
-        safe_relative_path(path)
+        relative = safe_relative_path(path)
     except ValueError as e:
         raise ValueError(f"{path!r}: {e}") from None
+    if len(relative.parts) > MAX_PATH_PARTS or len(path) > MAX_PATH_CHARS:
+        raise ValueError(f"{path[:100]!r}...: deeper than {MAX_PATH_PARTS} parts or longer than {MAX_PATH_CHARS}")
+    if any(len(part.encode()) > 255 for part in relative.parts):
+        raise ValueError(f"{path[:100]!r}: a path part is longer than 255 bytes")
+    return relative
 
 
 class CommandResult(BaseModel):
@@ -168,9 +195,7 @@ class HumanEvalTests(_Strict):
     @field_validator("entry_point")
     @classmethod
     def _entry_point(cls, name: str) -> str:
-        if not name.isidentifier() or keyword.iskeyword(name):
-            raise ValueError(f"{name!r} is not a Python identifier")
-        return name
+        return _identifier(name)
 
 
 class AssertTests(_Strict):
@@ -180,6 +205,16 @@ class AssertTests(_Strict):
     test_list: list[Annotated[str, Field(max_length=MAX_CODE_CHARS)]] = Field(min_length=1, max_length=MAX_TESTS)
     test_setup_code: str = Field("", max_length=MAX_CODE_CHARS)
     test_imports: list[str] = Field(default_factory=list, max_length=100)
+    entry_point: str | None = Field(
+        None,
+        description="the function under test: the tests' uses of its name mean the solution's even where it is also "
+        "a builtin's (MBPP 126 defines sum); other names the solution defines never shadow a builtin for the tests",
+    )
+
+    @field_validator("entry_point")
+    @classmethod
+    def _entry_point(cls, name: str | None) -> str | None:
+        return name if name is None else _identifier(name)
 
     @field_validator("test_list", "test_imports")
     @classmethod
@@ -250,6 +285,11 @@ class TestResult(BaseModel):
     error_type: str | None = None
     error_message: str | None = None
     time_ms: float | None = None
+    judged_in_process: bool = Field(
+        False,
+        description="decided inside the solution's process (unittest methods, asserts the judge cannot split): safe "
+        "against accidents and simple tricks, not against code written to dig through that process (README)",
+    )
 
 
 class EvaluateResponse(BaseModel):
@@ -296,7 +336,13 @@ class WorkflowProblem(_Strict):
 class WorkflowBudgets(_Strict):
     max_operator_calls: int = Field(20, ge=1, le=1000)
     max_worker_tokens: int = Field(32_000, ge=1, description="prompt + completion tokens over all worker calls")
-    wall_s: float = Field(120.0, gt=0, le=1800, description="the workflow's run, operator calls included")
+    wall_s: float = Field(
+        120.0,
+        gt=0,
+        le=1800,
+        description="the graph's time: waiting on the service for a worker's reply or a free jail slot is not charged "
+        "(its CPU time has the same budget)",
+    )
 
 
 class WorkerSampling(_Strict):
@@ -326,6 +372,11 @@ class WorkflowFailure(BaseModel):
     kind: FailureKind
     message: str
     traceback: str | None = None
+    infrastructure: bool = Field(
+        False,
+        description="the design did not cause it (the sandbox could not judge; the worker timed out, was "
+        "unreachable, answered 429/5xx or gibberish): retry the run, never score it",
+    )
 
 
 class WorkerCallRecord(BaseModel):
@@ -398,5 +449,8 @@ class HealthResponse(BaseModel):
     version: str
     isolation: dict[str, Any] = Field(description="the isolation level in force and how it is made")
     capacity: dict[str, int] = Field(description="workers, busy, waiting, admitted, max_queue")
-    limits: dict[str, int] = Field(description="max_output_bytes, max_body_bytes, default_memory_mb")
+    limits: dict[str, int] = Field(
+        description="max_output_bytes, max_body_bytes, default_memory_mb, max_fetch_bytes, max_eval_s, and as root "
+        "run_disk_mb and run_inodes"
+    )
     pythons: dict[str, str] = Field(description="name -> interpreter; a request chooses one by name")

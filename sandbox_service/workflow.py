@@ -6,10 +6,17 @@ operator library (operators.py), performs it (worker LLM calls over HTTP, public
 and answers, counting everything on its own side, so a graph can neither skip the accounting nor reach a worker
 except by name: workers are an allowlist fixed at start-up (workers.py), never a URL from a request.
 
-Budgets: operator calls and worker tokens are checked as calls arrive; the first call past a budget ends the run
-(budget_exceeded), and so does a worker name off the allowlist (worker_not_allowed) or an unreachable worker;
-wall time is the jail's timer (timeout). A finished workflow's solution is then scored on the query's public and
-hidden tests (the /evaluate judge), with per-test feedback.
+Budgets: operator calls are counted as they arrive, and a worker call reserves its most possible tokens (its
+prompt's bytes, the chat template's allowance and max_tokens) before it is made, so calls in parallel cannot
+overshoot the token budget together; the first call past a budget ends the run (budget_exceeded), and so does a
+worker other than the one the request named (worker_not_allowed). Wall time is charged while the graph runs, not
+while it waits on the service for a worker's reply or a free jail slot (the service's load is not the design's
+doing); the graph's CPU time has the same budget, and a hard cap bounds the run with the waits.
+
+A failure the design did not cause is marked `infrastructure` (the sandbox could not judge; the worker timed out,
+was unreachable, answered 429 or 5xx or gibberish): it says nothing about the design and must be retried, never
+scored. A finished workflow's solution is then scored on the query's public and hidden tests (the /evaluate judge),
+with per-test feedback.
 """
 
 from __future__ import annotations
@@ -17,16 +24,18 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import itertools
 import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from sandbox_service.channel import Malformed, parse_off_loop, read_line
 from sandbox_service.jail import Jail, Limits, RunOutcome
 from sandbox_service.judge import Judge
 from sandbox_service.operators import OPERATORS, OperatorError, TestFeedback, bind_arguments, call_operator
@@ -48,21 +57,75 @@ from sandbox_service.workers import WorkerEndpoint
 _log = logging.getLogger(__name__)
 
 RUNTIME_SOURCE = (Path(__file__).parent / "workflow_runtime.py").read_text()
-MAX_MESSAGE_BYTES = 32 << 20  # one line on the operator channel
+MAX_MESSAGE_BYTES = 4 << 20  # one line on the operator channel
+MAX_MESSAGE_DEPTH = 16
+MAX_IN_FLIGHT = 64  # operator calls of one run being performed at once
+MAX_IN_FLIGHT_BYTES = 16 << 20  # and their messages' bytes
 MAX_REFUSED_CALLS = 100  # calls with bad arguments do not count as operator calls, but are not free either
 MAX_TRACE_CHARS = 16_000  # per text in the trace (prompts, replies, arguments)
+START_TIMEOUT_S = 30.0  # for the runtime to report ready (python's start-up, not the design's time)
+TEMPLATE_TOKENS = 128  # what a chat template may add to a prompt, reserved with it (a token is at least a byte)
 _STDERR_TAIL = 4000
 
 
 # -- one run ----------------------------------------------------------------------------------------------------
 
 
-class _Fatal(Exception):
-    """Ends the run: the jailed side is told, exits, and the response carries this failure."""
+_INFRASTRUCTURE = ("sandbox_error", "worker_unreachable")  # kinds that are never the design's doing
 
-    def __init__(self, kind: str, message: str):
+
+class _Fatal(Exception):
+    """Ends the run: the jailed side is told, exits, and the response carries this failure (`infrastructure`:
+    the design did not cause it; by default, for the kinds that never are)."""
+
+    def __init__(self, kind: str, message: str, infrastructure: bool | None = None):
         super().__init__(message)
-        self.failure = WorkflowFailure(kind=kind, message=message)
+        infrastructure = kind in _INFRASTRUCTURE if infrastructure is None else infrastructure
+        self.failure = WorkflowFailure(kind=kind, message=message, infrastructure=infrastructure)
+
+
+class _BudgetClock:
+    """The workflow's wall-time budget: it runs while the graph runs, and stops while at least one of the graph's
+    operator calls waits on the service (a worker's reply, a free jail slot, its turn to run tests)."""
+
+    def __init__(self, budget_s: float):
+        self.budget_s = budget_s
+        self.started: float | None = None
+        self.waits, self.paused_at, self.paused_s = 0, 0.0, 0.0
+
+    def start(self) -> None:
+        self.started = time.monotonic()
+
+    def charged(self) -> float:
+        if self.started is None:
+            return 0.0
+        now = time.monotonic()
+        return now - self.started - self.paused_s - (now - self.paused_at if self.waits else 0.0)
+
+    def pause(self, waiting: bool) -> None:
+        """waiting=True when a wait on the service begins, False when it ends (Jail.run's on_queue)."""
+        now = time.monotonic()
+        if waiting:
+            if self.waits == 0:
+                self.paused_at = now
+            self.waits += 1
+        else:
+            self.waits -= 1
+            if self.waits == 0:
+                self.paused_s += now - self.paused_at
+
+    @contextlib.contextmanager
+    def waiting(self):
+        self.pause(True)
+        try:
+            yield
+        finally:
+            self.pause(False)
+
+    async def expired(self) -> None:
+        """Returns once the budget is spent."""
+        while (remaining := self.budget_s - self.charged()) > 0:
+            await asyncio.sleep(max(remaining, 0.05))
 
 
 def _clip(value: Any) -> Any:
@@ -93,7 +156,9 @@ class _Run:
 
     def __init__(self, runner: WorkflowRunner, request: WorkflowRunRequest, client: httpx.AsyncClient):
         self.runner, self.request, self.client = runner, request, client
-        self.started = self.deadline = time.monotonic()  # set when the graph starts (serve)
+        self.clock = _BudgetClock(request.budgets.wall_s)
+        self.reserved = 0  # worker tokens reserved by calls in flight
+        self.test_turn = asyncio.Lock()  # the run was admitted for one test run at a time
         self.calls: collections.Counter[str] = collections.Counter()
         self.trace: list[OperatorCallRecord] = []
         self.usage = WorkerUsage()
@@ -103,32 +168,64 @@ class _Run:
 
     # channel ----------------------------------------------------------------------------------------------
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.started = time.monotonic()  # the graph starts now (the jail may have queued it for a slot)
-        self.deadline = self.started + self.request.budgets.wall_s
-        tasks: set[asyncio.Task] = set()
+        """Wait for the runtime to be ready (its start-up is not the design's time), then read the graph's messages
+        and answer them until it is done, its budget is spent or it breaks a bound; a malformed message or a bound
+        broken ends the run with a failure kind, never an error of the service."""
+        tasks: dict[asyncio.Task, int] = {}  # operator calls in flight -> their message's size
+        reading = watchdog = None
         try:
-            async for line in _lines(reader):
-                message = _decode(line)
-                if message is None:
-                    self._end(
-                        _Fatal(
-                            "workflow_exception",
-                            "malformed message on the operator channel (the graph wrote to the channel itself?)",
-                        )
-                    )
-                    await _send(writer, {"fatal": self.fatal.kind})
-                elif message.get("done") is True:
-                    self.final = self.final or message
-                else:
-                    task = asyncio.ensure_future(self._answer(message, writer))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
+            try:
+                first = await asyncio.wait_for(read_line(reader), START_TIMEOUT_S)
+            except TimeoutError:
+                raise _Fatal(
+                    "sandbox_error",
+                    f"the workflow runtime did not start within {START_TIMEOUT_S:g} s (host overloaded?)",
+                ) from None
+            if first is None or _decode(await parse_off_loop(first, MAX_MESSAGE_DEPTH)).get("ready") is not True:
+                raise Malformed("the runtime's first message is not ready")
+            self.clock.start()
+            reading = asyncio.ensure_future(self._read(reader, writer, tasks))
+            watchdog = asyncio.ensure_future(self.clock.expired())
+            await asyncio.wait({reading, watchdog}, return_when=asyncio.FIRST_COMPLETED)
+            if not reading.done():
+                raise _Fatal("timeout", f"the workflow ran past its budget of wall_s={self.request.budgets.wall_s} s")
+            reading.result()
+        except Malformed as e:
+            self._end(
+                _Fatal(
+                    "workflow_exception",
+                    f"malformed message on the operator channel ({e}): did the graph write to the channel itself?",
+                )
+            )
+            await _send(writer, {"fatal": self.fatal.kind})
         except _Fatal as fatal:
             self._end(fatal)
+            await _send(writer, {"fatal": self.fatal.kind})
         finally:
-            for task in tasks:  # the jailed side is gone: nobody will read these answers
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            for task in [t for t in (reading, watchdog) if t is not None] + list(tasks):
+                task.cancel()  # the jailed side is gone or told to stop: nobody will read these answers
+            await asyncio.gather(*tasks, *(t for t in (reading, watchdog) if t is not None), return_exceptions=True)
+
+    async def _read(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, tasks: dict) -> None:
+        most = self.request.budgets.max_operator_calls + MAX_REFUSED_CALLS + 1
+        for count in itertools.count(1):
+            line = await read_line(reader)
+            if line is None:
+                return
+            if count > most:
+                raise _Fatal("budget_exceeded", f"more than {most} messages on the operator channel")
+            message = _decode(await parse_off_loop(line, MAX_MESSAGE_DEPTH))
+            if message.get("done") is True:
+                self.final = self.final or message
+                continue
+            if len(tasks) >= MAX_IN_FLIGHT or sum(tasks.values()) + len(line) > MAX_IN_FLIGHT_BYTES:
+                raise _Fatal(
+                    "budget_exceeded",
+                    f"over {MAX_IN_FLIGHT} operator calls or {MAX_IN_FLIGHT_BYTES >> 20} MiB of them in flight",
+                )
+            task = asyncio.ensure_future(self._answer(message, writer))
+            tasks[task] = len(line)
+            task.add_done_callback(lambda done: tasks.pop(done, None))
 
     async def _answer(self, message: dict, writer: asyncio.StreamWriter) -> None:
         try:
@@ -144,6 +241,10 @@ class _Run:
             reply = {"id": message["id"], "fatal": self.fatal.kind}
         await _send(writer, reply)
 
+    def _elapsed(self) -> float:
+        """Wall time since the graph started (waits included: this is the trace's time line, not the budget)."""
+        return time.monotonic() - self.clock.started if self.clock.started is not None else 0.0
+
     def _end(self, fatal: _Fatal) -> None:
         if self.fatal is None:  # the first cause is the one reported
             self.fatal = fatal.failure
@@ -153,18 +254,17 @@ class _Run:
         args, kwargs = message.get("args", []), message.get("kwargs", {})
         if len(self.trace) >= self.request.budgets.max_operator_calls + MAX_REFUSED_CALLS:
             raise _Fatal("budget_exceeded", f"more than {MAX_REFUSED_CALLS} operator calls were refused")
-        record = OperatorCallRecord(
-            index=-1, operator=op, worker=str(worker), arguments={}, started_s=time.monotonic() - self.started
-        )
+        record = OperatorCallRecord(index=-1, operator=op, worker=str(worker), arguments={}, started_s=self._elapsed())
         self.trace.append(record)
         if self.fatal is not None:
             record.error = f"refused: the run already ended ({self.fatal.kind})"
             raise _Fatal(self.fatal.kind, self.fatal.message)
-        if not isinstance(worker, str) or worker not in self.runner.workers:
-            record.error = f"worker {worker!r} is not on this service's allowlist"
+        if worker != self.request.worker:
+            record.error = f"worker {worker!r} is not the one this run's request named"
             raise _Fatal(
                 "worker_not_allowed",
-                f"{op} called worker {worker!r}, which is not on the allowlist {sorted(self.runner.workers)}",
+                f"{op} called worker {worker!r}; this run may call only {self.request.worker!r}, the worker its "
+                "request named",
             )
         try:
             if not isinstance(args, list) or not isinstance(kwargs, dict):
@@ -194,7 +294,7 @@ class _Run:
             record.error = fatal.failure.message
             raise
         finally:
-            record.duration_s = time.monotonic() - self.started - record.started_s
+            record.duration_s = self._elapsed() - record.started_s
         record.result = _clip(result)
         usage = {
             "prompt_tokens": sum(call.prompt_tokens for call in record.worker_calls),
@@ -205,11 +305,20 @@ class _Run:
     # services -----------------------------------------------------------------------------------------------
     async def ask_worker(self, worker: str, prompt: str, record: OperatorCallRecord) -> str:
         budget = self.request.budgets.max_worker_tokens
-        if self.usage.prompt_tokens + self.usage.completion_tokens >= budget:
+        reservation = len(prompt.encode()) + TEMPLATE_TOKENS + self.request.sampling.max_tokens
+        used = self.usage.prompt_tokens + self.usage.completion_tokens
+        if used + self.reserved + reservation > budget:
             raise _Fatal(
-                "budget_exceeded", f"{record.operator}: worker-token budget of {budget} spent before a worker call"
+                "budget_exceeded",
+                f"{record.operator}: a worker call may take {reservation} tokens, and {used} are used and "
+                f"{self.reserved} reserved by calls in flight, of max_worker_tokens={budget}",
             )
-        completion = await self.runner.complete(self.client, worker, prompt, self.request.sampling, self.deadline)
+        self.reserved += reservation
+        try:
+            with self.clock.waiting():
+                completion = await self.runner.complete(self.client, worker, prompt, self.request.sampling)
+        finally:
+            self.reserved -= reservation
         record.worker_calls.append(completion)
         self.usage.calls += 1
         self.usage.prompt_tokens += completion.prompt_tokens
@@ -235,7 +344,12 @@ class _Run:
             )
         if len(solution) > MAX_CODE_CHARS:
             raise OperatorError(f"Test: the solution has {len(solution)} characters, over {MAX_CODE_CHARS}")
-        response = await self.runner.score_solution(solution, tests, self.request)
+        with self.clock.waiting():
+            await self.test_turn.acquire()
+        try:
+            response = await self.runner.score_solution(solution, tests, self.request, on_queue=self.clock.pause)
+        finally:
+            self.test_turn.release()
         if response.status != "Finished":
             raise _Fatal("sandbox_error", f"running the public tests failed: {response.message}")
         self.test_runs += 1
@@ -261,16 +375,24 @@ class _Run:
     def failure(self, outcome: RunOutcome, limits: Limits) -> WorkflowFailure | None:
         if self.fatal is not None:
             return self.fatal
-        if outcome.killed_for == "timeout" or outcome.cpu_limit_hit:
+        if outcome.cpu_limit_hit:
             return WorkflowFailure(
-                kind="timeout", message=f"the workflow ran past wall_s={limits.wall_s} s and was killed"
+                kind="timeout", message=f"the workflow's CPU time ran past wall_s={self.request.budgets.wall_s} s"
+            )
+        if outcome.killed_for == "timeout":  # the hard cap: the budget was not spent, so waiting on the service was
+            return WorkflowFailure(
+                kind="sandbox_error",
+                message=f"the run waited on workers and jail slots past the service's cap of {limits.wall_s:g} s",
+                infrastructure=True,
             )
         if outcome.killed_for == "shutdown":
-            return WorkflowFailure(kind="sandbox_error", message="the service is shutting down; the run was killed")
+            return WorkflowFailure(
+                kind="sandbox_error", message="the service is shutting down; the run was killed", infrastructure=True
+            )
         final = self.final
         if final is None:
             if outcome.sandbox_error:
-                return WorkflowFailure(kind="sandbox_error", message=outcome.sandbox_error)
+                return WorkflowFailure(kind="sandbox_error", message=outcome.sandbox_error, infrastructure=True)
             if outcome.oom_killed:
                 why = f"killed by the memory limit ({limits.memory_mb} MiB)"
             elif outcome.killed_for == "output_limit":
@@ -297,31 +419,12 @@ class _Run:
         )
 
 
-async def _lines(reader: asyncio.StreamReader) -> AsyncIterator[bytes]:
-    """Lines of the channel, each at most MAX_MESSAGE_BYTES (a longer one ends the run)."""
-    buffer = bytearray()
-    while True:
-        newline = buffer.find(b"\n")
-        if newline >= 0:
-            line = bytes(buffer[:newline])
-            del buffer[: newline + 1]
-            yield line
-            continue
-        if len(buffer) > MAX_MESSAGE_BYTES:
-            raise _Fatal("workflow_exception", f"a message on the operator channel exceeds {MAX_MESSAGE_BYTES} bytes")
-        chunk = await reader.read(1 << 16)
-        if not chunk:
-            return
-        buffer += chunk
-
-
-def _decode(line: bytes) -> dict | None:
-    try:
-        message = json.loads(line)
-    except ValueError:
-        return None
-    if not isinstance(message, dict) or not (message.get("done") is True or isinstance(message.get("id"), int)):
-        return None
+def _decode(message: Any) -> dict:
+    """An operator call, the runtime's ready or its final report; Malformed otherwise."""
+    if not isinstance(message, dict) or not (
+        message.get("done") is True or message.get("ready") is True or type(message.get("id")) is int
+    ):
+        raise Malformed("neither an operator call nor the runtime's report")
     return message
 
 
@@ -343,10 +446,20 @@ class WorkflowRunner:
     solutions with `judge`, and lets their operators call the allowlisted `workers`."""
 
     def __init__(
-        self, jail: Jail, judge: Judge, workers: Mapping[str, WorkerEndpoint], *, python: str, output_bytes: int
+        self,
+        jail: Jail,
+        judge: Judge,
+        workers: Mapping[str, WorkerEndpoint],
+        *,
+        python: str,
+        output_bytes: int,
+        worker_timeout_s: float = 120.0,
+        max_wait_s: float = 600.0,
     ):
         self.jail, self.judge, self.workers = jail, judge, dict(workers)
         self.python, self.output_bytes = python, output_bytes
+        self.worker_timeout_s = worker_timeout_s  # a worker call unanswered this long: the worker failed
+        self.max_wait_s = max_wait_s  # the most a run may spend waiting on the service, past its own budget
         # A running graph holds one jail slot and its Test calls need another: leave one slot for them.
         self.graphs = asyncio.Semaphore(max(1, jail.workers - 1))
 
@@ -359,7 +472,7 @@ class WorkflowRunner:
             )
             return _response(failure, None, started, trace=[], calls={}, usage=WorkerUsage(), test_runs=0)
         limits = Limits(
-            wall_s=request.budgets.wall_s,
+            wall_s=START_TIMEOUT_S + request.budgets.wall_s + self.max_wait_s,  # the hard cap, waits included
             cpu_s=request.budgets.wall_s,
             memory_mb=request.memory_mb,
             output_bytes=self.output_bytes,
@@ -380,6 +493,7 @@ class WorkflowRunner:
                 limits,
                 stdin=json.dumps(spec).encode(),
                 channel=run.serve,
+                channel_line_limit=MAX_MESSAGE_BYTES,
                 label="workflow",
             )
         failure = run.failure(outcome, limits)
@@ -413,7 +527,13 @@ class WorkflowRunner:
             stderr=_tail(outcome.stderr),
         )
 
-    async def score_solution(self, solution: str, tests: Any, request: WorkflowRunRequest) -> EvaluateResponse:
+    async def score_solution(
+        self,
+        solution: str,
+        tests: Any,
+        request: WorkflowRunRequest,
+        on_queue: Callable[[bool], None] | None = None,
+    ) -> EvaluateResponse:
         evaluation = EvaluateRequest(
             code=solution,
             tests=tests,
@@ -421,12 +541,14 @@ class WorkflowRunner:
             memory_limit_MB=request.test_memory_mb,
             python=request.python,
         )
-        return await self.judge.judge(evaluation)
+        return await self.judge.judge(evaluation, on_queue=on_queue)
 
     async def complete(
-        self, client: httpx.AsyncClient, worker: str, prompt: str, sampling: WorkerSampling, deadline: float
+        self, client: httpx.AsyncClient, worker: str, prompt: str, sampling: WorkerSampling
     ) -> WorkerCallRecord:
-        """One chat completion from an allowlisted worker; _Fatal when it cannot be had."""
+        """One chat completion from an allowlisted worker; _Fatal when it cannot be had. A worker that cannot be
+        reached, does not answer within worker_timeout_s, answers 429 or 5xx or a reply without choices and usage
+        has failed, not the design: those failures are marked infrastructure."""
         endpoint = self.workers[worker]
         body: dict[str, Any] = {
             "model": endpoint.model or endpoint.name,
@@ -440,31 +562,30 @@ class WorkflowRunner:
         headers = {}
         if endpoint.api_key_env:
             headers["Authorization"] = f"Bearer {os.environ.get(endpoint.api_key_env, '')}"
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise _Fatal("timeout", "the wall-time budget ran out before a worker call")
         started = time.monotonic()
         try:
             response = await client.post(
                 f"{endpoint.url}/chat/completions",
                 json=body,
                 headers=headers,
-                timeout=httpx.Timeout(remaining, connect=min(remaining, 10.0)),
+                timeout=httpx.Timeout(self.worker_timeout_s, connect=min(self.worker_timeout_s, 10.0)),
             )
         except httpx.TimeoutException:
-            if time.monotonic() >= deadline:
-                raise _Fatal(
-                    "timeout", f"worker {worker!r} had not answered when the wall-time budget ran out"
-                ) from None
-            raise _Fatal("worker_unreachable", f"worker {worker!r} at {endpoint.url} timed out connecting") from None
+            raise _Fatal(
+                "worker_unreachable",
+                f"worker {worker!r} at {endpoint.url} did not answer within {self.worker_timeout_s:g} s",
+            ) from None
         except httpx.HTTPError as e:
             raise _Fatal(
                 "worker_unreachable", f"worker {worker!r} at {endpoint.url}: {type(e).__name__}: {e}"
             ) from None
         latency = time.monotonic() - started
         if response.status_code != 200:
+            overloaded = response.status_code in (408, 429) or response.status_code >= 500
             raise _Fatal(
-                "worker_error", f"worker {worker!r} answered HTTP {response.status_code}: {response.text[:500]}"
+                "worker_error",
+                f"worker {worker!r} answered HTTP {response.status_code}: {response.text[:500]}",
+                infrastructure=overloaded,  # a 4xx other than these: the request (say, a prompt too long) was bad
             )
         try:
             document = response.json()
@@ -477,6 +598,7 @@ class WorkflowRunner:
                 "worker_error",
                 f"worker {worker!r} sent a reply without choices[0].message.content and "
                 f"usage ({type(e).__name__}: {e}): {response.text[:500]}",
+                infrastructure=True,
             ) from None
         return WorkerCallRecord(
             worker=worker,

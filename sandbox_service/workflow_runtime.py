@@ -9,7 +9,8 @@ Every operator is a proxy: a call becomes one JSON line on the channel fd ($SAND
 {"id", "op", "worker", "args", "kwargs"}, and the service answers {"id", "result", "usage"} or {"id", "error"}
 (an exception the graph may catch) or {"fatal": kind} (budget spent, worker not allowed, ...), on which this
 process exits at once: the graph cannot catch it, and the service already knows why the run ended.
-The last line is {"done": true, "status": "ok" | "graph_syntax_error" | "workflow_exception" | "no_solution", ...}.
+The first line is {"ready": true}, the last {"done": true, "status": "ok" | "graph_syntax_error" |
+"workflow_exception" | "no_solution", ...}.
 """
 
 import asyncio
@@ -199,6 +200,7 @@ async def main():
     spec = json.loads(sys.stdin.buffer.read())
     channel = _Channel(int(os.environ.pop("SANDBOX_CHANNEL_FD")))
     await channel.open()
+    await channel.send({"ready": True})  # the budget's clock starts now, not when python started
     outcome = await _run(spec, channel)
     await channel.send({"done": True, **outcome})
     sys.stdout.flush()

@@ -45,8 +45,6 @@ FLOW_SYSTEM_PROMPT = (
     "You are a meta-agent: for each coding problem you design a workflow of operators that call a "
     "worker LLM, and you answer in the <modification>, <graph> and <prompt> tags you are asked for."
 )
-# Failure kinds of /workflow/run that say nothing about the design (fr_jax.sandbox.client.WorkflowFailure).
-_NOT_THE_DESIGNS_FAULT = ("sandbox_error", "worker_unreachable")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,11 +70,8 @@ def is_design_failure(run: WorkflowRun) -> bool:
 
 
 def _spoiled(run: WorkflowRun) -> bool:
-    """The run failed for reasons outside the design: it must be retried, never scored."""
-    failure = run.failure
-    if failure is None:
-        return False
-    return failure.kind in _NOT_THE_DESIGNS_FAULT or (failure.kind == "worker_error" and " HTTP 5" in failure.message)
+    """The run failed for reasons outside the design (the sandbox says so): it must be retried, never scored."""
+    return run.failure is not None and run.failure.infrastructure
 
 
 async def run_design(

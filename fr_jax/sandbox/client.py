@@ -64,11 +64,13 @@ class HumanEvalTests:
 
 @dataclass(frozen=True)
 class AssertTests:
-    """MBPP-style asserts, each one a test, after the optional imports and setup code."""
+    """MBPP-style asserts, each one a test, after the optional imports and setup code. `entry_point`, the function
+    under test, is the one name of the solution's the tests may use where it is also a builtin's (MBPP 126's `sum`)."""
 
     test_list: Sequence[str]
     setup_code: str = ""
     imports: Sequence[str] = ()
+    entry_point: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -76,6 +78,7 @@ class AssertTests:
             "test_list": list(self.test_list),
             "test_setup_code": self.setup_code,
             "test_imports": list(self.imports),
+            "entry_point": self.entry_point,
         }
 
 
@@ -225,6 +228,9 @@ class TestOutcome:
     error_type: str | None = None
     error_message: str | None = None
     time_ms: float | None = None
+    # decided inside the solution's process (unittest methods, asserts the judge cannot split): trustworthy against
+    # accidents and simple tricks, not against a solution written to dig through its own process
+    judged_in_process: bool = False
 
 
 @dataclass(frozen=True)
@@ -480,10 +486,13 @@ class WorkflowOperators:
 @dataclass(frozen=True)
 class WorkflowFailure:
     # graph_syntax_error | workflow_exception | budget_exceeded | timeout | worker_unreachable | worker_not_allowed |
-    # worker_error | no_solution | sandbox_error (the run could not be judged: not a wrong answer, do not score it)
+    # worker_error | no_solution | sandbox_error
     kind: str
     message: str
     traceback: str | None = None
+    # the design did not cause it (the sandbox could not judge; the worker timed out, was unreachable, answered
+    # 429/5xx or gibberish): retry the run, never score it
+    infrastructure: bool = False
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ def suite_tests(suite: TestSuite, entry_point: str) -> Tests | None:
         return UnitTests(suite.cases[0], imports=imports)
     if suite.format != "asserts":
         raise ValueError(f"unknown test suite format {suite.format!r}")
-    return AssertTests(list(suite.cases), setup_code=suite.setup, imports=imports)
+    return AssertTests(list(suite.cases), setup_code=suite.setup, imports=imports, entry_point=entry_point)
 
 
 def suite_item(

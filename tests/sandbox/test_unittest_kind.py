@@ -134,7 +134,7 @@ def test_fixtures_run_as_unittest_runs_them(api):
     # tearDownClass runs once, after the last test, which carries its failure
     last = answer["tests"][2]
     assert last["error_type"] == "RuntimeError"
-    assert last["error_message"].startswith("tearDownClass (solution.TestCases): tearDownClass ran: module,")
+    assert last["error_message"].startswith("tearDownClass (tests.TestCases): tearDownClass ran: module,")
     assert last["error_message"].endswith("setUp,tearDown,setUp,tearDown,setUp,tearDown")
 
 
@@ -157,7 +157,7 @@ class TestCases(unittest.TestCase):
     assert answer["load_error"] is None and answer["num_passed"] == 0
     for result in answer["tests"]:
         assert result["status"] == "Error" and result["error_type"] == "TypeError"
-        assert result["error_message"].startswith("setUpClass (solution.TestCases): ")
+        assert result["error_message"].startswith("setUpClass (tests.TestCases): ")
 
 
 def test_hanging_and_dying_methods_never_hide_the_next(api):

@@ -97,7 +97,7 @@ def _client_fields(cls: type) -> dict[str, Any]:
 
 EVERY_KIND = [
     client.HumanEvalTests("def check(candidate):\n    assert candidate(1) == 1\n", "f", split_asserts=False),
-    client.AssertTests(["assert f(1) == 1"], setup_code="X = 1", imports=["import math"]),
+    client.AssertTests(["assert f(1) == 1"], setup_code="X = 1", imports=["import math"], entry_point="f"),
     client.StdioTests([("1\n", "1")]),
     client.UnitTests("import unittest\nclass TestCases(unittest.TestCase):\n    pass\n", imports=["import os"]),
 ]
@@ -206,6 +206,7 @@ def _evaluation(passed: bool) -> schemas.EvaluateResponse:
             error_type="AssertionError",
             error_message="1 != 2",
             time_ms=2.5,
+            judged_in_process=True,
         ),
     ]
     return schemas.EvaluateResponse(

@@ -515,14 +515,29 @@ return KNOWN_GOOD
     assert result["wall_s"] < 5  # told to stop, the runtime exits at once
 
 
-def test_worker_token_budget_counts_the_call_that_crossed_it(service):
-    graph = workflow(
+def test_worker_tokens_are_reserved_before_a_call_so_parallel_calls_cannot_overshoot(service):
+    one = workflow(
         "return (await self.custom(input=problem, instruction=EXPLAIN))['response']",
         "self.custom = operator.Custom(self.llm)",
     )
-    result = run(service, graph, budgets={"max_worker_tokens": 5})
+    result = run(service, one, budgets={"max_worker_tokens": 5})
     assert result["failure"]["kind"] == "budget_exceeded" and "max_worker_tokens=5" in result["failure"]["message"]
-    assert result["worker"]["calls"] == 1 and result["worker"]["prompt_tokens"] > 5
+    assert result["worker"]["calls"] == 0  # refused before the call, not counted after it
+    three = "import asyncio\n\n" + workflow(
+        """
+replies = await asyncio.gather(*(self.custom(input=problem, instruction=EXPLAIN) for _ in range(3)))
+return KNOWN_GOOD
+""",
+        "self.custom = operator.Custom(self.llm)",
+    )
+    # room for one call's reservation (its prompt's bytes, the template's allowance, max_tokens), not two
+    reservation = len((EXPLAIN + PROBLEM["text"]).encode()) + 128 + MAX_TOKENS
+    result = run(service, three, budgets={"max_worker_tokens": reservation + reservation // 2})
+    assert (
+        result["failure"]["kind"] == "budget_exceeded" and "reserved by calls in flight" in result["failure"]["message"]
+    )
+    assert result["worker"]["calls"] <= 1
+    assert result["worker"]["prompt_tokens"] + result["worker"]["completion_tokens"] <= reservation + reservation // 2
 
 
 @pytest.mark.parametrize(
@@ -530,6 +545,7 @@ def test_worker_token_budget_counts_the_call_that_crossed_it(service):
     [
         ("'gpt-4o'", "local", "worker_not_allowed"),  # the graph names its own worker
         ("'http://127.0.0.1:1/v1'", "local", "worker_not_allowed"),  # or a URL
+        ("'dead'", "local", "worker_not_allowed"),  # or another allowlisted one than its request named
         ("llm_config", "nope", "worker_not_allowed"),  # the request names a worker the service does not have
         ("llm_config", "dead", "worker_unreachable"),  # allowlisted, but nothing listens there
     ],
@@ -543,4 +559,5 @@ def test_workers_only_by_allowlisted_name(service, graph_worker, request_worker,
     )
     result = run(service, graph, worker=request_worker)
     assert result["failure"]["kind"] == kind
+    assert result["failure"]["infrastructure"] == (kind == "worker_unreachable")  # only that is not the design's
     assert result["worker"]["calls"] == 0
