@@ -39,9 +39,12 @@ Public and hidden tests:
 - BigCodeBench: hidden = the task's `unittest.TestCase` module (format "unittest": each test method is one test);
   public = the same module with only the first test method of TestCases (setUp, fixtures and helper classes kept).
   The prelude is the code prompt's import lines, so a solution that forgets an import the prompt gave still
-  runs, as with HumanEval's prompt. `Task.requires` lists the task's third-party libraries (BigCodeBench's
-  `libs` less the standard library): 813 tasks need some, which the sandbox finds only in a python that has
-  them (scripts/setup.sh --bcb).
+  runs, as with HumanEval's prompt. `Task.requires` lists the third-party modules the task needs (import names:
+  "sklearn", "PIL"): BigCodeBench's `libs` and whatever the prompt, the canonical solution and the test module
+  import or patch by name (`patch("requests.get")` imports requests), less the standard library. `libs` alone
+  misses what only the tests use (faker, pytz, requests_mock, pyfakefs, ...). tkinter counts too (Debian ships it
+  apart from python3; turtle needs it). 841 tasks need some (813 by `libs`), which the sandbox finds only in a
+  python that has them (scripts/setup.sh --bcb).
 - AFlow's copy of task 630 has a broken reference (`adjac`'s signature was rewritten); its reference solution
   is taken from mbpp_sanitized.jsonl instead (the tests are the same).
 """
@@ -59,6 +62,7 @@ import random
 import re
 import sys
 import warnings
+from collections.abc import Iterator
 
 from fr_jax.data.jsonl import read_jsonl
 
@@ -135,7 +139,7 @@ class Task:
     public_tests: TestSuite
     hidden_tests: TestSuite
     reference_solution: str | None = None  # a complete program that passes every hidden test
-    requires: tuple[str, ...] = ()  # third-party libraries the tests need (BigCodeBench)
+    requires: tuple[str, ...] = ()  # modules (import names) beyond the standard library the task uses (BigCodeBench)
 
     def test_programs(self, solution: str, *, hidden: bool) -> tuple[str, ...]:
         """One program per case of the hidden (or public) suite; exit status 0 means that case passed."""
@@ -368,6 +372,48 @@ def _import_lines(code_prompt: str) -> str:
     return head.strip() if sep else ""
 
 
+# A mock.patch target imports its module: patch("requests.get"), mock.patch.dict("os.environ"), patch.multiple("m").
+_PATCH_TARGET = re.compile(r"""\bpatch(?:\.dict|\.multiple)?\(\s*(?:target\s*=\s*)?[rbu]?['"]([A-Za-z_]\w*)\.""")
+
+
+def _statements(nodes) -> Iterator[ast.AST]:
+    """Every statement in `nodes` and in the blocks nested in them. Imports are statements, so expressions (the
+    tests' large literals) are not entered: a quarter of ast.walk's time."""
+    for node in nodes:
+        yield node
+        for block in ("body", "orelse", "finalbody", "handlers", "cases"):
+            yield from _statements(getattr(node, block, ()))
+
+
+def _modules_used(code: str) -> set[str]:
+    """Top-level modules `code` imports (absolute imports, in any block) or names as a mock.patch target."""
+    names = {target for target in _PATCH_TARGET.findall(code) if target != "__main__"}
+    for node in _statements(_parse(code).body):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+# Standard-library modules that Debian and Ubuntu package apart from python3 (python3-tk): a task that uses one needs
+# tkinter as it would a third-party library (BigCodeBench/220 draws with turtle).
+_NEEDS_TKINTER = frozenset({"tkinter", "turtle", "turtledemo", "idlelib"})
+
+
+def _bigcodebench_requires(record: dict, path: pathlib.Path, where: str) -> tuple[str, ...]:
+    """The third-party modules a task needs: its `libs` and what its reference solution (prompt included) and its
+    test module use, less the standard library (but tkinter, which distributions ship apart)."""
+    try:
+        used = set(ast.literal_eval(_field(record, "libs", path)))
+        used |= _modules_used(_field(record, "complete_prompt", path) + _field(record, "canonical_solution", path))
+        used |= _modules_used(_field(record, "test", path))
+    except (SyntaxError, ValueError) as e:
+        raise ValueError(f"{where}: its libs, reference or test do not parse ({e}); use the shipped file") from e
+    tkinter = {"tkinter"} if used & _NEEDS_TKINTER else set()
+    return tuple(sorted({name for name in used if name not in sys.stdlib_module_names} | tkinter))
+
+
 def _bigcodebench(data_dir: pathlib.Path, split: str, *, instruct: bool) -> list[Task]:
     path = data_dir / "bigcodebench" / "BigCodeBench.jsonl.gz"
     if not path.is_file():
@@ -382,7 +428,6 @@ def _bigcodebench(data_dir: pathlib.Path, split: str, *, instruct: bool) -> list
         where = f"{path}: {r['task_id']}"
         complete, test = _field(r, "complete_prompt", path), _field(r, "test", path)
         prelude = _import_lines(_field(r, "code_prompt", path))
-        libs = ast.literal_eval(_field(r, "libs", path))
         tasks.append(
             Task(
                 task_id=r["task_id"],
@@ -392,7 +437,7 @@ def _bigcodebench(data_dir: pathlib.Path, split: str, *, instruct: bool) -> list
                 public_tests=TestSuite((_first_test_only(test, where),), format="unittest", prelude=prelude),
                 hidden_tests=TestSuite((test,), format="unittest", prelude=prelude),
                 reference_solution=complete + _field(r, "canonical_solution", path),
-                requires=tuple(sorted({lib for lib in libs if lib not in sys.stdlib_module_names})),
+                requires=_bigcodebench_requires(r, path, where),
             )
         )
     return tasks

@@ -1,6 +1,7 @@
 """Task loaders over the benchmark data fr_jax ships (fr_jax/data/tasks.py)."""
 
 import ast
+import gzip
 import json
 import pathlib
 import re
@@ -185,6 +186,19 @@ def test_unknown_name_and_split_list_the_allowed_ones(benchmark_dir):
         load_tasks("humaneval", "test", data_dir=benchmark_dir, limit=-1)
 
 
+def test_bigcodebench_record_that_does_not_parse_is_named(tmp_path, benchmark_dir):
+    with gzip.open(benchmark_dir / "bigcodebench" / "BigCodeBench.jsonl.gz", "rt") as f:
+        record = json.loads(f.readline())
+    record["canonical_solution"] = "    return (\n"
+    (tmp_path / "bigcodebench").mkdir()
+    with gzip.open(tmp_path / "bigcodebench" / "BigCodeBench.jsonl.gz", "wt") as f:
+        f.write(json.dumps(record) + "\n")
+    with pytest.raises(
+        ValueError, match=r"BigCodeBench/0: its libs, reference or test do not parse .*use the shipped file"
+    ):
+        load_tasks("bigcodebench", "all", data_dir=tmp_path)
+
+
 def test_bigcodebench_names_the_file_it_would_read(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"bigcodebench/BigCodeBench\.jsonl\.gz"):
         load_tasks("bigcodebench", "test", data_dir=tmp_path)
@@ -232,8 +246,47 @@ def test_bigcodebench_prompt_styles_and_fields(bigcodebench):
         assert other.prompt != t.prompt and other.hidden_tests == t.hidden_tests
         assert t.hidden_tests.format == t.public_tests.format == "unittest"
         assert t.reference_solution.startswith(t.prompt)
-    assert sum(1 for t in bigcodebench if not t.requires) == 327  # the standard-library-only tasks
+    assert sum(1 for t in bigcodebench if not t.requires) == 299  # the standard-library-only tasks
     assert {"pandas", "numpy", "matplotlib"} <= {lib for t in bigcodebench for lib in t.requires}
+
+
+def test_bigcodebench_requires_what_the_tests_import_too(bigcodebench, benchmark_dir):
+    """`requires` holds BigCodeBench's `libs` (less the standard library) and what only the tests import or patch."""
+    path = benchmark_dir / "bigcodebench" / "BigCodeBench.jsonl.gz"
+    with gzip.open(path, "rt") as f:
+        libs = {r["task_id"]: set(ast.literal_eval(r["libs"])) - sys.stdlib_module_names for r in map(json.loads, f)}
+    by_id = {t.task_id: t for t in bigcodebench}
+    assert all(libs[i] <= set(t.requires) for i, t in by_id.items())
+    assert {name for t in bigcodebench for name in t.requires} & sys.stdlib_module_names == {"tkinter"}
+    assert by_id["BigCodeBench/220"].requires == ("tkinter",)  # turtle, which Debian's python3 lacks
+    assert not libs["BigCodeBench/270"] and by_id["BigCodeBench/270"].requires == ("faker",)  # its test imports faker
+    assert by_id["BigCodeBench/272"].requires == ("requests", "requests_mock")
+    assert by_id["BigCodeBench/719"].requires == ("pyfakefs",)
+    assert by_id["BigCodeBench/256"].requires == ("pytz",)
+    assert "matplotlib" not in libs["BigCodeBench/614"]  # but its test patches matplotlib.pyplot.show
+    assert "matplotlib" in by_id["BigCodeBench/614"].requires
+    more = sorted((i for i, t in by_id.items() if set(t.requires) != libs[i]), key=lambda i: int(i.split("/")[1]))
+    assert len(more) == 210  # tasks whose reference or tests use more than `libs` says
+    assert sum(1 for i in more if not libs[i]) == 28  # `libs` calls them standard-library-only
+
+
+def test_modules_used_reads_imports_in_any_block_and_patch_targets():
+    code = """
+import os.path, numpy as np
+from pandas.api import types
+from . import sibling
+def f():
+    try:
+        import yaml
+    except ImportError:
+        from scipy import stats
+class T:
+    @patch("requests.get")
+    def test(self, get):
+        with mock.patch.dict("faker.config", {}), patch("__main__.x"), patch.object(os, "sep", "/"):
+            lambda: __import__("hidden")
+"""
+    assert tasks._modules_used(code) == {"os", "numpy", "pandas", "yaml", "scipy", "requests", "faker"}
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the tests' regex strings
