@@ -28,9 +28,15 @@ DOCS = "README.md and docs/ in the fr_jax repository"
 # down to the GRPO round and the evaluation; nothing registers itself by being imported.
 MODES: Mapping[str, ModeBuilder] = {"direct": build_direct_mode, "workflow": build_workflow_mode}
 
+
+class CommandFailed(RuntimeError):
+    """A step run as a child command failed; the message names it, its last line and its whole log."""
+
+
 # errors that mean "the user's setup is wrong", each printed as one line (exit status 2)
 USER_ERRORS: dict[type[BaseException], str] = {
     ConfigError: "config error",
+    CommandFailed: "failed",
     SandboxUnavailable: "sandbox unavailable",
     RolloutError: "rollout server error",
     FileNotFoundError: "file not found",
@@ -56,6 +62,7 @@ def run(main: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> 
         force=True,
     )
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it writes at INFO
+    logging.getLogger("fsspec.caching").setLevel(logging.WARNING)  # every block read of a gs:// checkpoint
     try:
         return main(args)
     except tuple(USER_ERRORS) as err:

@@ -2,6 +2,7 @@
 
 Trains the stage the config names (`stage: sft` or `stage: grpo`): reads and validates the config, starts the
 processes and the device mesh, then runs the stage, resuming from the run directory's newest checkpoint.
+`stage: pipeline` runs FlowReasoner's whole recipe (distil -> SFT -> GRPO -> evaluation; fr_jax.pipeline).
 Exit status: 0 done, 2 a mistake in the config or setup (one line names it), 3 a non-finite loss or gradient.
 """
 
@@ -9,12 +10,16 @@ from __future__ import annotations
 
 import argparse
 import functools
+import pathlib
 import sys
 from collections.abc import Callable
 from typing import Any
 
+import yaml
+
 from fr_jax import cli
-from fr_jax.config import ConfigError, load_config
+from fr_jax.config import ConfigError, load_config, read_yaml
+from fr_jax.pipeline import load_pipeline_config, run_pipeline
 from fr_jax.rl.loop import run_grpo
 from fr_jax.trainer.runtime import Runtime, start_runtime
 from fr_jax.trainer.sft import run_sft
@@ -27,11 +32,23 @@ STAGES: dict[str, Callable[[Runtime], dict[str, Any]]] = {
 
 
 def train(args: argparse.Namespace) -> int:
+    if _stage_named(args.config) == "pipeline":  # FlowReasoner's recipe: stages in order (fr_jax.pipeline)
+        run_pipeline(load_pipeline_config(args.config, args.overrides))
+        return 0
     cfg = load_config(args.config, args.overrides)
     if cfg.stage not in STAGES:
         raise ConfigError(f"stage: {cfg.stage!r} has no runner yet; available: {sorted(STAGES)}")
     STAGES[cfg.stage](start_runtime(cfg))
     return 0
+
+
+def _stage_named(path: str) -> str | None:
+    """The `stage:` a config file names (None when unreadable: load_config then names the problem)."""
+    try:
+        tree = read_yaml(pathlib.Path(path).read_text())
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+    return tree.get("stage") if isinstance(tree, dict) else None
 
 
 def main(argv: list[str] | None = None) -> int:

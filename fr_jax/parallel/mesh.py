@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import pathlib
 
 import jax
 from jax.sharding import AxisType, Mesh
@@ -46,6 +47,13 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> M
     return mesh
 
 
+def on_cloud_tpu() -> bool:
+    """A Cloud TPU VM, told without starting a JAX backend: its environment or its TPU device files."""
+    if os.environ.get("TPU_ACCELERATOR_TYPE") or os.environ.get("TPU_WORKER_HOSTNAMES"):
+        return True
+    return any(pathlib.Path(device).exists() for device in ("/dev/accel0", "/dev/vfio/0"))
+
+
 def initialize_distributed(
     coordinator: str | None = None,
     num_processes: int | None = None,
@@ -54,8 +62,8 @@ def initialize_distributed(
 ) -> None:
     """Join a multi-process run. Arguments fall back to FR_JAX_COORDINATOR / FR_JAX_NUM_PROCESSES / FR_JAX_PROCESS_ID.
 
-    On TPU pods and SLURM/GPU clusters jax finds everything itself, so a missing coordinator with a
-    single process is simply a single-process run.
+    On a Cloud TPU VM jax.distributed.initialize() is always called, with no arguments (JAX finds the slice's
+    coordinator and process ids); elsewhere a missing coordinator with a single process is a single-process run.
     """
     coordinator = coordinator or os.environ.get("FR_JAX_COORDINATOR")
     num_processes = num_processes or int(os.environ.get("FR_JAX_NUM_PROCESSES", "0")) or None
@@ -64,8 +72,11 @@ def initialize_distributed(
     if local_device_count:
         jax.config.update("jax_num_cpu_devices", local_device_count)
     if coordinator is None and (num_processes or 1) == 1:
-        return
-    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+        if not on_cloud_tpu():
+            return
+        jax.distributed.initialize()  # as JAX asks on TPU, before any computation: it finds the slice itself
+    else:
+        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
     _log.info(
         "process %d/%d joined %s: %d global devices",
         jax.process_index(),
