@@ -16,6 +16,7 @@ search teacher's designs.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import json
 import pathlib
@@ -86,19 +87,23 @@ async def best_fixed(
 ) -> dict[str, Any]:
     """The design with the best mean validation score over ALL the run's queries. The `candidates` designs with the
     best mean where tried (ties: tried on more queries, then first seen) are completed by `validate(task_id,
-    design)` on the queries they were not tried on; the best of them (ties: first in that order) is chosen."""
+    design)` on the queries they were not tried on (all at once: `validate` bounds its own concurrency); the best
+    of them (ties: first in that order) is chosen."""
     if not queries:
         raise ValueError("best_fixed needs the rounds of at least one query")
     task_ids = [q["task_id"] for q in queries]
     tried = tried_designs(queries)
     order = sorted(range(len(tried)), key=lambda i: (-_mean(tried[i]["scores"].values()), -len(tried[i]["scores"]), i))
     leading = [tried[i] for i in order[:candidates]]
+    missing = [(entry, task_id) for entry in leading for task_id in task_ids if task_id not in entry["scores"]]
+    scores = await asyncio.gather(
+        *(validate(task_id, ParsedDesign(e["modification"], e["graph"], e["prompt"])) for e, task_id in missing)
+    )
     for entry in leading:
         entry["tried_on"] = len(entry["scores"])
-        design = ParsedDesign(entry["modification"], entry["graph"], entry["prompt"])
-        for task_id in task_ids:
-            if task_id not in entry["scores"]:
-                entry["scores"][task_id] = await validate(task_id, design)
+    for (entry, task_id), score in zip(missing, scores):
+        entry["scores"][task_id] = score
+    for entry in leading:
         entry["score"] = _mean(entry["scores"][t] for t in task_ids)
     chosen = max(leading, key=lambda entry: entry["score"])  # max keeps the first of equals
     return {

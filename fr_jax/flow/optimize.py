@@ -65,7 +65,7 @@ from fr_jax.data.tasks import Task
 from fr_jax.flow.baselines import best_fixed
 from fr_jax.flow.chat import ChatClient
 from fr_jax.flow.data import RecordFilter, sft_records
-from fr_jax.flow.feedback import RunRecord
+from fr_jax.flow.feedback import RunRecord, feedback_text
 from fr_jax.flow.mode import FLOW_SYSTEM_PROMPT, WorkflowMode, WorkflowRunSettings, is_design_failure, run_design
 from fr_jax.flow.prompt import (
     MAX_OPERATOR_CALLS,
@@ -406,7 +406,7 @@ class Optimizer:
         user = build_design_prompt(
             task.prompt,
             self.operators_text,
-            parent=ParentDesign(parent.graph, parent.prompt, parent.score),
+            parent=ParentDesign(parent.graph, parent.prompt, parent.score, feedback_text(parent.score, parent.runs)),
             experience=experience,
             max_operator_calls=self.cfg.loop.max_operator_calls_told,
         )
@@ -683,7 +683,7 @@ def run(cfg: OptimizeConfig) -> dict[str, Any]:
 def pick_best_fixed(cfg: OptimizeConfig) -> dict[str, Any]:
     """best_fixed.json: the single design of rounds.jsonl with the best mean validation score over all its queries
     (fr_jax.flow.baselines.best_fixed; the best_fixed.candidates leading designs are run on the queries they were
-    not tried on, with the configured sandbox, worker and budgets)."""
+    not tried on, loop.concurrency at a time, with the configured sandbox, worker and budgets)."""
     queries = _finished_queries(cfg)
     tasks = {task.task_id: (index, task) for index, task in enumerate(load_config_tasks(cfg.tasks))}
     missing = [q["task_id"] for q in queries if q["task_id"] not in tasks]
@@ -696,10 +696,12 @@ def pick_best_fixed(cfg: OptimizeConfig) -> dict[str, Any]:
             async with _sandbox_client(cfg, sandbox_url) as sandbox:
                 await _operators_text(sandbox, cfg)  # the worker is on the allowlist
                 runner = DesignRunner(cfg, sandbox)
+                gate = asyncio.Semaphore(cfg.loop.concurrency)
 
                 async def validate(task_id: str, design: ParsedDesign) -> float:
                     index, task = tasks[task_id]
-                    return (await runner.validate(task, index, 0, design))[1]  # "round 0": seeds no round uses
+                    async with gate:
+                        return (await runner.validate(task, index, 0, design))[1]  # "round 0": seeds no round uses
 
                 return await best_fixed(queries, validate, candidates=cfg.best_fixed.candidates)
 

@@ -78,7 +78,7 @@ The current workflow, which scored {score:.3f} on the public tests (1.0 means ev
 <prompt>
 {prompt}
 </prompt>
-{experience}
+{feedback}{experience}
 Improve it. Change only one detail per round (a few lines at most), name that change in <modification>, and \
 do not repeat a modification that did not raise the score.
 """
@@ -97,11 +97,13 @@ class Experience:
 
 @dataclasses.dataclass(frozen=True)
 class ParentDesign:
-    """The design a refinement round starts from, with its score on the public tests."""
+    """The design a refinement round starts from, with its score on the public tests and what its validation runs
+    showed (fr_jax.flow.feedback.feedback_text; '' for none)."""
 
     graph: str
     prompt: str
     score: float
+    feedback: str = ""
 
 
 def build_design_prompt(
@@ -135,6 +137,7 @@ def build_design_prompt(
         score=parent.score,
         graph=parent.graph.strip("\n"),
         prompt=parent.prompt.strip("\n"),
+        feedback=f"Its validation runs: {parent.feedback.strip()}.\n" if parent.feedback.strip() else "",
         experience=format_experience(experience),
     )
 

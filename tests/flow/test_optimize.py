@@ -212,6 +212,7 @@ def test_two_rounds_on_three_queries_write_sft_records(tmp_path, teacher, workfl
         assert designed["experience"] == [] and designed["designer"]["system"] == FLOW_SYSTEM_PROMPT
         user = designed["designer"]["user"]
         assert q["query"].strip() in user and SEED_GRAPH.strip() in user and f"scored {seed['score']:.3f}" in user
+        assert f"Its validation runs: public pass rate {seed['score']:.3f} over 2 runs" in user
         runnable = [r for r in q["rounds"] if r["format_error"] is None]
         assert q["best_round"] == max(runnable, key=lambda r: (r["score"], -r["round"]))["round"]
         assert set(q["hidden"]) == {"1", str(q["best_round"])}

@@ -49,6 +49,10 @@ def test_refinement_prompt_holds_parent_score_and_experience():
     assert '"Add a Test step." took the score from 0.500 to 0.750' in text
     assert '"Ensemble of 3 generations." took the score from 0.500 to 0.250' in text
     assert "should not exceed 6" in text and "only one detail" in text
+    assert "Its validation runs" not in text  # no feedback given, none invented
+    fed = ParentDesign(SEED_GRAPH, SEED_PROMPT, 0.5, "public pass rate 0.500 over 2 runs (0.000, 1.000)")
+    text = build_design_prompt(QUERY, operators_text(), parent=fed, experience=experience)
+    assert "</prompt>\nIts validation runs: public pass rate 0.500 over 2 runs (0.000, 1.000).\n\nWhat earlier" in text
 
 
 @pytest.mark.parametrize(
