@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import socket
+import subprocess
 import sys
 import traceback
 from dataclasses import replace
@@ -34,19 +35,16 @@ import uvicorn
 
 from sandbox_service.app import Service, ServiceSettings, create_app
 from sandbox_service.cgroups import CgroupReport, Cgroups
-from sandbox_service.jail import (
-    Isolation,
-    IsolationError,
-    JailConfig,
-    PythonUnusable,
-    claim_uid_block,
-    probe_isolation,
-    probe_pythons,
-)
+from sandbox_service.jail import Isolation, IsolationError, JailConfig, PythonUnusable, claim_uid_block
+from sandbox_service.probe import LAYERS, default_required, probe_isolation, probe_pythons
 from sandbox_service.pythons import DEFAULT as DEFAULT_PYTHON
+from sandbox_service.pythons import DEFAULT_PATH as DEFAULT_PYTHON_PATH
 from sandbox_service.pythons import parse_pythons
 from sandbox_service.run_dir import DiskQuota, private_mounts, sweep_stale
 from sandbox_service.workers import WORKERS_ENV, WORKERS_FILE_ENV, WorkerEndpoint, load_workers, workers_from_env
+
+SECCOMP_SOURCE = (Path(__file__).parent / "seccomp_filter.py").read_text()
+AUTH_TOKEN_ENV = "SANDBOX_AUTH_TOKEN"  # set: every route but /health requires it as a bearer token
 
 
 class StartupError(Exception):
@@ -140,6 +138,14 @@ def _parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="JSON allowlist {name: {url, model?, api_key_env?}}; combines with --worker",
     )
+    p.add_argument(
+        "--require",
+        action="append",
+        default=[],
+        metavar="LAYER[,LAYER]",
+        help=f"refuse to start unless these layers are in force ({', '.join(LAYERS)}, or all); always required: "
+        "namespaces and rlimits, and as root uid",
+    )
     p.add_argument("--insecure", action="store_true", help="run WITHOUT isolation if the jail cannot be set up")
     p.add_argument("--log-level", default="info")
     p.add_argument("--debug", action="store_true", help="print the traceback of an error that stops the start")
@@ -197,8 +203,35 @@ def _workers(args: argparse.Namespace) -> dict[str, WorkerEndpoint]:
         ) from e
 
 
+def _required(specs: list[str]) -> list[str]:
+    asked = {layer.strip() for spec in specs for layer in spec.split(",") if layer.strip()}
+    if "all" in asked:
+        asked = set(LAYERS)
+    unknown = sorted(asked - set(LAYERS))
+    if unknown:
+        raise StartupError(f"--require {','.join(unknown)}: the layers are {', '.join(LAYERS)}, or all")
+    return [layer for layer in LAYERS if layer in asked or layer in default_required()]
+
+
+def _seccomp_program(log: logging.Logger) -> bytes | None:
+    """The syscall filter, built by the system python with libseccomp's bindings; None (and why, in the log) when
+    it cannot be."""
+    try:
+        built = subprocess.run([DEFAULT_PYTHON_PATH, "-c", SECCOMP_SOURCE], capture_output=True, timeout=60, check=True)
+    except (OSError, subprocess.SubprocessError) as e:
+        detail = e.stderr.decode(errors="replace").strip().splitlines()[-1:] if getattr(e, "stderr", None) else e
+        log.warning("no seccomp filter (apt-get install python3-seccomp): %s", detail)
+        return None
+    return built.stdout or None
+
+
 def _jail(
-    args: argparse.Namespace, pythons: dict[str, str], cgroup_report: CgroupReport
+    args: argparse.Namespace,
+    pythons: dict[str, str],
+    cgroups: Cgroups | None,
+    cgroup_report: CgroupReport,
+    required: list[str],
+    seccomp: bytes | None,
 ) -> tuple[JailConfig, Isolation, dict[str, str]]:
     """The jail's config, the isolation level it proved, and the version of each python tried in it."""
     try:
@@ -214,15 +247,21 @@ def _jail(
             insecure=args.insecure,
             disk=DiskQuota(args.run_disk_mb, args.run_inodes) if os.geteuid() == 0 else None,
             max_fetch_bytes=args.max_fetch_mb << 20,
+            seccomp=seccomp,
         )
-        isolation = probe_isolation(replace(config, pythons={DEFAULT_PYTHON: config.python}), cgroup_report)
+        probed = replace(config, pythons={DEFAULT_PYTHON: config.python})
+        isolation = probe_isolation(probed, cgroups, cgroup_report, required)
+        if isolation.level == "none" and (asked := sorted(set(required) - set(default_required()))):
+            raise IsolationError(  # --insecure waives the defaults, not the layers the operator asked for
+                f"{', '.join(asked)} required, but the jail does not run ({isolation.detail['reason']})"
+            )
         return config, isolation, probe_pythons(config, isolation.level)
     except PythonUnusable as e:
         raise StartupError(f"refuses to start: {e}") from e
     except IsolationError as e:
         raise StartupError(
-            f"refuses to start: {e}. Fix the host (see README: bubblewrap, run as root for per-run uids and "
-            "cgroups), or pass --insecure to run code WITHOUT isolation (never on a shared machine)"
+            f"refuses to start: {e}. Fix the host (see README: bubblewrap, python3-seccomp, run as root for "
+            "per-run uids and cgroups), or pass --insecure to run code WITHOUT isolation (never on a shared machine)"
         ) from e
 
 
@@ -249,6 +288,7 @@ def _serve(args: argparse.Namespace) -> int:
             "--run-disk-mb, --run-inodes, --max-fetch-mb, --max-eval-s and --worker-timeout-s must be positive"
         )
     workers = _workers(args)
+    required = _required(args.require)
     try:
         pythons = parse_pythons(args.python)
     except ValueError as e:
@@ -259,7 +299,9 @@ def _serve(args: argparse.Namespace) -> int:
         raise StartupError("cannot make a private mount namespace for the runs' filesystems (is this root?)")
     cgroups, cgroup_report = Cgroups.detect()
     try:
-        config, isolation, versions = _jail(args, pythons, cgroup_report)
+        config, isolation, versions = _jail(
+            args, pythons, cgroups, cgroup_report, required, _seccomp_program(log) if not args.insecure else None
+        )
     except StartupError:
         sock.close()
         if cgroups is not None:
@@ -279,6 +321,7 @@ def _serve(args: argparse.Namespace) -> int:
             worker_timeout_s=args.worker_timeout_s,
             max_workflow_wait_s=args.max_workflow_wait_s,
             harness_start_s=args.harness_start_s,
+            auth_token=os.environ.get(AUTH_TOKEN_ENV) or None,
         ),
         config,
         isolation,

@@ -13,13 +13,15 @@ import base64
 import contextlib
 import logging
 import math
+import secrets
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from sandbox_service import __version__
@@ -65,6 +67,7 @@ class ServiceSettings:
     worker_timeout_s: float = 120.0
     max_workflow_wait_s: float = 600.0
     harness_start_s: float = 30.0
+    auth_token: str | None = None  # from $SANDBOX_AUTH_TOKEN: required of every route but /health
 
 
 class RequestError(Exception):
@@ -374,6 +377,24 @@ async def _send_json(send, status: int, content: dict) -> None:
     await send({"type": "http.response.body", "body": response.body})
 
 
+def _bearer_check(token: str | None):
+    """A FastAPI dependency: 401 unless the request carries `Authorization: Bearer <token>` (compared in constant
+    time); nothing to check when the service has no token."""
+    bearer = HTTPBearer(auto_error=False)
+
+    async def check(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:  # noqa: B008
+        if token is None:
+            return
+        if credentials is None or not secrets.compare_digest(credentials.credentials.encode(), token.encode()):
+            raise HTTPException(
+                status_code=401,
+                detail="this sandbox service requires its bearer token (the client sends $SANDBOX_AUTH_TOKEN)",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
+    return check
+
+
 _ENDPOINTS = ("/run_code", "/evaluate", "/evaluate/batch", "/health", "/metrics")
 
 
@@ -400,6 +421,8 @@ def create_app(service: Service, workers: Mapping[str, WorkerEndpoint] | None = 
             service.jail.close()
 
     app = FastAPI(title="sandbox_service", version=__version__, lifespan=lifespan)
+    # every route but /health answers only a caller with the service's bearer token, when it has one
+    guarded = APIRouter(dependencies=[Depends(_bearer_check(service.settings.auth_token))])
     app.state.service = service
     app.add_middleware(_Gate, service=service)
 
@@ -426,19 +449,19 @@ def create_app(service: Service, workers: Mapping[str, WorkerEndpoint] | None = 
         _log.exception("unhandled error on %s", request.url.path)
         return JSONResponse(status_code=500, content={"message": f"internal error: {type(exc).__name__}: {exc}"})
 
-    @app.post("/run_code", response_model=RunCodeResponse)
+    @guarded.post("/run_code", response_model=RunCodeResponse)
     async def run_code(request: RunCodeRequest) -> RunCodeResponse:
         service.check_python(request.python, ("python",))
         with admission.admitted(1):
             return await service.run_code(request)
 
-    @app.post("/evaluate", response_model=EvaluateResponse)
+    @guarded.post("/evaluate", response_model=EvaluateResponse)
     async def evaluate(request: EvaluateRequest) -> EvaluateResponse:
         service.check_python(request.python, ("python",))
         admission.admit(1)
         return await service.evaluate_one(request)
 
-    @app.post("/evaluate/batch", response_model=EvaluateBatchResponse)
+    @guarded.post("/evaluate/batch", response_model=EvaluateBatchResponse)
     async def evaluate_batch(request: EvaluateBatchRequest) -> EvaluateBatchResponse:
         for i, item in enumerate(request.items):
             service.check_python(item.python, ("items", i, "python"))
@@ -446,15 +469,15 @@ def create_app(service: Service, workers: Mapping[str, WorkerEndpoint] | None = 
         results = await asyncio.gather(*(service.evaluate_one(item) for item in request.items))
         return EvaluateBatchResponse(results=list(results))
 
-    @app.get("/workflow/operators", response_model=OperatorsResponse)
+    @guarded.get("/workflow/operators", response_model=OperatorsResponse)
     async def workflow_operators() -> OperatorsResponse:
         return operators
 
-    @app.get("/workflow/workers")
+    @guarded.get("/workflow/workers")
     async def workflow_workers() -> dict[str, list[str]]:
         return {"workers": sorted(runner.workers)}
 
-    @app.post("/workflow/run", response_model=WorkflowRunResponse)
+    @guarded.post("/workflow/run", response_model=WorkflowRunResponse)
     async def workflow_run(request: WorkflowRunRequest) -> WorkflowRunResponse:
         service.check_python(request.python, ("python",))
         with admission.admitted(WORKFLOW_RUNS):
@@ -464,8 +487,9 @@ def create_app(service: Service, workers: Mapping[str, WorkerEndpoint] | None = 
     async def health() -> JSONResponse:
         return JSONResponse(status_code=503 if admission.draining else 200, content=service.health().model_dump())
 
-    @app.get("/metrics")
+    @guarded.get("/metrics")
     async def metrics() -> Response:
         return Response(content=service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    app.include_router(guarded)
     return app

@@ -22,6 +22,9 @@ _log = logging.getLogger(__name__)
 CONTROLLERS = ("memory", "pids", "cpu")
 _PREFIX = "fr_sandbox-"
 _CPU_PERIOD_US = 100_000
+# The jails' CPU weight against the service's own (v1 cpu.shares of 1024, v2 cpu.weight of 100 by default): under
+# contention the service's event loop comes first, so /health and the next request never wait behind a fork bomb.
+_V1_SHARES, _V2_WEIGHT = 64, 5
 
 
 @dataclass(frozen=True)
@@ -232,6 +235,8 @@ class Cgroups:
                     (own / "cgroup.subtree_control").write_text(enable)
             parent.mkdir(exist_ok=True)
             (parent / "cgroup.subtree_control").write_text(enable)
+            if "cpu" in wanted:
+                (parent / "cpu.weight").write_text(str(_V2_WEIGHT))
         except OSError as e:
             return None, [], f"v2: the hierarchy at {own} is not delegated to this service ({e.strerror})"
         return cls({"v2": parent}, "v2"), wanted, ""
@@ -247,6 +252,8 @@ class Cgroups:
             parent = directory / f"{_PREFIX}{os.getpid()}"
             try:
                 parent.mkdir(exist_ok=True)
+                if controller == "cpu":
+                    (parent / "cpu.shares").write_text(str(_V1_SHARES))
             except OSError as e:
                 reasons.append(f"{controller}: cannot create {parent}: {e.strerror}")
                 continue

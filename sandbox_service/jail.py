@@ -42,7 +42,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from sandbox_service.cgroups import CgroupReport, Cgroups, SlotCgroup
+from sandbox_service.cgroups import Cgroups, SlotCgroup
 from sandbox_service.pythons import DEFAULT as DEFAULT_PYTHON
 from sandbox_service.pythons import DEFAULT_PATH as DEFAULT_PYTHON_PATH
 from sandbox_service.run_dir import (
@@ -100,6 +100,7 @@ class JailConfig:
     run_root: Path | None = None
     tmp_size_mb: int = 64  # /tmp and /dev/shm each, where runs have no disk quota of their own
     disk: DiskQuota | None = None  # as root: a tmpfs per run of this size and these inodes (home, /tmp, /dev/shm)
+    seccomp: bytes | None = None  # the BPF syscall filter every run gets (seccomp_filter.py), where one was built
     max_fetch_bytes: int = 16 << 20  # files a run's caller may read back, all together
     extra_ro_binds: tuple[str, ...] = ()
     insecure: bool = False
@@ -141,7 +142,7 @@ class RunOutcome:
         return self.exit_code == 128 + signal.SIGXCPU
 
 
-class _JailCommand:
+class JailCommand:
     """Builds the setpriv + bwrap command line for one isolation level."""
 
     def __init__(self, config: JailConfig, level: str):
@@ -174,6 +175,7 @@ class _JailCommand:
         status_fd: int | None = None,
         cgroup_tasks: Sequence[Path] = (),
         as_pid_1: bool = False,
+        seccomp_fd: int | None = None,
     ) -> list[str]:
         cmd = ["/bin/sh", "-c", _JOIN_CGROUPS, "sh", *map(str, cgroup_tasks), "--"] if cgroup_tasks else []
         cmd += self._rlimits(limits, uid) if limits is not None else []
@@ -213,6 +215,8 @@ class _JailCommand:
             cmd += ["--setenv", key, value]
         if status_fd is not None:
             cmd += ["--json-status-fd", str(status_fd)]
+        if seccomp_fd is not None:
+            cmd += ["--seccomp", str(seccomp_fd)]
         if as_pid_1:  # no separate pid 1 that bwrap's monitor would leave behind for someone else to reap
             cmd += ["--as-pid-1"]
         return [*cmd, "--", *program]
@@ -464,6 +468,14 @@ class _Spawned:
         )
 
 
+def seccomp_program(program: bytes) -> int:
+    """A file descriptor bwrap reads the filter from (each run reads its own copy to the end)."""
+    fd = os.memfd_create("seccomp")
+    os.write(fd, program)
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
 def _set_child_subreaper() -> bool:
     """Make orphaned sandbox pid-1s our children, so they are reaped at once rather than by the host's init."""
     try:
@@ -486,10 +498,10 @@ class Jail:
         if isolation.level != "none":
             config = resolve_tools(config)
         self.config, self.workers, self.isolation, self.cgroups = config, workers, isolation, cgroups
-        self.command = _JailCommand(config, isolation.level)
+        self.command = JailCommand(config, isolation.level)
         uids = [config.uid_base + i if isolation.level == "full" else None for i in range(workers)]
         for uid in filter(None, uids):
-            _check_uid_unused(uid)
+            check_uid_unused(uid)
         self.subreaper = _set_child_subreaper()
         self.run_root = make_root(config.run_root)
         self._slots = [_Slot(i, uid, cgroups.slot(i) if cgroups else None) for i, uid in enumerate(uids)]
@@ -677,6 +689,7 @@ class Jail:
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         status_r, status_w = os.pipe() if not bare else (None, None)
+        seccomp_fd = seccomp_program(self.config.seccomp) if not bare and self.config.seccomp else None
         parent_sock, child_sock = socket.socketpair() if with_channel else (None, None)
         inside_env = self.command.env(run.home, program, {CHANNEL_ENV: str(child_sock.fileno())} if child_sock else {})
         inside_env.update(env)
@@ -688,8 +701,9 @@ class Jail:
             limits,
             status_w,
             slot.cgroup.tasks_files() if slot.cgroup is not None else (),
+            seccomp_fd=seccomp_fd,
         )
-        pass_fds = [fd for fd in (status_w, child_sock.fileno() if child_sock else None) if fd is not None]
+        pass_fds = [fd for fd in (status_w, seccomp_fd, child_sock.fileno() if child_sock else None) if fd is not None]
         try:
             proc = subprocess.Popen(
                 command,
@@ -709,7 +723,7 @@ class Jail:
                 parent_sock.close()
             return f"cannot start the jail: {e}"
         finally:
-            for fd in (stdin_fd, out_w, err_w, status_w):
+            for fd in (stdin_fd, out_w, err_w, status_w, seccomp_fd):
                 if fd is not None:
                     os.close(fd)
             if child_sock is not None:
@@ -903,7 +917,7 @@ def claim_uid_block(workers: int, uid_base: int | None = None) -> tuple[int, int
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             for uid in range(base, base + workers):
-                _check_uid_unused(uid)
+                check_uid_unused(uid)
             return base, fd
         except (BlockingIOError, IsolationError) as e:
             os.close(fd)
@@ -917,7 +931,7 @@ def claim_uid_block(workers: int, uid_base: int | None = None) -> tuple[int, int
     )
 
 
-def _check_uid_unused(uid: int) -> None:
+def check_uid_unused(uid: int) -> None:
     try:
         user = pwd.getpwuid(uid)
     except KeyError:
@@ -926,46 +940,6 @@ def _check_uid_unused(uid: int) -> None:
         f"jail uid {uid} belongs to user {user.pw_name!r}; choose another --uid-base so that "
         "jailed code never shares a real user's uid"
     )
-
-
-# -- start-up: decide the isolation level and prove it holds -----------------------------------------
-
-_PROBE = r"""
-import json, os, socket
-def writable(path):
-    try:
-        with open(os.path.join(path, ".probe"), "w") as f:
-            f.write("x")
-        os.unlink(os.path.join(path, ".probe"))
-        return True
-    except OSError:
-        return False
-open("owner", "w").close()  # its owner, as the host sees it, is the program's real uid
-print(json.dumps({"pid": os.getpid(), "interfaces": [n for _, n in socket.if_nameindex()],
-                  "root_writable": writable("/"), "home_writable": writable(os.environ["HOME"])}))
-"""
-
-
-def probe_isolation(config: JailConfig, cgroups: CgroupReport) -> Isolation:
-    """Run a harmless program through the jail and check what it sees; IsolationError if the jail does not hold.
-
-    With `config.insecure` a jail that does not work falls back to level "none" (plain subprocesses).
-    """
-    try:
-        return _probe(config, cgroups)
-    except IsolationError as e:
-        if not config.insecure:
-            raise
-        _log.warning("running WITHOUT isolation (--insecure): %s", e)
-        return Isolation(
-            "none",
-            {
-                "reason": str(e),
-                "network": "host",
-                "filesystem": "host",
-                "rlimits": ["cpu", "as", "nproc", "fsize", "nofile", "core"],
-            },
-        )
 
 
 def resolve_tools(config: JailConfig) -> JailConfig:
@@ -978,88 +952,3 @@ def resolve_tools(config: JailConfig) -> JailConfig:
             f"setpriv and prlimit (util-linux) are needed: {config.setpriv!r}, {config.prlimit!r} not found"
         )
     return replace(config, bwrap=bwrap, setpriv=setpriv or config.setpriv, prlimit=prlimit)
-
-
-def _run_once(config: JailConfig, level: str, program: Sequence[str]) -> tuple[subprocess.CompletedProcess, int]:
-    """Run `program` once in a fresh jail as slot 0 would: (the finished process, the host uid owning the run
-    directory's file "owner" if the program made one, else -1)."""
-    uid = config.uid_base if level == "full" else None
-    with tempfile.TemporaryDirectory(prefix="fr_sandbox-probe-", dir=config.run_root) as tmp:
-        os.chmod(tmp, 0o711)
-        run = make_run_dir(Path(tmp), "run", uid, {}, config.disk if level == "full" else None)
-        try:
-            command = _JailCommand(config, level)
-            env = command.env(run.home, program, {})
-            argv = command.argv(uid, run, env, program, as_pid_1=True)
-            bare = level == "none"
-            done = subprocess.run(
-                argv, capture_output=True, env=env if bare else {}, cwd=run.home if bare else None, timeout=30
-            )
-            owner = run.home / "owner"
-            return done, owner.stat().st_uid if owner.exists() else -1
-        finally:
-            remove_run_dir(run)
-
-
-def probe_pythons(config: JailConfig, level: str) -> dict[str, str]:
-    """{name: version} of the configured pythons, each run once in the jail as its unprivileged uid would run it;
-    PythonUnusable names the first that does not run there and why."""
-    who = {"full": f"unprivileged uid {config.uid_base}", "namespaces": f"uid {os.getuid()}"}.get(level, "service")
-    versions = {}
-    for name, path in config.pythons.items():
-        alone = replace(config, pythons={DEFAULT_PYTHON: path})  # its binds only: a failure is this python's
-        try:
-            done, _ = _run_once(alone, level, [path, "-c", "import sys; print('%d.%d.%d' % sys.version_info[:3])"])
-        except (OSError, subprocess.TimeoutExpired) as e:
-            raise PythonUnusable(f"python {name!r} ({path}) could not be tried in the jail: {e}") from None
-        if done.returncode != 0:
-            lines = done.stderr.decode(errors="replace").strip().splitlines() or [f"exit status {done.returncode}"]
-            raise PythonUnusable(
-                f"python {name!r} ({path}) does not run in the jail as the {who}: {lines[-1]}; make it and the "
-                "directories above it readable and executable by that uid (a python under /root is not)"
-            )
-        versions[name] = done.stdout.decode().strip()
-    return versions
-
-
-def _probe(config: JailConfig, cgroups: CgroupReport) -> Isolation:
-    config = resolve_tools(config)
-    as_root = os.geteuid() == 0
-    level = "full" if as_root else "namespaces"
-    if as_root:
-        _check_uid_unused(config.uid_base)
-    try:
-        done, host_uid = _run_once(config, level, [config.python, "-c", _PROBE])
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise IsolationError(f"the jail did not run: {e}") from e
-    if done.returncode != 0:
-        raise IsolationError(
-            f"the jail did not run (exit {done.returncode}): {done.stderr.decode(errors='replace').strip()}"
-        )
-    seen = json.loads(done.stdout.decode().strip().splitlines()[-1])
-    problems = []
-    if seen["pid"] != 1:
-        problems.append(f"no private pid namespace (the program is pid {seen['pid']})")
-    if host_uid == 0:
-        problems.append("the program runs as root on the host")
-    if seen["interfaces"] != ["lo"]:
-        problems.append(f"network interfaces visible: {seen['interfaces']}")
-    if seen["root_writable"] or not seen["home_writable"]:
-        problems.append("only the run directory should be writable")
-    if problems:
-        raise IsolationError("the jail does not hold: " + "; ".join(problems))
-    version = subprocess.run([config.bwrap, "--version"], capture_output=True, text=True).stdout.strip()
-    return Isolation(
-        level,
-        {
-            "bwrap": version,
-            "uid": f"unprivileged per-slot uid {config.uid_base}+slot"
-            if as_root
-            else f"the service's uid {os.getuid()} (not root)",
-            "namespaces": ["user", "pid", "ipc", "uts", "net", "mount", "cgroup"],
-            "network": "none (own loopback only)",
-            "filesystem": f"read-only /usr and /etc, tmpfs /tmp ({config.tmp_size_mb} MiB), only {JAIL_HOME} writable",
-            "rlimits": ["cpu", "as", "nproc", "fsize", "nofile", "core"],
-            "cgroup": cgroups.__dict__,
-        },
-    )

@@ -21,13 +21,14 @@ for arg in "$@"; do
   esac
 done
 
-# bubblewrap jails the sandbox service's runs; the venv is made from the system python so that the jail's
-# unprivileged uid can execute it (a pyenv python under /root is mode 700).
-if ! command -v bwrap >/dev/null; then
+# bubblewrap jails the sandbox service's runs, and libseccomp's Python bindings build its syscall filter (with the
+# system python); the venv is made from the system python so that the jail's unprivileged uid can execute it (a
+# pyenv python under /root is mode 700).
+if ! command -v bwrap >/dev/null || ! /usr/bin/python3 -c "import seccomp" 2>/dev/null; then
   if [ "$(id -u)" = 0 ]; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap python3-seccomp >/dev/null
   else
-    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null
+    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap python3-seccomp >/dev/null
   fi
 fi
 # The run viewer's browser test opens its report in Debian's headless chromium, driven by selenium through

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import os
 import random
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -348,8 +349,12 @@ def _retry_after_s(response: httpx.Response) -> float | None:
         return None
 
 
+AUTH_TOKEN_ENV = "SANDBOX_AUTH_TOKEN"  # the service's bearer token, sent with every request when set
+
+
 class SandboxClient:
-    """Async client of one sandbox_service. Use as `async with SandboxClient(url) as client: ...`."""
+    """Async client of one sandbox_service. Use as `async with SandboxClient(url) as client: ...`. A service
+    started with $SANDBOX_AUTH_TOKEN gets it as a bearer token (`token`, by default that same variable)."""
 
     def __init__(
         self,
@@ -362,6 +367,7 @@ class SandboxClient:
         backoff_s: float = 0.1,
         max_backoff_s: float = 10.0,
         batch_size: int = 64,
+        token: str | None = None,
     ):
         self.base_url = base_url.rstrip("/")
         self.request_timeout_s, self.deadline_s = request_timeout_s, deadline_s
@@ -371,7 +377,11 @@ class SandboxClient:
         self.stats: Counter[str] = Counter()  # requests, retries_{429,5xx,timeout,transport,connect}
         self._semaphore = asyncio.Semaphore(max_concurrency)
         limits = httpx.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency)
-        self._http = httpx.AsyncClient(base_url=self.base_url, limits=limits, timeout=request_timeout_s)
+        token = token if token is not None else os.environ.get(AUTH_TOKEN_ENV)
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url, limits=limits, timeout=request_timeout_s, headers=headers
+        )
 
     async def __aenter__(self) -> SandboxClient:
         return self

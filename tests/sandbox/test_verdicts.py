@@ -9,7 +9,10 @@ solution's process and are marked `judged_in_process`. Hostile programs run only
 from __future__ import annotations
 
 import ast
-import sys
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
 
 import httpx
 import pytest
@@ -246,10 +249,24 @@ def test_a_builtin_named_entry_point_is_the_solutions_only_when_declared(api):
 
 @pytest.fixture(scope="module")
 def with_numpy():
-    """A service whose `venv` python is this test run's (it has numpy)."""
-    with LocalSandbox(workers=2, extra_args=["--python", f"venv={sys.prefix}/bin/python"]) as service:
-        with httpx.Client(base_url=service.url, timeout=120) as api:
-            yield api
+    """A service with a `venv` python that has numpy: a virtual environment in a world-readable directory with a
+    copy of this run's numpy (the jail's uid may not reach this checkout's own .venv)."""
+    import numpy
+
+    root = Path(tempfile.mkdtemp(prefix="fr_sandbox_numpy-"))
+    root.chmod(0o755)
+    try:
+        subprocess.run(["/usr/bin/python3", "-m", "venv", "--without-pip", str(root / "venv")], check=True)
+        (site,) = (root / "venv" / "lib").glob("python3*/site-packages")
+        source = Path(numpy.__file__).parent
+        for name in ("numpy", "numpy.libs"):
+            if (source.parent / name).is_dir():
+                shutil.copytree(source.parent / name, site / name)
+        with LocalSandbox(workers=2, extra_args=["--python", f"venv={root}/venv/bin/python"]) as service:
+            with httpx.Client(base_url=service.url, timeout=120) as api:
+                yield api
+    finally:
+        shutil.rmtree(root)
 
 
 def test_numpy_scalars_and_arrays_are_compared_as_plain_values(with_numpy):
