@@ -79,5 +79,9 @@ def run(main: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> 
 
 
 def _one_line(err: BaseException) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return "; ".join(lines) or type(err).__name__
+    """The message on one line: its lines joined by "; " (after a heading that ends with ":", by a space)."""
+    text = ""
+    for line in (line.strip() for line in str(err).splitlines()):
+        if line:
+            text += ("" if not text else " " if text.endswith(":") else "; ") + line
+    return text or type(err).__name__

@@ -378,6 +378,7 @@ class GRPOWorkflowSection(Section):
     # rollout server itself (the policy is then its own worker)
     worker_url: str | None = None
     worker_model: str | None = None  # the `model` field sent to the worker (default: the name)
+    worker_api_key_env: str | None = None  # a hosted worker (gpt-4o-mini): the variable holding its API key
     max_tokens: int = Field(512, ge=1)  # per worker call
     temperature: float = Field(0.0, ge=0, le=2)  # of the worker: 0 keeps the reward of a design deterministic
     top_p: float = Field(1.0, gt=0, le=1)
@@ -623,6 +624,15 @@ def _yaml_problem(err: yaml.YAMLError) -> str:
     """The parser's own words without its multi-line excerpt of the file."""
     parts = [getattr(err, "context", None), getattr(err, "problem", None)]
     return ", ".join(p for p in parts if p) or str(err).splitlines()[0]
+
+
+def stage_of(path: str | os.PathLike) -> str | None:
+    """The `stage:` a config file names, read before validating it (None when unreadable: load_config names why)."""
+    try:
+        tree = read_yaml(pathlib.Path(path).read_text())
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+    return tree.get("stage") if isinstance(tree, dict) else None
 
 
 def load_config(path: str | os.PathLike, overrides: list[str] = (), model: type[BaseModel] = Config) -> Config:

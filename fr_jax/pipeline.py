@@ -53,6 +53,8 @@ class WorkerServerSection(Section):
     url: str | None = None  # launch none: an OpenAI-compatible base URL ending in /v1
     name: str = "local"  # the name the sandboxes allowlist it under
     model: str = "smollm2"  # launch local: an HF model directory or a demo name
+    request_model: str | None = None  # launch none: the `model` field its requests carry (e.g. gpt-4o-mini)
+    api_key_env: str | None = None  # launch none: the environment variable holding its API key
     context_length: int = Field(4096, ge=256)
     max_running_requests: int = Field(16, ge=1)
     startup_timeout_s: float = Field(900.0, gt=0)
@@ -99,7 +101,13 @@ def stage_configs(cfg: PipelineConfig, worker_url: str) -> tuple[OptimizeConfig,
     system = (grpo.get("prompt") or {}).get("system") or FLOW_SYSTEM_PROMPT
     max_calls = (grpo.get("reward") or {}).get("max_operator_calls", 10)
     distil_tree = apply_overrides(cfg.distil, [f"out_dir={run / 'distil'}"])
-    distil_tree["worker"] = {**distil_tree.get("worker", {}), "name": cfg.worker.name, "url": worker_url}
+    who = {
+        "name": cfg.worker.name,
+        "url": worker_url,
+        "model": cfg.worker.request_model,
+        "api_key_env": cfg.worker.api_key_env,
+    }
+    distil_tree["worker"] = {**distil_tree.get("worker", {}), **who}
     distil_tree["records"] = {**distil_tree.get("records", {}), "form": "query", "system": system}
     distil_tree["loop"] = {**distil_tree.get("loop", {}), "max_operator_calls_told": max_calls}
     sft = apply_overrides(cfg.sft, [f"run_dir={run / 'sft'}", "stage=sft", "sft.data.source=jsonl"])
@@ -110,6 +118,8 @@ def stage_configs(cfg: PipelineConfig, worker_url: str) -> tuple[OptimizeConfig,
         **grpo_tree["grpo"].get("workflow", {}),
         "worker": cfg.worker.name,
         "worker_url": worker_url,
+        "worker_model": cfg.worker.request_model,
+        "worker_api_key_env": cfg.worker.api_key_env,
     }
     for key, tree in (("sft", sft), ("grpo", grpo_tree)):
         try:

@@ -51,7 +51,17 @@ from flax import nnx
 from jax.sharding import AbstractMesh
 
 from fr_jax import cli
-from fr_jax.config import PLAN_DEVICES, Config, ConfigError, Device, GRPOLossConfig, load_config, read_yaml
+from fr_jax.config import (
+    PLAN_DEVICES,
+    Config,
+    ConfigError,
+    Device,
+    GRPOLossConfig,
+    load_config,
+    parse_config,
+    read_yaml,
+    stage_of,
+)
 from fr_jax.models.config import ModelConfig
 from fr_jax.models.decoder import CACHE_AXES, abstract_model, param_shardings
 from fr_jax.models.loading import model_config
@@ -65,6 +75,7 @@ from fr_jax.parallel.rules import (
     named_sharding,
     set_active_rules,
 )
+from fr_jax.pipeline import PipelineConfig, load_pipeline_config, stage_configs
 from fr_jax.rl.batch import Layout, row_fields
 from fr_jax.rl.update import grpo_loss_fn
 from fr_jax.rollout.engine import bucket
@@ -592,6 +603,8 @@ def plan_command(args: argparse.Namespace) -> int:
     if not args.debug:  # the probe traces would log each dimension the mesh does not divide; the table says enough
         for name in ("fr_jax.parallel.rules", "jax"):
             logging.getLogger(name).setLevel(logging.WARNING)
+    if stage_of(args.config) == "pipeline":
+        return plan_pipeline(load_pipeline_config(args.config, args.overrides))
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:
@@ -599,6 +612,19 @@ def plan_command(args: argparse.Namespace) -> int:
     memory = plan_memory(cfg)
     print(memory.table())
     return 0 if memory.fits else 1
+
+
+def plan_pipeline(cfg: PipelineConfig) -> int:
+    """A pipeline's two training stages, each on its own devices: SFT, then GRPO on the SFT'd model (the same
+    architecture as the SFT stage's model, which the GRPO stage loads from the SFT export)."""
+    _, sft, grpo = stage_configs(cfg, "http://worker.not-started/v1")
+    grpo["model"] = {**sft["model"], **{k: v for k, v in grpo["model"].items() if k != "pretrained"}}
+    fits = True
+    for name, tree in (("sft", sft), ("grpo", grpo)):
+        memory = plan_memory(parse_config(tree))
+        print(f"== pipeline stage {name}\n{memory.table()}")
+        fits = fits and memory.fits
+    return 0 if fits else 1
 
 
 def main(argv: list[str] | None = None) -> int:

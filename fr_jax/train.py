@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import argparse
 import functools
-import pathlib
 import sys
 from collections.abc import Callable
 from typing import Any
 
-import yaml
-
 from fr_jax import cli
-from fr_jax.config import ConfigError, load_config, read_yaml
+from fr_jax.config import ConfigError, load_config, stage_of
 from fr_jax.pipeline import load_pipeline_config, run_pipeline
 from fr_jax.rl.loop import run_grpo
 from fr_jax.trainer.runtime import Runtime, start_runtime
@@ -32,7 +29,7 @@ STAGES: dict[str, Callable[[Runtime], dict[str, Any]]] = {
 
 
 def train(args: argparse.Namespace) -> int:
-    if _stage_named(args.config) == "pipeline":  # FlowReasoner's recipe: stages in order (fr_jax.pipeline)
+    if stage_of(args.config) == "pipeline":  # FlowReasoner's recipe: stages in order (fr_jax.pipeline)
         run_pipeline(load_pipeline_config(args.config, args.overrides))
         return 0
     cfg = load_config(args.config, args.overrides)
@@ -40,15 +37,6 @@ def train(args: argparse.Namespace) -> int:
         raise ConfigError(f"stage: {cfg.stage!r} has no runner yet; available: {sorted(STAGES)}")
     STAGES[cfg.stage](start_runtime(cfg))
     return 0
-
-
-def _stage_named(path: str) -> str | None:
-    """The `stage:` a config file names (None when unreadable: load_config then names the problem)."""
-    try:
-        tree = read_yaml(pathlib.Path(path).read_text())
-    except (OSError, ValueError, yaml.YAMLError):
-        return None
-    return tree.get("stage") if isinstance(tree, dict) else None
 
 
 def main(argv: list[str] | None = None) -> int:

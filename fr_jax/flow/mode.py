@@ -222,13 +222,14 @@ class WorkflowMode:
         retries: int = 2,
         worker_url: str | None = None,
         worker_model: str | None = None,
+        worker_api_key_env: str | None = None,
     ):
         self.reward = reward
         self.operators_text = operators_text  # the operator library's descriptions: `prepare` fetches them
         self.run = run
         self.system = system
         self.retries = retries
-        self.worker = WorkerSpec(run.worker, worker_url, worker_model)
+        self.worker = WorkerSpec(run.worker, worker_url, worker_model, worker_api_key_env)
 
     async def prepare(self, sandbox: SandboxClient) -> None:
         self.operators_text = (await sandbox.workflow_operators()).text
@@ -290,6 +291,7 @@ def build_workflow_mode(grpo: GRPOSection, tokenizer) -> WorkflowMode:
         retries=sandbox.max_retries,
         worker_url=w.worker_url,
         worker_model=w.worker_model,
+        worker_api_key_env=w.worker_api_key_env,
     )
 
 

@@ -79,6 +79,7 @@ from fr_jax.flow.prompt import (
     parse_design,
 )
 from fr_jax.flow.teacher import ChatDesigner, Designer, DesignRequest, SearchDesigner
+from fr_jax.rl.modes import WorkerSpec
 from fr_jax.rl.setup import server_env
 from fr_jax.rollout.launch import launch_local
 from fr_jax.sandbox.client import SandboxClient, WorkflowRun
@@ -208,6 +209,7 @@ class WorkerSection(Section):
     name: str = "local"  # the name on the sandbox's allowlist
     url: str | None = None  # allowlisted under `name` when the sandbox is launched here; or `local`
     model: str | None = None  # the `model` field the sandbox sends (default: the name)
+    api_key_env: str | None = None  # a hosted worker: the sandbox's environment variable holding its API key
     max_tokens: int = Field(512, ge=1)  # per worker call
     temperature: float = Field(0.7, ge=0, le=2)  # > 0, or the validation runs repeat each other
     top_p: float = Field(1.0, gt=0, le=1)
@@ -597,7 +599,7 @@ def _services(cfg: OptimizeConfig, log_dir: pathlib.Path) -> Iterator[tuple[str 
         if cfg.sandbox.launch == "none":
             yield designer_url, cfg.sandbox.url, worker_url
             return
-        spec = f"{cfg.worker.name}={worker_url}" + (f",model={cfg.worker.model}" if cfg.worker.model else "")
+        spec = WorkerSpec(cfg.worker.name, worker_url, cfg.worker.model, cfg.worker.api_key_env).allowlist_entry(None)
         sandbox = stack.enter_context(
             LocalSandbox(
                 workers=cfg.sandbox.workers,

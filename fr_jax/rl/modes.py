@@ -48,6 +48,7 @@ class WorkerSpec:
     name: str
     url: str | None  # an OpenAI-compatible base URL (.../v1), ROLLOUT_WORKER, or None: a running sandbox knows it
     model: str | None = None  # the `model` field sent to it (default: the name)
+    api_key_env: str | None = None  # the sandbox's environment variable holding its bearer token (a hosted API)
 
     def resolved_url(self, rollout_url: str | None) -> str | None:
         if self.url == ROLLOUT_WORKER:
@@ -61,7 +62,10 @@ class WorkerSpec:
         url = self.resolved_url(rollout_url)
         if url is None:
             return None
-        return f"{self.name}={url}" + (f",model={self.model}" if self.model else "")
+        options = [
+            f"{key}={value}" for key, value in (("model", self.model), ("api_key_env", self.api_key_env)) if value
+        ]
+        return ",".join([f"{self.name}={url}", *options])
 
 
 @dataclasses.dataclass(frozen=True)
