@@ -1,5 +1,5 @@
 """Run every BigCodeBench canonical solution through a real, jailed sandbox_service and say which pass and why the
-others fail. Not a CI test: all 1140 tasks take about 25 minutes on 2 busy cores.
+others fail. Not a CI test: all 1140 tasks take 17 to 22 minutes on 2 busy cores.
 
     bash scripts/setup.sh --bcb                    # the jail environment with BigCodeBench's libraries
     .venv/bin/python scripts/bcb_canonical.py      # -> runs/bcb_canonical/canonical.{md,json}
@@ -71,6 +71,7 @@ _NETWORK = re.compile(
 )
 # NLTK's corpora and models are downloaded at run time (scripts/setup.sh --bcb puts them in the venv where it can).
 _NLTK_DATA = re.compile(r"Resource \S+ not found|MissingCorpusError|nltk_data")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # NLTK colours its messages
 # Failures whose cause the error text does not show, found by reading the task (applied only when it fails).
 EXPLAINED = {
     "BigCodeBench/176": (
@@ -241,6 +242,11 @@ async def run_task(client: SandboxClient, task: Task, missing: list[str], args: 
     return {**record, "reason": classify(second), "detail": first_error(second)}
 
 
+async def run_task_logged(client: SandboxClient, task: Task, missing: list[str], args: argparse.Namespace) -> dict:
+    """run_task, with the host's load average when it ended (other work on the machine slows the tests)."""
+    return {**await run_task(client, task, missing, args), "load_1min": round(os.getloadavg()[0], 2)}
+
+
 def fingerprint(python: pathlib.Path, args: argparse.Namespace) -> dict[str, Any]:
     """What the results depend on; a resumed run must match it."""
     return {
@@ -251,26 +257,30 @@ def fingerprint(python: pathlib.Path, args: argparse.Namespace) -> dict[str, Any
     }
 
 
-def load_done(out: pathlib.Path, meta: dict[str, Any], fresh: bool) -> dict[str, dict]:
+def load_done(out: pathlib.Path, meta: dict[str, Any], fresh: bool) -> tuple[dict[str, dict], dict[str, Any]]:
+    """The results of an earlier, interrupted run with the same settings, and the run's record (run.json: the
+    settings, when it started and the seconds it has run so far)."""
     results, meta_path = out / "results.jsonl", out / "run.json"
     if fresh:
         results.unlink(missing_ok=True)
+    run = {**meta, "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "wall_s": 0.0}
     if results.exists() and meta_path.exists():
         before = json.loads(meta_path.read_text())
-        if before != meta:
-            changed = sorted(k for k in meta if before.get(k) != meta[k])
+        changed = sorted(k for k in meta if before.get(k) != meta[k])
+        if changed:
             raise UsageError(
                 f"{results} was made with other settings ({', '.join(changed)}); pass --fresh or another --out"
             )
+        run = {**run, "started": before["started"], "wall_s": before["wall_s"]}
     out.mkdir(parents=True, exist_ok=True)
-    meta_path.write_text(json.dumps(meta, indent=1) + "\n")
+    meta_path.write_text(json.dumps(run, indent=1) + "\n")
     done = {}
     if results.exists():
         for line in results.read_text().splitlines():
             if line.strip():
                 record = json.loads(line)
                 done[record["task_id"]] = record
-    return done
+    return done, run
 
 
 async def run_all(url: str, tasks: list[Task], done: dict[str, dict], args: argparse.Namespace) -> dict[str, dict]:
@@ -292,9 +302,12 @@ async def run_all(url: str, tasks: list[Task], done: dict[str, dict], args: argp
 
         async def one(task: Task) -> dict:
             async with semaphore:
-                return await run_task(client, task, [m for m in task.requires if not found[m]], args)
+                return await run_task_logged(client, task, [m for m in task.requires if not found[m]], args)
 
-        with (args.out / "results.jsonl").open("a") as sink, tqdm(total=len(tasks), initial=len(done)) as bar:
+        with (
+            (args.out / "results.jsonl").open("a") as sink,
+            tqdm(total=len(tasks), initial=len(tasks) - len(todo)) as bar,
+        ):
             for next_done in asyncio.as_completed([one(t) for t in todo]):
                 record = await next_done
                 done[record["task_id"]] = record
@@ -308,19 +321,20 @@ async def run_all(url: str, tasks: list[Task], done: dict[str, dict], args: argp
 # ------------------------------------------------------------------------------------------------ report
 
 
-def machine() -> dict[str, Any]:
-    load = os.getloadavg()
+def machine(records: list[dict]) -> dict[str, Any]:
+    loads = sorted(r["load_1min"] for r in records if "load_1min" in r)
     return {
         "host": platform.node(),
         "cpus": os.cpu_count(),
         "cpu": next(
             (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?"
         ),
-        "load_average_at_end": [round(x, 2) for x in load],
+        # the 1-minute load average as the tasks ended: min, median, max
+        "load_1min": [loads[0], loads[len(loads) // 2], loads[-1]] if loads else None,
     }
 
 
-def report(tasks: list[Task], done: dict[str, dict], meta: dict[str, Any], started: str, wall_s: float) -> dict:
+def report(tasks: list[Task], done: dict[str, dict], run: dict[str, Any]) -> dict:
     records = [done[t.task_id] for t in tasks]
     reasons = Counter(r["reason"] for r in records)
     installed = [r for r in records if not r["missing"]]
@@ -330,10 +344,10 @@ def report(tasks: list[Task], done: dict[str, dict], meta: dict[str, Any], start
         if r["reason"] not in ("passed", "flaky"):
             by_library.update(r["requires"] or ["(standard library only)"])
     return {
-        "date": started,
-        "wall_s": round(wall_s),
-        "machine": machine(),
-        "settings": meta,
+        "date": run["started"],
+        "wall_s": round(run["wall_s"]),
+        "machine": machine(records),
+        "settings": {k: v for k, v in run.items() if k not in ("started", "wall_s")},
         "tasks": len(records),
         "libraries_installed": len(installed),
         "pass": len(passing),
@@ -350,8 +364,9 @@ def markdown(summary: dict) -> str:
     lines = [
         "# BigCodeBench canonical solutions in the sandbox",
         "",
-        f"Run on {summary['date']} (this invocation {summary['wall_s']} s) on {summary['machine']['cpus']} CPUs "
-        f"({summary['machine']['cpu']}), load average at the end {summary['machine']['load_average_at_end']}; "
+        f"Run started {summary['date']}, {summary['wall_s']} s, on {summary['machine']['cpus']} CPUs "
+        f"({summary['machine']['cpu']}), 1-minute load average as tasks ended (min, median, max) "
+        f"{summary['machine']['load_1min']}; "
         f"python {summary['settings']['python']}, {summary['settings']['timeout_s']:g} s per test, "
         f"{summary['settings']['memory_mb']} MiB.",
         "",
@@ -371,7 +386,7 @@ def markdown(summary: dict) -> str:
     ]
     for r in summary["results"]:
         if r["reason"] != "passed":
-            detail = r["detail"].replace("|", "\\|")
+            detail = _ANSI.sub("", r["detail"]).replace("|", "\\|")
             lines.append(f"| {r['task_id']} | {r['reason']} | {', '.join(r['requires'])} | {detail} |")
     lines.append("")
     lines.append(f"The other {summary['pass_first_try']} tasks passed at the first try.")
@@ -391,8 +406,6 @@ def selected(all_tasks: list[Task], wanted: list[str] | None) -> list[Task]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-    start = time.monotonic()
     try:
         python = (args.python or default_python()).absolute()
         if not args.url and not os.access(python, os.X_OK):
@@ -400,19 +413,23 @@ def main(argv: list[str] | None = None) -> int:
                 f"no BigCodeBench environment at {python}: run `bash scripts/setup.sh --bcb` or give --python"
             )
         tasks = selected(load_tasks("bigcodebench", "all"), args.tasks)
-        meta = fingerprint(python, args)
-        done = load_done(args.out, meta, args.fresh)
-        if args.url:
-            done = asyncio.run(run_all(args.url, tasks, done, args))
-        else:
-            log = args.out / "sandbox.log"
-            extra = ["--python", f"{PYTHON_NAME}={python}", "--default-memory-mb", str(args.memory_mb)]
-            with LocalSandbox(workers=args.workers, extra_args=extra, log_path=log) as sandbox:
-                done = asyncio.run(run_all(sandbox.url, tasks, done, args))
+        done, run = load_done(args.out, fingerprint(python, args), args.fresh)
+        start = time.monotonic()
+        try:
+            if args.url:
+                done = asyncio.run(run_all(args.url, tasks, done, args))
+            else:
+                log = args.out / "sandbox.log"
+                extra = ["--python", f"{PYTHON_NAME}={python}", "--default-memory-mb", str(args.memory_mb)]
+                with LocalSandbox(workers=args.workers, extra_args=extra, log_path=log) as sandbox:
+                    done = asyncio.run(run_all(sandbox.url, tasks, done, args))
+        finally:  # an interrupted run's time counts too when it resumes
+            run["wall_s"] += time.monotonic() - start
+            (args.out / "run.json").write_text(json.dumps(run, indent=1) + "\n")
     except (UsageError, SandboxError) as e:
         print(f"bcb_canonical: {e}", file=sys.stderr)
         return 2
-    summary = report(tasks, done, meta, started, time.monotonic() - start)
+    summary = report(tasks, done, run)
     (args.out / "canonical.json").write_text(json.dumps(summary, indent=1) + "\n")
     (args.out / "canonical.md").write_text(markdown(summary))
     fraction = summary["pass_fraction_of_installed"]
