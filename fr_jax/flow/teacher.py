@@ -86,52 +86,39 @@ class Move:
 
 def moves(spec: WorkflowSpec, *, max_call_sites: int, max_operator_calls: int) -> list[Move]:
     """Every one-step edit of `spec` whose graph stays within both limits, in a fixed order."""
-    found = []
-    if spec.samples == 1:
-        found.append(
-            Move(
-                "ensemble",
-                f"Generate {ENSEMBLE_SAMPLES} candidates at once and pick one with ScEnsemble.",
-                dataclasses.replace(spec, samples=ENSEMBLE_SAMPLES),
+    edits = [  # (applies, name, modification, change)
+        (
+            spec.samples == 1,
+            "ensemble",
+            f"Generate {ENSEMBLE_SAMPLES} candidates at once and pick one with ScEnsemble.",
+            {"samples": ENSEMBLE_SAMPLES},
+        ),
+        (
+            not spec.test,
+            "add_test",
+            "Add a Test step that runs the public tests and has the worker repair the solution.",
+            {"test": True},
+        ),
+        (
+            not spec.analysis,
+            "add_analysis",
+            "Add a Custom analysis call whose notes feed code generation.",
+            {"analysis": True},
+        ),
+        *(
+            (
+                strategy != spec.strategy,
+                f"strategy:{strategy}",
+                f"Generate with {STRATEGY_NAMES[strategy]} instead of {STRATEGY_NAMES[spec.strategy]}.",
+                {"strategy": strategy},
             )
-        )
-    if not spec.test:
-        found.append(
-            Move(
-                "add_test",
-                "Add a Test step that runs the public tests and has the worker repair the solution.",
-                dataclasses.replace(spec, test=True),
-            )
-        )
-    if not spec.analysis:
-        found.append(
-            Move(
-                "add_analysis",
-                "Add a Custom analysis call whose notes feed code generation.",
-                dataclasses.replace(spec, analysis=True),
-            )
-        )
-    for strategy in STRATEGIES:
-        if strategy != spec.strategy:
-            found.append(
-                Move(
-                    f"strategy:{strategy}",
-                    f"Generate with {STRATEGY_NAMES[strategy]} instead of {STRATEGY_NAMES[spec.strategy]}.",
-                    dataclasses.replace(spec, strategy=strategy),
-                )
-            )
-    if spec.samples > 1:
-        found.append(
-            Move(
-                "remove_ensemble",
-                "Remove the ensemble: generate one solution.",
-                dataclasses.replace(spec, samples=1),
-            )
-        )
-    if spec.test:
-        found.append(Move("remove_test", "Remove the Test step.", dataclasses.replace(spec, test=False)))
-    if spec.analysis:
-        found.append(Move("remove_analysis", "Remove the analysis call.", dataclasses.replace(spec, analysis=False)))
+            for strategy in STRATEGIES
+        ),
+        (spec.samples > 1, "remove_ensemble", "Remove the ensemble: generate one solution.", {"samples": 1}),
+        (spec.test, "remove_test", "Remove the Test step.", {"test": False}),
+        (spec.analysis, "remove_analysis", "Remove the analysis call.", {"analysis": False}),
+    ]
+    found = [Move(name, text, dataclasses.replace(spec, **change)) for applies, name, text, change in edits if applies]
     return [m for m in found if m.child.call_sites <= max_call_sites and m.child.operator_calls <= max_operator_calls]
 
 

@@ -14,13 +14,11 @@ import io
 import json
 
 import pytest
-import transformers
 import yaml
 
 from fr_jax.cli import MODES
 from fr_jax.config import GRPOSection
 from fr_jax.data.jsonl import read_jsonl
-from fr_jax.data.sft import ReadReport, read_chat_jsonl, tokenize_records
 from fr_jax.data.task_file import load_task_set
 from fr_jax.flow.baselines import load_best_fixed
 from fr_jax.flow.feedback import RunRecord
@@ -30,6 +28,7 @@ from fr_jax.flow.prompt import Experience, design_text, parse_design
 from fr_jax.flow.teacher import DesignRequest, SearchDesigner, moves
 from fr_jax.rl.setup import build_mode
 from fr_jax.sandbox.client import SandboxClient
+from tests.flow.sft_check import tokenize_sft_file
 
 TASKS = [
     {
@@ -161,16 +160,7 @@ def test_query_records_are_the_policy_prompt_then_the_rounds(search_run, workflo
         assert record["scores"]["validation"] == q["best_score"] and record["scores"]["rounds"] == 3
         assert record["provenance"]["designer"]["kind"] == "search" and record["provenance"]["form"] == "query"
 
-    report = ReadReport()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
-    examples = tokenize_records(
-        tokenizer,
-        read_chat_jsonl(out / "sft.jsonl"),
-        max_seq_len=8192,
-        too_long="skip",
-        on_malformed="stop",
-        report=report,
-    )
+    report, examples = tokenize_sft_file(out / "sft.jsonl", smollm2_dir, max_seq_len=8192)
     assert report.kept == 2 and all(example["loss_mask"].sum() > 200 for example in examples)
 
 

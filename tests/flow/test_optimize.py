@@ -15,19 +15,18 @@ import time
 
 import numpy as np
 import pytest
-import transformers
 import uvicorn
 import yaml
 from fastapi import FastAPI, Request
 
 from fr_jax.data.jsonl import read_jsonl
-from fr_jax.data.sft import ReadReport, read_chat_jsonl, tokenize_records
 from fr_jax.flow.chat import split_reasoning
 from fr_jax.flow.data import RecordFilter, assistant_content, sft_records
 from fr_jax.flow.mode import FLOW_SYSTEM_PROMPT
 from fr_jax.flow.optimize import Round, best_round, candidate_rounds, experience_for, main, parent_probabilities
 from fr_jax.flow.prompt import SEED_GRAPH, Experience, ParentDesign, build_design_prompt, parse_design
 from fr_jax.rollout import free_port
+from tests.flow.sft_check import tokenize_sft_file
 
 # ------------------------------------------------------------------------------------------- parent selection
 
@@ -251,16 +250,7 @@ def test_two_rounds_on_three_queries_write_sft_records(tmp_path, teacher, workfl
     assert (provenance["task_id"], provenance["round"], provenance["parent_round"]) == ("toy/add", 2, 1)
     assert provenance["designer"]["model"] == "deepseek-r1-scripted"
     assert provenance["designer"]["completion_tokens"] == 100 and provenance["worker"]["name"] == "local"
-    report = ReadReport()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
-    examples = tokenize_records(
-        tokenizer,
-        read_chat_jsonl(out / "sft.jsonl"),
-        max_seq_len=4096,
-        too_long="skip",
-        on_malformed="stop",
-        report=report,
-    )
+    report, examples = tokenize_sft_file(out / "sft.jsonl", smollm2_dir, max_seq_len=4096)
     assert report.kept == 1 and examples[0]["loss_mask"].sum() > 100
 
     summary = json.loads((out / "summary.json").read_text())
