@@ -2,8 +2,9 @@
 
 FlowReasoner's recipe as one command, each stage resumable and skipped once its output is complete:
 1. distil: the per-query optimiser (fr_jax.flow.optimize) with a teacher (R1 through an API, or the offline search
-   teacher) on training queries; its SFT records in the paper's shape (one per query: the policy's prompt in, the
-   rounds' reasoning and the final design out), and best_fixed.json (the one design best over all its queries);
+   teacher) on training queries, and its SFT records in the paper's shape (one per query: the policy's prompt in,
+   the rounds' reasoning and the final design out); best_fixed: the same teacher over validation queries, and the
+   one design best over all of them (best_fixed.json: a task-level meta-agent, as AFlow);
 2. sft: SFT of the meta-agent on those records (stage sft);
 3. grpo: GRPO on workflows from the SFT'd meta-agent (stage grpo, mode workflow);
 4. evaluate: on a held-out split, through the same worker, sandbox, queries and budgets: the meta-agent after GRPO,
@@ -66,6 +67,15 @@ class WorkerServerSection(Section):
         return self
 
 
+class BestFixedSection(Section):
+    """Where best_fixed (a task-level meta-agent, as AFlow) is searched: the teacher over held-out validation queries,
+    neither the training queries nor the evaluated ones."""
+
+    split: str = "validation"
+    limit: int | None = Field(8, ge=1)
+    rounds: int = Field(3, ge=1)
+
+
 class EvaluateSection(Section):
     split: str | None = None  # default: the grpo stage's grpo.data.eval_split
     limit: int | None = Field(None, ge=1)  # default: its grpo.data.eval_limit
@@ -88,14 +98,16 @@ class PipelineConfig(Section):
     distil: dict[str, Any]
     sft: dict[str, Any]
     grpo: dict[str, Any]
+    best_fixed: BestFixedSection = BestFixedSection()
     evaluate: EvaluateSection = EvaluateSection()
 
 
 # ------------------------------------------------------------------------------------------ the stage configs
 
 
-def stage_configs(cfg: PipelineConfig, worker_url: str) -> tuple[OptimizeConfig, dict, dict]:
-    """The three stages' configs, wired to each other and to the worker, checked as their own commands would."""
+def stage_configs(cfg: PipelineConfig, worker_url: str) -> tuple[OptimizeConfig, OptimizeConfig, dict, dict]:
+    """The stages' configs (distil, the best_fixed search, sft, grpo), wired to each other and to the worker, checked
+    as their own commands would."""
     run = pathlib.Path(cfg.run_dir)
     grpo = cfg.grpo.get("grpo", {})
     system = (grpo.get("prompt") or {}).get("system") or FLOW_SYSTEM_PROMPT
@@ -126,11 +138,17 @@ def stage_configs(cfg: PipelineConfig, worker_url: str) -> tuple[OptimizeConfig,
             parse_config(tree)
         except ConfigError as err:
             raise ConfigError(f"pipeline {key}: {err}") from None
+    b = cfg.best_fixed
+    limit = [f"tasks.limit={b.limit}"] if b.limit else []
+    search_tree = apply_overrides(
+        distil_tree, [f"out_dir={run / 'best_fixed'}", f"tasks.split={b.split}", f"loop.rounds={b.rounds}", *limit]
+    )
     try:
         distil = parse_config(distil_tree, OptimizeConfig)
+        search = parse_config(search_tree, OptimizeConfig)
     except ConfigError as err:
         raise ConfigError(f"pipeline distil: {err}") from None
-    return distil, sft, grpo_tree
+    return distil, search, sft, grpo_tree
 
 
 def _run_child(command: list[str], log: pathlib.Path, what: str) -> None:
@@ -207,7 +225,7 @@ def evaluate_methods(cfg: PipelineConfig, grpo_config: pathlib.Path) -> dict[str
                     "--mode",
                     "baseline:best_fixed",
                     "--best-fixed",
-                    str(run / "distil" / "best_fixed.json"),
+                    str(run / "best_fixed" / "best_fixed.json"),
                 ]
             else:
                 args = [*common, "--mode", f"baseline:{method}"]
@@ -297,10 +315,11 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     run.mkdir(parents=True, exist_ok=True)
     cfg = cfg.model_copy(update={"run_dir": str(run)})
     with worker_server(cfg.worker, run / "logs") as worker_url:
-        distil, sft, grpo = stage_configs(cfg, worker_url)
-        distil_yaml = _write_yaml(run / "distil.yaml", distil.model_dump(mode="json"))
-        optimize = [sys.executable, "-m", "fr_jax.flow.optimize", "--config", str(distil_yaml)]
-        _stage(run, "distil", optimize, [*optimize, "--best-fixed"])
+        distil, search, sft, grpo = stage_configs(cfg, worker_url)
+        for name, tree in (("distil", distil), ("best_fixed", search)):
+            path = _write_yaml(run / f"{name}.yaml", tree.model_dump(mode="json"))
+            optimize = [sys.executable, "-m", "fr_jax.flow.optimize", "--config", str(path)]
+            _stage(run, name, optimize, *([[*optimize, "--best-fixed"]] if name == "best_fixed" else []))
         for name, tree in (("sft", sft), ("grpo", grpo)):
             path = _write_yaml(run / f"{name}.yaml", tree)
             _stage(run, name, [sys.executable, "-m", "fr_jax.train", "--config", str(path)])

@@ -617,7 +617,7 @@ def plan_command(args: argparse.Namespace) -> int:
 def plan_pipeline(cfg: PipelineConfig) -> int:
     """A pipeline's two training stages, each on its own devices: SFT, then GRPO on the SFT'd model (the same
     architecture as the SFT stage's model, which the GRPO stage loads from the SFT export)."""
-    _, sft, grpo = stage_configs(cfg, "http://worker.not-started/v1")
+    *_, sft, grpo = stage_configs(cfg, "http://worker.not-started/v1")
     grpo["model"] = {**sft["model"], **{k: v for k, v in grpo["model"].items() if k != "pretrained"}}
     fits = True
     for name, tree in (("sft", sft), ("grpo", grpo)):

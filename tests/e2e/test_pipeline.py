@@ -24,7 +24,7 @@ TINY = {
     "tie_word_embeddings": True,
     "max_position_embeddings": 2048,
 }
-TASKS = [(f"toy/{value}", split, value) for split in ("train", "test") for value in (3, 7)]
+TASKS = [(f"toy/{value}", split, value) for split in ("train", "validation", "test") for value in (3, 7)]
 
 
 def write_tasks(path):
@@ -80,7 +80,8 @@ def pipeline_config(run_dir, tasks, worker_url) -> dict:
                 "workflow": {"max_tokens": 24},
             },
         },
-        "evaluate": {"split": "test", "limit": 1, "methods": ["meta-agent", "io"]},
+        "best_fixed": {"split": "validation", "limit": 2, "rounds": 2},
+        "evaluate": {"split": "test", "limit": 1, "methods": ["meta-agent", "io", "best_fixed"]},
     }
 
 
@@ -115,7 +116,9 @@ def test_the_recipe_runs_and_resumes_after_a_kill_inside_a_stage(tmp_path, workf
     assert (run / "distil" / "rounds.jsonl").read_text() == distilled
     assert "resuming at step" in (run / "sft.log").read_text()  # ... and the killed one resumed
     report = json.loads((run / "report.json").read_text())
-    assert [row["method"] for row in report["rows"]] == ["meta-agent", "io"]
+    assert [row["method"] for row in report["rows"]] == ["meta-agent", "io", "best_fixed"]
+    chosen = json.loads((run / "best_fixed" / "best_fixed.json").read_text())
+    assert sorted(chosen["scores"]) == ["toy/3/validation", "toy/7/validation"]  # searched on validation queries
     io = report["rows"][1]
     assert io["format_ok"] == 1.0 and io["worker_calls"] == 1.0  # the fixed design ran through the worker
     assert report["sft"]["queries"] == 2 and report["sft"]["records"] >= 1
