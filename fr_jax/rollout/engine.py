@@ -58,6 +58,7 @@ _log = logging.getLogger(__name__)
 
 RUNNING, STOP_TOKEN, LENGTH = 0, 1, 2
 _MIN_CHUNK = 16  # prefill tokens per prompt per step, at least
+_DEFER_TOKENS = 64  # a prompt waits a step for another to cache the blocks they share when they are this many
 
 
 @dataclasses.dataclass(frozen=True)
@@ -291,6 +292,7 @@ class Engine:
         self._pool: KVCache | None = None
         self.compiles = 0
         self.steps = 0
+        self.prefill_seconds = 0.0  # forming groups, their prefill chunks, prefix-cache transfers, copies into slots
         self._prefill = jax.jit(self._prefill_fn, static_argnums=(4,), donate_argnums=(1,))
         self._assemble = jax.jit(self._assemble_fn, static_argnums=(1,))
         self._zeros = jax.jit(self._zeros_fn, static_argnums=(0, 1))
@@ -534,12 +536,15 @@ class Engine:
         """One round: admit waiting requests into a prefill group, run one prefill chunk, one decode chunk.
         Returns the samples that received tokens or finished."""
         self.steps += 1
+        started = time.perf_counter()
         idle = not any(self._slots) and self._group is None
         if self._group is None and self.admitting and (self.scheduling == "continuous" or idle):
             self._group = self._form_group()
         changed: list[Sample] = []
         if self._group is not None:
             changed += self._prefill_step()
+            jax.block_until_ready(self._group.cache if self._group else self._cache)
+            self.prefill_seconds += time.perf_counter() - started
         if any(s is not None for s in self._slots):
             changed += self._decode_step()
         return changed
@@ -600,16 +605,18 @@ class Engine:
         return self._start_group(list(prompts.values()))
 
     def _shares_uncached_blocks(self, tokens: tuple[int, ...], group: dict[tuple[int, ...], _Prompt]) -> bool:
-        """Would `tokens` prefill a block that a prompt already in the group prefills too? Then it waits: next step
-        that block is cached."""
+        """Would `tokens` prefill _DEFER_TOKENS or more tokens of blocks that a prompt already in the group
+        prefills too? Then it waits: next step those blocks are cached. (A shorter overlap, such as two code prompts
+        opening with the same import, is cheaper to compute twice than to wait for.)"""
         size = self.prefix.block_size
-        if self.prefix.capacity == 0 or len(tokens) - 1 < size:
+        if self.prefix.capacity == 0 or len(tokens) - 1 < _DEFER_TOKENS:
             return False
         first = tokens[:size]
         for other in group.values():
             if other.tokens[:size] == first and other.cached < len(other.tokens) - 1:
                 common = next((i for i, (a, b) in enumerate(zip(tokens, other.tokens)) if a != b), len(tokens))
-                if min(common, len(tokens) - 1, other.kv_len) // size > other.cached // size:
+                shared = min(common, len(tokens) - 1, other.kv_len) // size * size
+                if shared - other.cached >= _DEFER_TOKENS:
                     return True
         return False
 
@@ -691,6 +698,13 @@ class Engine:
         if not new:
             return []
         live = [s for s in self._slots if s is not None]
+        if not live:  # a new decode cache: gather it straight from the group's rows (no zeros, then a copy)
+            rows, length = self._decode_shape(len(new), [s for _, s in new])
+            row_map = np.array([row for row, _ in new] + [0] * (rows - len(new)), np.int32)
+            shapes = dict(rows=f"group {len(group.prompts)}->{rows}", length=f"{group.length}->{length}")
+            self._cache = self._call(self._relayout, "relayout", shapes, group.cache, row_map, length)
+            self._slots = [s for _, s in new] + [None] * (rows - len(new))
+            return []
         self._layout(len(live) + len(new), live + [s for _, s in new], grow_only=True)
         free = [i for i, s in enumerate(self._slots) if s is None]
         count = bucket(len(new))
@@ -709,16 +723,16 @@ class Engine:
         """The cache slots `sample` may fill by the end of the next decode chunk."""
         return len(sample.prompt) + min(sample.options.max_new_tokens, len(sample.output_ids) + self.chunk_steps)
 
-    def _layout(self, live: int, samples: Sequence[Sample], *, grow_only: bool) -> None:
-        """Give the decode cache room for `live` rows holding `samples` through their next chunk, growing it, or
-        shrinking it when grow_only is False; live rows move to the front. The length follows the rows as they
-        grow: attention reads the whole cache every step, so it must not be longer than the rows need."""
+    def _decode_shape(self, live: int, samples: Sequence[Sample]) -> tuple[int, int]:
+        """(rows, length) of a decode cache for `live` rows holding `samples` through their next chunk."""
         rows = min(bucket(live, self.min_rows_bucket), bucket(self.max_running_requests, self.min_rows_bucket))
-        length = bucket(max(map(self._reach, samples)), self.min_length_bucket)
-        if self._cache is None:
-            self._cache = self._call(self._zeros, "zeros", dict(rows=rows, length=length), rows, length)
-            self._slots = [None] * rows
-            return
+        return rows, bucket(max(map(self._reach, samples)), self.min_length_bucket)
+
+    def _layout(self, live: int, samples: Sequence[Sample], *, grow_only: bool) -> None:
+        """Give the (existing) decode cache room for `live` rows holding `samples` through their next chunk,
+        growing it, or shrinking it when grow_only is False; live rows move to the front. The length follows the
+        rows as they grow: attention reads the whole cache every step, so it must not be longer than they need."""
+        rows, length = self._decode_shape(live, samples)
         old_rows, old_length = len(self._slots), self._cache.k[0].shape[2]
         if grow_only:
             rows, length = max(rows, old_rows), max(length, old_length)

@@ -15,8 +15,8 @@ from fr_jax.rollout.engine import Engine, GenerationRequest, SamplingOptions
 from tests.support.rollout import build_tiny_qwen2, hf_greedy, make_engine, recomputed_logprobs
 
 PROMPTS = ["def add(a, b):", "The quick brown fox jumps over", "Write a haiku about JAX compilers and hot tea"]
-# 40 tokens shared by every prompt of the prefix-cache tests: two full cache blocks of 16, then the rest differs
-SHARED = tuple(range(1000, 1040))
+# 72 tokens shared by every prompt of the prefix-cache tests: four full cache blocks of 16, then the rest differs
+SHARED = tuple(range(1000, 1072))
 
 
 @pytest.fixture(scope="module")
@@ -198,8 +198,8 @@ def test_stop_tokens_strings_and_lengths(tiny, tokenizer, prompt_ids):
 
 
 def test_prefix_cache_hits_change_no_output(tiny_dir, mesh1, tokenizer, prompt_ids):
-    """Prompts sharing a 40-token prefix: the second and third wait one step for the first to cache its two full
-    blocks, then reuse them (cached_tokens 32); a repeat reuses everything. Greedy outputs equal the cache-less
+    """Prompts sharing a 72-token prefix: the second and third wait one step for the first to cache its four full
+    blocks, then reuse them (cached_tokens 64); a repeat reuses everything. Greedy outputs equal the cache-less
     engine's and log-probs agree. /flush_cache and new weights empty the cache."""
     prompts = [SHARED + p for p in prompt_ids]
     requests = [GenerationRequest(p, SamplingOptions(max_new_tokens=10, temperature=0.0)) for p in prompts]
@@ -213,9 +213,9 @@ def test_prefix_cache_hits_change_no_output(tiny_dir, mesh1, tokenizer, prompt_i
             assert ours.output_ids == theirs.output_ids
             np.testing.assert_allclose(ours.logprobs, theirs.logprobs, atol=1e-4)
         if attempt == 0:
-            assert [c.cached_tokens for c in got] == [0, 32, 32]
+            assert [c.cached_tokens for c in got] == [0, 64, 64]
     assert [c.cached_tokens for c in got] == [(len(p) - 1) // 16 * 16 for p in prompts]
-    assert on.prefix.hit_tokens == 2 * 32 + sum(c.cached_tokens for c in got)
+    assert on.prefix.hit_tokens == 2 * 64 + sum(c.cached_tokens for c in got)
     on.flush_cache()
     assert [c.cached_tokens for [c] in on.generate(requests[:1])] == [0]
     assert on.prefix.cached_blocks > 0
