@@ -22,9 +22,9 @@ _log = logging.getLogger(__name__)
 CONTROLLERS = ("memory", "pids", "cpu")
 _PREFIX = "fr_sandbox-"
 _CPU_PERIOD_US = 100_000
-# The jails' CPU weight against the service's own (v1 cpu.shares of 1024, v2 cpu.weight of 100 by default): under
-# contention the service's event loop comes first, so /health and the next request never wait behind a fork bomb.
-_V1_SHARES, _V2_WEIGHT = 64, 5
+# A slot's CPU weight is that of one ordinary process (v1 cpu.shares 1024, v2 cpu.weight 100), however many
+# processes its run starts: a fork bomb weighs what one program does, beside the service and the host's other work.
+_V1_SHARES, _V2_WEIGHT = 1024, 100
 
 
 @dataclass(frozen=True)
@@ -235,8 +235,6 @@ class Cgroups:
                     (own / "cgroup.subtree_control").write_text(enable)
             parent.mkdir(exist_ok=True)
             (parent / "cgroup.subtree_control").write_text(enable)
-            if "cpu" in wanted:
-                (parent / "cpu.weight").write_text(str(_V2_WEIGHT))
         except OSError as e:
             return None, [], f"v2: the hierarchy at {own} is not delegated to this service ({e.strerror})"
         return cls({"v2": parent}, "v2"), wanted, ""
@@ -252,8 +250,6 @@ class Cgroups:
             parent = directory / f"{_PREFIX}{os.getpid()}"
             try:
                 parent.mkdir(exist_ok=True)
-                if controller == "cpu":
-                    (parent / "cpu.shares").write_text(str(_V1_SHARES))
             except OSError as e:
                 reasons.append(f"{controller}: cannot create {parent}: {e.strerror}")
                 continue
@@ -270,7 +266,16 @@ class Cgroups:
             directory = parent / f"slot-{index}"
             directory.mkdir(exist_ok=True)
             dirs[controller] = directory
+        self._weigh(index + 1)
         return SlotCgroup(dirs, self.version)
+
+    def _weigh(self, slots: int) -> None:
+        """The subtree weighs as much as its slots, each as much as one ordinary process (see _V1_SHARES)."""
+        with contextlib.suppress(OSError, KeyError):
+            if self.version == "v2" and (self.parents["v2"] / "cpu.weight").exists():
+                (self.parents["v2"] / "cpu.weight").write_text(str(min(10_000, _V2_WEIGHT * slots)))
+            elif "cpu" in self.parents:
+                (self.parents["cpu"] / "cpu.shares").write_text(str(_V1_SHARES * slots))
 
     def remove(self) -> None:
         for parent in self.parents.values():
