@@ -1,5 +1,6 @@
 """Test-wide setup: 8 fake CPU devices for real sharded meshes, and session-wide servers and models."""
 
+import logging
 import os
 import pathlib
 
@@ -9,6 +10,17 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import pytest  # noqa: E402
 
 from tests.support.sandbox import SANDBOX_SECRET, WORKFLOW_SECRET  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored():
+    """A command run in-process (its main) points the root logger at the test's captured stderr; put it back, so a
+    later log line (a server stopped at session end) does not write to a closed stream."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -44,10 +45,14 @@ print(json.dumps(failed))
 
 
 def _failing_cases(programs: list[tuple[str, str]], workers: int = 2) -> set[str]:
-    """Keys of the programs that raise, run by `workers` subprocesses side by side (interleaved shares)."""
+    """Keys of the programs that raise, run by `workers` subprocesses side by side (interleaved shares), each in a
+    working directory of its own (BigCodeBench tests write and remove files relative to it)."""
+    scratch = [tempfile.TemporaryDirectory() for _ in range(workers)]
     procs = [
-        subprocess.Popen([sys.executable, "-c", RUNNER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        for _ in range(workers)
+        subprocess.Popen(
+            [sys.executable, "-c", RUNNER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=d.name
+        )
+        for d in scratch
     ]
     failed = set()
     for i, proc in enumerate(procs):
@@ -57,6 +62,8 @@ def _failing_cases(programs: list[tuple[str, str]], workers: int = 2) -> set[str
         stdout = proc.stdout.read()
         assert proc.wait(timeout=300) == 0, "the program runner crashed"
         failed |= set(json.loads(stdout))
+    for d in scratch:
+        d.cleanup()
     return failed
 
 

@@ -116,7 +116,10 @@ def test_suite_tests_keep_the_prelude():
     plus = suite_tests(PLUS.hidden_tests, PLUS.entry_point).to_json()
     expected = AssertTests([PLUS.hidden_tests.cases[0] + "\n\ncheck(double_plus_one)"], imports=[PLUS_PROMPT])
     assert plus == expected.to_json()
-    assert suite_tests(ADD.public_tests, "add").to_json() == AssertTests(list(ADD.public_tests.cases)).to_json()
+    assert (
+        suite_tests(ADD.public_tests, "add").to_json()
+        == AssertTests(list(ADD.public_tests.cases), entry_point="add").to_json()
+    )
     assert suite_tests(TestSuite(()), "add") is None
 
 

@@ -473,7 +473,7 @@ def test_client_retries_then_fails_clearly():
 
 
 def test_launcher_reports_a_server_that_cannot_start(tmp_path):
-    with pytest.raises(RuntimeError, match="(?s)exited with code 1 .*does not exist"):
+    with pytest.raises(RuntimeError, match="(?s)exited with code 2 .*not an HF model directory"):
         launch_server("local", tmp_path / "missing", startup_timeout=120)
 
 
