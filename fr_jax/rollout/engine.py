@@ -325,13 +325,14 @@ class Engine:
                     f"parameter {name}: served {dtype}{list(shape)}, new {new[name][1]}{list(new[name][0])}"
                 )
         self.state = nnx.split(model.unstacked(consume=True))[1]
-        self.prefix.clear()
+        self.flush_cache()
         if weight_version is not None:
             self.weight_version = weight_version
 
     def flush_cache(self) -> None:
-        """Empty the prefix cache (SGLang's /flush_cache)."""
+        """Empty the prefix cache and free its pool (SGLang's /flush_cache); the next save allocates it again."""
         self.prefix.clear()
+        self._pool = None
 
     # ------------------------------------------------------------------------------------- jitted programs
 
@@ -565,6 +566,8 @@ class Engine:
         if self._group is not None:
             for p in self._group.prompts:
                 p.samples = [s for s in p.samples if not s.finished]
+            if not any(p.samples for p in self._group.prompts):
+                self._group = None  # nobody waits for it (and after a failed step its cache may be donated)
         self._shrink()
         return aborted
 

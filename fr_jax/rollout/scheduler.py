@@ -131,6 +131,7 @@ class Scheduler:
                 except Exception as error:  # noqa: BLE001 - every waiting caller must hear about it
                     _log.exception("engine step failed; failing the jobs in flight")
                     engine.abort(None, f"engine error: {type(error).__name__}: {error}")
+                    engine.flush_cache()  # the pool may have been donated to the failed program
                     with self._wake:
                         for owner in list(self._jobs):
                             self._jobs.pop(owner).future.set_exception(error)

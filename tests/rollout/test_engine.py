@@ -1,7 +1,9 @@
 """The JAX generation engine: greedy equals transformers and log-probs equal the trainer's recompute, also with
 requests joining mid-decode; seeded samples do not depend on arrival order, slots or scheduling; the prefix cache
 changes no output and evicts under pressure; prefill is chunked; the queue is fair; the number of compiled
-programs is bounded and steady traffic compiles nothing."""
+programs is bounded and steady traffic compiles nothing; a failed step fails only the jobs in flight."""
+
+import dataclasses
 
 import jax
 import numpy as np
@@ -12,6 +14,7 @@ from fr_jax.models.hf import load_pretrained
 from fr_jax.models.tokenizer import load_tokenizer
 from fr_jax.parallel.mesh import make_mesh
 from fr_jax.rollout.engine import Engine, GenerationRequest, SamplingOptions
+from fr_jax.rollout.scheduler import Scheduler
 from tests.support.rollout import build_tiny_qwen2, hf_greedy, make_engine, recomputed_logprobs
 
 PROMPTS = ["def add(a, b):", "The quick brown fox jumps over", "Write a haiku about JAX compilers and hot tea"]
@@ -217,8 +220,10 @@ def test_prefix_cache_hits_change_no_output(tiny_dir, mesh1, tokenizer, prompt_i
     assert [c.cached_tokens for c in got] == [(len(p) - 1) // 16 * 16 for p in prompts]
     assert on.prefix.hit_tokens == 2 * 64 + sum(c.cached_tokens for c in got)
     on.flush_cache()
+    assert on._pool is None, "/flush_cache frees the pool's memory"
+    compiles = on.compiles
     assert [c.cached_tokens for [c] in on.generate(requests[:1])] == [0]
-    assert on.prefix.cached_blocks > 0
+    assert on.prefix.cached_blocks > 0 and on.compiles == compiles  # the pool comes back, nothing recompiles
     on.swap_state(load_pretrained(tiny_dir, mesh=mesh1), weight_version="v2")  # new weights: the old K/V is stale
     assert on.prefix.cached_blocks == 0
     assert [(c.cached_tokens, c.weight_version) for [c] in on.generate(requests[:1])] == [(0, "v2")]
@@ -336,3 +341,35 @@ def test_refuses_bad_requests(tiny):
         SamplingOptions(top_p=0.0)
     with pytest.raises(ValueError, match="scheduling='fifo'"):
         Engine(tiny[0], mesh=engine.mesh, scheduling="fifo")
+
+
+@pytest.mark.parametrize("program", ["_save", "_prefill", "_decode"])
+def test_a_failed_step_fails_its_jobs_and_serving_goes_on(tiny_dir, mesh1, tokenizer, prompt_ids, program):
+    """A program that fails after its inputs were donated (the prefix pool, the group cache, the decode cache):
+    the jobs in flight get the error, the cache is flushed, and the next request is served as if nothing happened,
+    its cache hits counted from zero."""
+    _, engine = make_engine(tiny_dir, mesh1, tokenizer, prefix_cache_tokens=256)
+    request = GenerationRequest(SHARED + prompt_ids[0], SamplingOptions(max_new_tokens=6, temperature=0.0))
+    [[reference]] = engine.generate([request])
+    scheduler = Scheduler(engine)
+    try:
+        real = getattr(engine, program)
+
+        def fails_after_running(*args):
+            real(*args)  # the donated buffers are gone now
+            raise RuntimeError("device lost")
+
+        fails_after_running._cache_size = real._cache_size  # the engine counts compiles by it
+        setattr(engine, program, fails_after_running)
+        other = tuple(range(4000, 4040)) + prompt_ids[1]  # new blocks to save
+        failed = scheduler.submit([dataclasses.replace(request, prompt_ids=other)])
+        with pytest.raises(RuntimeError, match="device lost"):
+            failed.future.result(timeout=120)
+        setattr(engine, program, real)
+        assert engine.prefix.cached_blocks == 0 and not engine.has_work()
+        [[again]] = scheduler.submit([request]).future.result(timeout=120)
+        assert again.output_ids == reference.output_ids and again.cached_tokens == 0
+        [[hit]] = scheduler.submit([request]).future.result(timeout=120)
+        assert hit.output_ids == reference.output_ids and hit.cached_tokens == 64
+    finally:
+        scheduler.stop()

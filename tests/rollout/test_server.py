@@ -1,7 +1,8 @@
 """The rollout server over real HTTP, started by the launchers as a child process: SGLang protocol conformance
-(the fields SGLang's requests define, its answers, its streams), OpenAI routes with the official `openai` client,
-the real sglang-router in front of it, backpressure, weight updates (drained or aborted in-flight requests, then
-RolloutClient/sync_weights), bad requests, and concurrent requests served together.
+(the fields SGLang's requests define, its answers, its streams, prefix-cache hits and /flush_cache), OpenAI routes
+with the official `openai` client, the real sglang-router in front of it, backpressure, weight updates (drained or
+aborted in-flight requests, then RolloutClient/sync_weights), bad requests, and concurrent requests served
+together.
 
 Every conformance and weight-update test runs against fr_jax's server (`launch: local`) and, on a machine with a
 CUDA GPU and sglang installed, against real SGLang (`launch: sglang`, marked gpu) with the same assertions: the
@@ -214,6 +215,21 @@ def test_control_endpoints(server):
     if kind == "local":
         assert httpx.get(process.url + "/get_weight_version").json() == {"weight_version": "v0"}
         assert httpx.get(process.url + "/health_generate").status_code == 200
+
+
+def test_cached_tokens_count_prefix_hits_until_flush_cache(server):
+    """A repeated prompt reuses its K/V (meta_info.cached_tokens > 0, the same output); after /flush_cache the next
+    one computes everything again (cached_tokens 0) and the one after hits again."""
+    _, process, _ = server
+    body = {"input_ids": list(range(900, 940)), "sampling_params": {"max_new_tokens": 4, "temperature": 0}}
+    cold = post(process, "/generate", body)
+    warm = post(process, "/generate", body)
+    assert cold["meta_info"]["cached_tokens"] == 0 and warm["meta_info"]["cached_tokens"] > 0
+    assert warm["output_ids"] == cold["output_ids"]
+    assert httpx.post(process.url + "/flush_cache").status_code == 200
+    flushed = post(process, "/generate", body)
+    assert flushed["meta_info"]["cached_tokens"] == 0 and flushed["output_ids"] == cold["output_ids"]
+    assert post(process, "/generate", body)["meta_info"]["cached_tokens"] == warm["meta_info"]["cached_tokens"]
 
 
 def test_bad_requests_get_400_naming_the_problem(local_server):
