@@ -308,10 +308,16 @@ class GRPOPromptSection(Section):
 
 
 class GRPORolloutSection(Section):
-    """The rollout server (SGLang protocol) and how it samples."""
+    """The rollout server, or a fleet of them behind sglang-router (SGLang protocol), and how it samples."""
 
-    launch: Literal["local", "sglang", "none"] = "local"  # none: a server already running at `url`
+    launch: Literal["local", "sglang", "none"] = "local"  # none: a server already running at `url` (or `urls`)
     url: str | None = None
+    urls: list[str] = Field(default_factory=list, strict=False)  # launch none: a fleet of running servers
+    replicas: int = Field(1, ge=1)  # launch local: this many fr_jax.serve servers, used as a fleet
+    # sglang-router: started by the run on loopback in front of the workers, generation goes through it (several
+    # workers need it); weights always go to every worker. router_policy is its --policy
+    router: Literal["none", "sglang-router"] = "none"
+    router_policy: Literal["cache_aware", "round_robin", "random", "power_of_two"] = "cache_aware"
     n: int = Field(4, ge=2)  # samples per prompt (a GRPO group)
     prompts_per_step: int = Field(4, ge=1)  # groups per rollout batch
     max_new_tokens: int = Field(256, ge=1)
@@ -328,7 +334,22 @@ class GRPORolloutSection(Section):
 
     @model_validator(mode="after")
     def _url(self):
-        return check_external_url(self, "grpo.rollout")
+        check_external_url(self, "grpo.rollout")
+        if self.replicas > 1 and self.launch != "local":
+            raise ValueError(
+                "grpo.rollout.replicas > 1 needs grpo.rollout.launch 'local' (running servers: grpo.rollout.urls)"
+            )
+        if self.servers > 1 and self.router == "none":
+            raise ValueError(
+                f"grpo.rollout has {self.servers} servers (replicas/urls): set grpo.rollout.router to 'sglang-router',"
+                " which spreads the generation sent to one URL"
+            )
+        return self
+
+    @property
+    def servers(self) -> int:
+        """How many rollout servers the run samples from."""
+        return len(service_urls(self)) if self.launch == "none" else self.replicas
 
 
 class GRPOSandboxSection(Section):

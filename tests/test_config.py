@@ -139,3 +139,23 @@ def test_monitor_rollouts_off_survives_yaml(tmp_path):
     assert load_config(path, ["monitor.rollouts=sample:8"]).monitor.rollouts == "sample:8"
     with pytest.raises(ConfigError, match="monitor.rollouts"):
         load_config(path, ["monitor.rollouts=some"])
+
+
+def test_rollout_fleet_keys():
+    """grpo.rollout: one server by default; replicas or urls make a fleet, which needs the router."""
+    tree = yaml.safe_load((REPO / "configs" / "grpo_demo.yaml").read_text())
+    rollout = parse_config(tree).grpo.rollout
+    assert (rollout.replicas, rollout.urls, rollout.router, rollout.servers) == (1, [], "none", 1)
+    fleet = parse_config(apply_overrides(tree, ["grpo.rollout.replicas=2", "grpo.rollout.router=sglang-router"]))
+    assert fleet.grpo.rollout.servers == 2 and fleet.grpo.rollout.router_policy == "cache_aware"
+    urls = ["grpo.rollout.launch=none", "grpo.rollout.urls=[http://a:1, http://b:2]"]
+    assert parse_config(apply_overrides(tree, [*urls, "grpo.rollout.router=sglang-router"])).grpo.rollout.servers == 2
+    assert "set grpo.rollout.router to 'sglang-router'" in refused(["grpo.rollout.replicas=2"], tree)
+    assert "grpo.rollout has 2 servers" in refused(urls, tree)
+    assert "needs grpo.rollout.launch 'local'" in refused(
+        ["grpo.rollout.launch=sglang", "grpo.rollout.replicas=2", "grpo.rollout.router=sglang-router"], tree
+    )
+    assert "grpo.rollout.router_policy: Input should be" in refused(["grpo.rollout.router_policy=fastest"], tree)
+    assert "give grpo.rollout.url or grpo.rollout.urls" in refused(
+        [*urls, "grpo.rollout.url=http://c:3", "grpo.rollout.router=sglang-router"], tree
+    )
