@@ -5,13 +5,20 @@
 its n samples with ids, per-token log-probs and text. A sample whose finish reason is neither "stop" nor
 "length", or whose ids, log-probs and token count disagree, raises RolloutError instead of reaching the loss.
 
-`sync_weights` writes the trainer's parameters as an HF directory, asks the server to load it with
-/update_weights_from_disk and a weight_version, checks that the server now reports that version, and logs the
-seconds per GB of the round trip.
+`sync_weights` writes the trainer's parameters as an HF directory, asks every server to load it with
+/update_weights_from_disk and a weight_version, checks that each now reports that version, and logs the seconds per
+GB of the round trip.
+
+A fleet (`RolloutFleet`) is several servers behind sglang-router: generation goes to the router, which spreads it
+and re-sends the requests of a server that dies to another; weights go to every server directly, since the router
+does not forward them. The router takes one sampling_params per request, so a client made with `concurrency > 1`
+sends each prompt as its own request, that many at a time (a sample's seed makes its result the same on any
+server).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
 import pathlib
@@ -58,13 +65,24 @@ class WeightSync:
 
 
 class RolloutClient:
-    """HTTP client of a rollout server at `base_url` (e.g. "http://127.0.0.1:30000")."""
+    """HTTP client of a rollout server at `base_url` (e.g. "http://127.0.0.1:30000"); `concurrency > 1`: each
+    prompt of a generate call is its own request, that many in flight (in front of a router)."""
 
-    def __init__(self, base_url: str, *, timeout: float = 3600.0, max_retries: int = 3, retry_backoff_s: float = 2.0):
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        timeout: float = 3600.0,
+        max_retries: int = 3,
+        retry_backoff_s: float = 2.0,
+        concurrency: int = 1,
+    ):
         self.base_url = base_url.rstrip("/")
         self.max_retries = max_retries
         self.retry_backoff_s = retry_backoff_s
-        self._http = httpx.Client(base_url=self.base_url, timeout=timeout)
+        self.concurrency = concurrency
+        limits = httpx.Limits(max_connections=max(100, concurrency), max_keepalive_connections=max(20, concurrency))
+        self._http = httpx.Client(base_url=self.base_url, timeout=timeout, limits=limits)
 
     def close(self) -> None:
         self._http.close()
@@ -126,17 +144,26 @@ class RolloutClient:
             raise ValueError(f"every prompt must ask for the same n, got {sorted({p.n for p in params})}")
         dumped = [p.model_dump(exclude_defaults=True) for p in params]
         key = "text" if isinstance(prompts[0], str) else "input_ids"
-        body = {
-            key: [p if isinstance(p, str) else list(map(int, p)) for p in prompts],
-            "sampling_params": dumped if per_prompt else dumped[0],
-            "return_logprob": True,
-        }
-        answers = self._request("POST", "/generate", json=body).json()
+        inputs = [p if isinstance(p, str) else list(map(int, p)) for p in prompts]
+        if self.concurrency > 1:
+            bodies = [
+                {key: [x], "sampling_params": dumped[i if per_prompt else 0], "return_logprob": True}
+                for i, x in enumerate(inputs)
+            ]
+            with concurrent.futures.ThreadPoolExecutor(min(self.concurrency, len(bodies))) as pool:
+                answered = list(pool.map(self._generate, bodies))
+            answers = [a for one in answered for a in (one if isinstance(one, list) else [one])]
+        else:
+            body = {key: inputs, "sampling_params": dumped if per_prompt else dumped[0], "return_logprob": True}
+            answers = self._generate(body)
         if not isinstance(answers, list) or len(answers) != len(prompts) * n:
             count = len(answers) if isinstance(answers, list) else type(answers).__name__
             raise RolloutError(f"/generate answered {count} outputs for {len(prompts)} prompts x n={n}")
         rollouts = [_rollout(GenerateOutput.model_validate(a), k) for k, a in enumerate(answers)]
         return [rollouts[i * n : (i + 1) * n] for i in range(len(prompts))]
+
+    def _generate(self, body: dict) -> list | dict:
+        return self._request("POST", "/generate", json=body).json()
 
     # ------------------------------------------------------------------------------------------ control
 
@@ -190,6 +217,39 @@ class RolloutClient:
         return out.message
 
 
+@dataclasses.dataclass
+class RolloutFleet:
+    """Where generation goes (the router, or the only server) and every server that must hold the weights."""
+
+    client: RolloutClient
+    workers: list[RolloutClient]
+
+    def load(self, model_path, *, weight_version: str) -> None:
+        """Every server loads `model_path` as `weight_version` and reports it (load_weights)."""
+        load_weights(self.workers, model_path, weight_version=weight_version)
+
+
+def load_weights(workers: Sequence[RolloutClient], model_path, *, weight_version: str) -> None:
+    """Every server loads the HF checkpoint at `model_path` (all at once) and must then report `weight_version`.
+    One RolloutError names every server that did not, so no round samples from a fleet on mixed versions."""
+
+    def load(worker: RolloutClient) -> None:
+        worker.update_weights_from_disk(model_path, weight_version=weight_version)
+        served = worker.weight_version()
+        if served != weight_version:
+            raise RolloutError(f"it reports weight_version {served!r} after loading")
+
+    with concurrent.futures.ThreadPoolExecutor(len(workers)) as pool:
+        futures = [(w.base_url, pool.submit(load, w)) for w in workers]
+        failed = [(url, f.exception()) for url, f in futures if f.exception() is not None]
+    if failed:
+        reasons = "; ".join(f"{url}: {err}" for url, err in failed)
+        raise RolloutError(
+            f"weight_version {weight_version!r} ({model_path}) did not load on {len(failed)} of {len(workers)} "
+            f"rollout server(s), so no round starts on mixed versions: {reasons}"
+        )
+
+
 def _sampling(params: SamplingParams | dict | None) -> SamplingParams:
     return params if isinstance(params, SamplingParams) else SamplingParams(**(params or {}))
 
@@ -235,22 +295,20 @@ def _rollout(out: GenerateOutput, index: int) -> Rollout:
     )
 
 
-def sync_weights(client: RolloutClient, model, out_dir, *, weight_version: str, max_shard_size="2GB") -> WeightSync:
-    """Push `model`'s parameters to the server: save_pretrained to `out_dir` (a fast local path), have the server
-    load it, and check it reports `weight_version`. Every process calls this (saving gathers shards); only
-    process 0 talks to the server."""
+def sync_weights(
+    workers: RolloutClient | Sequence[RolloutClient], model, out_dir, *, weight_version: str, max_shard_size="2GB"
+) -> WeightSync:
+    """Push `model`'s parameters to the server (or every server of a fleet): save_pretrained to `out_dir` (a fast
+    local path), have each load it, and check each reports `weight_version`. Every process calls this (saving
+    gathers shards); only process 0 talks to the servers."""
     out_dir = pathlib.Path(out_dir)
     started = time.perf_counter()
     save_pretrained(model, out_dir, max_shard_size=max_shard_size)
     written = time.perf_counter()
     gigabytes = sum(p.stat().st_size for p in out_dir.glob("*.safetensors")) / 1e9 if jax.process_index() == 0 else 0
     if jax.process_index() == 0:
-        client.update_weights_from_disk(out_dir, weight_version=weight_version)
-        served = client.weight_version()
-        if served != weight_version:
-            raise RolloutError(
-                f"after loading {out_dir} the server reports weight_version {served!r}, not {weight_version!r}"
-            )
+        servers = [workers] if isinstance(workers, RolloutClient) else list(workers)
+        load_weights(servers, out_dir, weight_version=weight_version)
     sync = WeightSync(weight_version, gigabytes, written - started, time.perf_counter() - written)
     _log.info(
         "weights %s synced: %.3f GB, write %.2fs + load %.2fs = %.2f s/GB",

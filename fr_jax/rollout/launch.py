@@ -5,7 +5,8 @@ Two servers, one interface (`ServerProcess`: .url, .stop(), a context manager), 
   deterministic-inference flags configurable;
 - "local": fr_jax's own engine, `python -m fr_jax.serve --model ...` on a free loopback port (CPU/TPU, or any
   machine without SGLang).
-`ServerProcess` is also how fr_jax starts the sandbox service (fr_jax.sandbox.local.LocalSandbox).
+`launch_router` starts sglang-router (`python -m sglang_router.launch_router`) on loopback in front of a fleet of
+either. `ServerProcess` is also how fr_jax starts the sandbox service (fr_jax.sandbox.local.LocalSandbox).
 The child runs in its own process group with its output in a log file; a child that dies or never gets healthy
 raises with the tail of that log. Servers still running when the interpreter exits are stopped, and the kernel
 stops them when the interpreter is killed (`setpriv --pdeathsig`): a SIGKILLed trainer leaves no server behind.
@@ -311,3 +312,66 @@ def launch_server(launch: Literal["sglang", "local"], model_path, **kwargs) -> S
     if launch not in launchers:
         raise ValueError(f"launch={launch!r}: expected one of {sorted(launchers)}")
     return launchers[launch](model_path, **kwargs)
+
+
+def router_command(
+    worker_urls: Sequence[str], *, host: str, port: int, policy: str, prometheus_port: int, request_timeout_s: int
+) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "sglang_router.launch_router",
+        "--worker-urls",
+        *worker_urls,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--policy",
+        policy,
+        "--prometheus-host",
+        host,
+        "--prometheus-port",
+        str(prometheus_port),
+        "--request-timeout-secs",
+        str(request_timeout_s),
+        "--log-level",
+        "warn",
+    ]
+
+
+def launch_router(
+    worker_urls: Sequence[str],
+    *,
+    policy: str = "cache_aware",
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    startup_timeout: float = 120.0,
+    request_timeout_s: int = 3600,
+    log_path=None,
+) -> ServerProcess:
+    """sglang-router in front of `worker_urls` (its metrics also on `host`); returns once it has registered every
+    worker, since its /health answers before that and a request sent then would find no worker."""
+    port = port or free_port(host)
+    command = router_command(
+        worker_urls,
+        host=host,
+        port=port,
+        policy=policy,
+        prometheus_port=free_port(host),
+        request_timeout_s=request_timeout_s,
+    )
+    router = ServerProcess(
+        command, host=host, port=port, log_path=log_path, startup_timeout=startup_timeout, name="sglang-router"
+    ).start()
+    deadline = time.monotonic() + startup_timeout
+    try:
+        while True:
+            loads = httpx.get(f"{router.url}/get_loads", timeout=10.0).json().get("workers", [])
+            if {w.get("worker") for w in loads} >= set(worker_urls):
+                return router
+            router._check_alive(deadline, f"register the workers {list(worker_urls)}")
+            time.sleep(0.2)
+    except BaseException:
+        router.stop()
+        raise
