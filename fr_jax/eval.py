@@ -130,13 +130,14 @@ def run_eval(
         if fixed is not None and not worker_is_policy:  # no policy answers, and the worker is elsewhere
             client = None
         else:
-            client = services.enter_context(
+            fleet = services.enter_context(
                 rollout_service(
                     grpo.rollout, weights, weight_version=EVAL_VERSION, seed=cfg.train.seed, log_dir=log_dir, port=port
                 )
             )
+            client = fleet.client
             if grpo.rollout.launch == "none" and given_model:
-                client.update_weights_from_disk(weights, weight_version=EVAL_VERSION)
+                fleet.load(weights, weight_version=EVAL_VERSION)
         if fixed is not None:
             report, samples = heldout.evaluate_fixed(
                 sandbox, design_text(fixed[1].modification, fixed[1].graph, fixed[1].prompt), f"baseline-{fixed[0]}"

@@ -15,10 +15,11 @@ What is counted, per device:
 - GRPO adds the frozen reference model when grpo.loss.beta > 0, the forward-only log-prob pass (old policy when a
   round makes several optimizer steps, reference when beta > 0; at another time than the update, so the larger of
   the two counts), at grpo.data.max_prompt_tokens + grpo.rollout.max_new_tokens per row; and, with
-  grpo.rollout.launch: local on GPU or CPU, the rollout server: a second process on the same devices holding the
-  engine's weights (in fr_jax.serve's default dtype), its KV cache for grpo.rollout.max_running_requests rows of
-  prompt + new tokens (both rounded up to powers of two, as the engine buckets them), and during a weight sync the
-  new weights beside the old. The engine's smaller buffers (prefill chunks, a prefix cache) are not counted.
+  grpo.rollout.launch: local on GPU or CPU, the rollout server: a second process on the same devices (one per
+  grpo.rollout.replicas) holding the engine's weights (in fr_jax.serve's default dtype), its KV cache for
+  grpo.rollout.max_running_requests rows of prompt + new tokens (both rounded up to powers of two, as the engine
+  buckets them), and during a weight sync the new weights beside the old. The engine's smaller buffers (prefill
+  chunks, a prefix cache) are not counted.
 
 Activations are split over the mesh by their logical axes, found by tracing twice: once as configured, once with
 every size (layers, rows, tokens, hidden, heads, ...) multiplied by its own prime. How a dimension grows between the
@@ -221,7 +222,7 @@ class MemoryPlan:
             out.append(
                 f"{len(self.processes)} JAX processes each preallocate {self.fraction:.0%} of the GPU "
                 f"({shares:.0%} in all): set XLA_CLIENT_MEM_FRACTION <= {0.95 / len(self.processes):.2f} "
-                f"(both inherit it; plan.gpu_mem_fraction plans it)"
+                f"(every process inherits it; plan.gpu_mem_fraction plans it)"
             )
         if len(self.processes) > 1 and self.total > HEADROOM * self.spec.memory_bytes:
             out.append(f"together {self.total / GIB:.2f} GiB, over {HEADROOM:.0%} of the device")
@@ -566,7 +567,13 @@ def plan_memory(cfg: Config, num_devices: int | None = None) -> MemoryPlan:
     shares_devices, notes = _server_notes(cfg, spec)
     if shares_devices:
         with _rules_in_force(DEFAULT_RULES):  # fr_jax.serve is not given the run's mesh.rules
-            terms += _server_terms(cfg, model_cfg, num_devices, spec)
+            server = _server_terms(cfg, model_cfg, num_devices, spec)
+        replicas = cfg.grpo.rollout.replicas  # each a process of its own on the same devices
+        terms += (
+            server
+            if replicas == 1
+            else [dataclasses.replace(t, process=f"{SERVER} {i}") for i in range(replicas) for t in server]
+        )
     return MemoryPlan(
         model=f"{model_cfg.model_type} L{model_cfg.num_hidden_layers} d{model_cfg.hidden_size}",
         num_params=sum(math.prod(p.shape) for p in params),

@@ -4,7 +4,8 @@
    through the mode -> groups, with dynamic sampling;
 2. batch (fr_jax.rl.batch): the groups' rows and advantages, identical on every process;
 3. update (fr_jax.rl.update): old-policy and reference log-probs when needed, then the PPO epochs;
-4. sync (fr_jax.rl.sync): the new weights go to the rollout server, which must report the new weight_version;
+4. sync (fr_jax.rl.sync): the new weights go to the rollout server (every server of a fleet), which must report the
+   new weight_version;
 5. log and checkpoint: every reward term, pass rates, KL, clipping, lengths, zero-variance groups and the time of
    each phase to TensorBoard and metrics.jsonl, the round's samples to the rollout records; held-out evaluation
    every train.eval_every rounds and at both ends; a checkpoint holds the train state, the task stream's position
@@ -42,7 +43,7 @@ from fr_jax.rl.setup import (
 )
 from fr_jax.rl.sync import PolicySync
 from fr_jax.rl.update import RoundUpdate, grpo_loss_fn
-from fr_jax.rollout import RolloutClient
+from fr_jax.rollout import RolloutClient, RolloutFleet
 from fr_jax.sandbox.session import SandboxSession
 from fr_jax.trainer.records import RecordWriter
 from fr_jax.trainer.runtime import Runtime
@@ -55,7 +56,8 @@ _log = logging.getLogger(__name__)
 class Services:
     """What process 0 talks to during the rounds (the other processes hold Nones and train their shards)."""
 
-    client: RolloutClient | None = None
+    client: RolloutClient | None = None  # where generation goes: the rollout server, or the fleet's router
+    fleet: RolloutFleet | None = None  # every rollout server (weights go to each)
     sandbox: SandboxSession | None = None
     records: RecordWriter | None = None
     collector: Collector | None = None
@@ -136,16 +138,17 @@ class GRPORun:
                 model, version = stage.step_fn.model(stage.state.params), host["weight_version"]
                 sync.publish(model, self.policy.tokenizer, write_tokenizer=main)  # every process: it gathers shards
                 if main:
-                    svc.client = stack.enter_context(
+                    svc.fleet = stack.enter_context(
                         sync.serving(version=version, seed=self.train.seed, log_dir=log_dir, port=port)
                     )
+                    svc.client = svc.fleet.client
                     svc.records = stack.enter_context(
                         RecordWriter(
                             self.rt.run_dir, self.cfg.monitor.rollouts, seed=self.train.seed, start_round=stage.start
                         )
                     )
                 if g.rollout.launch == "none":  # a running server: make it serve the run's weights
-                    sync.push(svc.client, model, version)
+                    sync.push(svc.fleet, model, version)
                 state = self._rounds(stage, layout, sync, svc, version, summary)
             finally:
                 stage.close()
@@ -179,7 +182,7 @@ class GRPORun:
                     {"time/train_s": time.perf_counter() - phase, **{f"train/{k}": v for k, v in figures.items()}}
                 )
                 version, phase = str(done), time.perf_counter()  # 4. sync
-                scalars.update(sync.push(svc.client, stage.step_fn.model(state.params), version))
+                scalars.update(sync.push(svc.fleet, stage.step_fn.model(state.params), version))
                 scalars["time/sync_s"] = time.perf_counter() - phase
             else:  # no signal: an optimizer step would only move the weights by momentum and weight decay
                 _log.info("round %d: every advantage is 0 (all groups' rewards are equal); no update", done)

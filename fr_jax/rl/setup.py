@@ -4,8 +4,9 @@
 - The services, in the order a run needs them: first a check that every service the run does not start itself
   answers (before any weight is loaded: a 7B user must not wait minutes for that error); the sandbox (launched
   here on loopback, allowlisting the mode's worker, or the one at `url`), on which the mode then fetches what its
-  prompts need; the rollout server (fr_jax's engine or real SGLang launched here, or the one at `url`), whose
-  address is chosen up front so that a sandbox launched before it can allowlist it as the worker.
+  prompts need; the rollout server (fr_jax's engine or real SGLang launched here, or the one at `url`), or a fleet
+  of them (`replicas` launched here, or `urls`) behind sglang-router started here, whose address (the server's, or
+  the router's) is chosen up front so that a sandbox launched before it can allowlist it as the worker.
 - The tasks of a split with their prompt tokens, and the sampling parameters.
 Services stop when their `with` block ends, also on an error; their logs go to the run directory. Only process 0
 of a multi-process run talks to them.
@@ -30,7 +31,7 @@ from fr_jax.data.task_file import load_task_set
 from fr_jax.data.tasks import Task
 from fr_jax.rl.batch import Layout
 from fr_jax.rl.modes import ROLLOUT_WORKER, Mode
-from fr_jax.rollout import RolloutClient, free_port, launch_server
+from fr_jax.rollout import RolloutClient, RolloutFleet, free_port, launch_router, launch_server
 from fr_jax.rollout.protocol import SamplingParams
 from fr_jax.sandbox.local import LocalSandbox
 from fr_jax.sandbox.session import SandboxSession
@@ -165,7 +166,8 @@ def check_external_services(grpo: GRPOSection, mode: Mode) -> None:
     worker = mode.worker
     checks = []
     if grpo.rollout.launch == "none":
-        checks.append(("grpo.rollout.url", grpo.rollout.url, "/health", "start the rollout server"))
+        for url in service_urls(grpo.rollout):
+            checks.append(("grpo.rollout.url", url, "/health", "start the rollout server"))
     if grpo.sandbox.launch == "none":
         for url in service_urls(grpo.sandbox):
             checks.append(("grpo.sandbox.url", url, "/health", "start `python -m sandbox_service`"))
@@ -187,8 +189,9 @@ def server_env() -> dict[str, str]:
 
 
 def planned_rollout(section: GRPORolloutSection) -> tuple[str, int | None]:
-    """The rollout server's URL, known before it starts, and the port to launch it on (None: a running server)."""
-    if section.launch == "none":
+    """Where generation will go (the rollout server, or the router in front of a fleet), known before it starts, and
+    the port to launch it on (None: a running server)."""
+    if section.launch == "none" and section.router == "none":
         assert section.url is not None
         return section.url, None
     port = free_port()
@@ -232,29 +235,52 @@ def rollout_service(
     seed: int,
     log_dir: pathlib.Path,
     port: int | None,
-) -> Iterator[RolloutClient]:
-    """A client of the rollout server; a launched server (on `port`) serves `model_dir` (weights + tokenizer) as
-    `weight_version`. A server at `url` is used as it is: the caller syncs its weights."""
+) -> Iterator[RolloutFleet]:
+    """The rollout servers: launched ones (the one on `port` without a router) serve `model_dir` (weights +
+    tokenizer) as `weight_version`; servers at `url`/`urls` are used as they are (the caller syncs their weights).
+    With a router (started here on `port`) generation goes through it, each prompt its own request, twice as many
+    at a time as all servers run at once (max_running_requests), so that none waits idle for its next request."""
     log_dir.mkdir(parents=True, exist_ok=True)
+    routed = section.router != "none"
     with contextlib.ExitStack() as stack:
         if section.launch == "none":
-            url = section.url
+            urls = service_urls(section)
         else:
-            flags: dict[str, Any] = dict(weight_version=weight_version, random_seed=seed, port=port)
-            if section.launch == "local":
-                flags.update(mesh=section.mesh, max_running_requests=section.max_running_requests, env=server_env())
-            process = launch_server(
-                section.launch,
-                model_dir,
-                startup_timeout=section.startup_timeout_s,
-                log_path=log_dir / f"rollout_server_{section.launch}.log",
-                **flags,
-            )
-            stack.enter_context(process)
-            url = process.url
-        client = stack.enter_context(RolloutClient(url, max_retries=section.max_retries))
-        client.wait_healthy(timeout=section.startup_timeout_s)
-        yield client
+            urls = []
+            for i in range(section.replicas):
+                flags: dict[str, Any] = dict(weight_version=weight_version, random_seed=seed)
+                flags["port"] = None if routed else port
+                if section.launch == "local":
+                    flags.update(mesh=section.mesh, max_running_requests=section.max_running_requests, env=server_env())
+                name = f"rollout_server_{section.launch}" + (f"_{i}" if section.replicas > 1 else "")
+                process = launch_server(
+                    section.launch,
+                    model_dir,
+                    startup_timeout=section.startup_timeout_s,
+                    log_path=log_dir / f"{name}.log",
+                    **flags,
+                )
+                urls.append(stack.enter_context(process).url)
+        workers = [stack.enter_context(RolloutClient(url, max_retries=section.max_retries)) for url in urls]
+        for worker in workers:
+            worker.wait_healthy(timeout=section.startup_timeout_s)
+        if not routed:
+            yield RolloutFleet(workers[0], workers)
+            return
+        router = launch_router(
+            urls,
+            policy=section.router_policy,
+            port=port,
+            startup_timeout=section.startup_timeout_s,
+            log_path=log_dir / "sglang_router.log",
+        )
+        stack.enter_context(router)
+        _log.info("sglang-router at %s (policy %s) in front of %s", router.url, section.router_policy, urls)
+        concurrency = 2 * len(urls) * section.max_running_requests
+        client = stack.enter_context(
+            RolloutClient(router.url, max_retries=section.max_retries, concurrency=concurrency)
+        )
+        yield RolloutFleet(client, workers)
 
 
 def weights_dir(configured: str | None, run_dir: pathlib.Path) -> tuple[pathlib.Path, bool]:

@@ -1,9 +1,12 @@
-"""Sync, the fourth phase of a GRPO round: the trainer's weights become the rollout server's.
+"""Sync, the fourth phase of a GRPO round: the trainer's weights become the rollout server's (every server's, in a
+fleet).
 
-The weights go as an HF directory on a fast local path (by default a folder in /dev/shm, removed at the end), the
+The weights go as an HF directory on a fast local path (by default a folder in /dev/shm, removed at the end), each
 server loads it with /update_weights_from_disk and must then report the round's weight_version: every rollout
-carries the version that sampled it. A server launched by the run starts on the run's current weights (the
-restored ones when resuming, `publish`); a running server (`launch: none`) is made to load them first (`push`).
+carries the version that sampled it. A fleet's servers are synced directly, not through the router, and one that
+does not load the weights stops the run with its URL, so no round samples on mixed versions. A server launched by
+the run starts on the run's current weights (the restored ones when resuming, `publish`); a running server
+(`launch: none`) is made to load them first (`push`).
 """
 
 from __future__ import annotations
@@ -16,12 +19,12 @@ from collections.abc import Iterator
 from fr_jax.config import GRPORolloutSection
 from fr_jax.models.hf import save_pretrained
 from fr_jax.rl.setup import rollout_service, weights_dir
-from fr_jax.rollout import RolloutClient, sync_weights
+from fr_jax.rollout import RolloutFleet, sync_weights
 
 
 class PolicySync:
-    """The run's weight folder and the server that reads it. Every process calls `push` (saving gathers shards);
-    only process 0 has a client."""
+    """The run's weight folder and the servers that read it. Every process calls `push` (saving gathers shards);
+    only process 0 has the fleet."""
 
     def __init__(self, section: GRPORolloutSection, run_dir: pathlib.Path):
         self.section = section
@@ -40,20 +43,20 @@ class PolicySync:
                 tokenizer.save_pretrained(self.dir)
 
     @contextlib.contextmanager
-    def serving(self, *, version: str, seed: int, log_dir: pathlib.Path, port: int | None) -> Iterator[RolloutClient]:
-        """Process 0: a client of the rollout server, which serves the published weights as `version` (a running
-        server is made to load them with `push`, which every process calls)."""
+    def serving(self, *, version: str, seed: int, log_dir: pathlib.Path, port: int | None) -> Iterator[RolloutFleet]:
+        """Process 0: the rollout servers, which serve the published weights as `version` (running servers are
+        made to load them with `push`, which every process calls)."""
         with rollout_service(
             self.section, self.dir, weight_version=version, seed=seed, log_dir=log_dir, port=port
-        ) as client:
-            yield client
+        ) as fleet:
+            yield fleet
 
-    def push(self, client: RolloutClient | None, model, version: str) -> dict[str, float]:
-        """The server now serves `model` as `version`; what it cost (process 0)."""
-        if client is None:  # processes other than 0 only help gather the shards
+    def push(self, fleet: RolloutFleet | None, model, version: str) -> dict[str, float]:
+        """Every server now serves `model` as `version`; what it cost (process 0)."""
+        if fleet is None:  # processes other than 0 only help gather the shards
             save_pretrained(model, self.dir)
             return {}
-        sync = sync_weights(client, model, self.dir, weight_version=version)
+        sync = sync_weights(fleet.workers, model, self.dir, weight_version=version)
         return {
             "sync/gigabytes": sync.gigabytes,
             "sync/seconds_per_gb": sync.seconds_per_gb,
