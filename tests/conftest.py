@@ -11,6 +11,61 @@ import pytest  # noqa: E402
 
 from tests.support.sandbox import SANDBOX_SECRET, WORKFLOW_SECRET  # noqa: E402
 
+# The slow tier (`pytest -m "not slow"` runs the unit tier alone; the README's command runs both): whole commands and
+# demos (tests/e2e), the viewer (a real run in a real browser), files that start servers or load the demo model
+# throughout, any test that uses a real service, and the heaviest single tests (over 8 s on a loaded 2-core machine).
+SLOW_FOLDERS = ("e2e", "view")
+SLOW_FILES = (
+    "rollout/test_server.py",
+    "rollout/test_engine.py",
+    "trainer/test_run_outputs.py",
+    "sandbox/test_pythons.py",
+    "models/test_gguf.py",
+    "sandbox/test_fleet.py",
+    "test_plan.py",
+)
+SLOW_TESTS = (
+    "rl/test_loop.py::test_update_is_the_same_for_any_micro_batching_and_device_count",
+    "rl/test_loop.py::test_two_rounds_over_http_then_an_exact_resume",
+    "rl/test_loop.py::test_trainer_log_probs_match_the_engine",
+    "rl/test_grpo.py::test_grpo_loss_under_jit_matches_eager",
+    "models/test_decoder.py::test_remat_and_attention_chunks_give_the_same_gradients",
+    "models/test_decoder.py::test_parameters_carry_logical_axes_and_shard_by_rules",
+    "models/test_decoder.py::test_cached_decode_equals_full_forward",
+    "models/test_decoder.py::test_compute_and_param_dtypes",
+    "models/test_tokenizer.py::test_cached_tokenizer_is_reused",
+    "models/test_tokenizer.py::test_known_ids",
+    "models/test_chat_templates.py::test_a_different_vocabulary_is_never_slipped_in",
+    "trainer/test_sft.py::test_sft_on_mbpp_lowers_held_out_loss",
+    "trainer/test_step.py::test_sharded_matches_single_device",
+    "trainer/test_step.py::test_accumulation_is_an_exact_token_mean",
+    "trainer/test_step.py::test_bf16_compute_keeps_fp32_master_weights",
+    "parallel/test_rules.py::test_a_config_override_reshards_the_model",
+    "data/test_tasks.py::test_reference_solutions_pass_and_stubs_fail",
+    "sandbox/test_infrastructure.py::test_a_slow_harness_start_is_not_the_solutions_time",
+    "test_cli.py::test_an_unreachable_service_is_named_before_any_weight_loads",
+    "test_cli.py::test_a_missing_sft_data_file_is_one_line",
+)
+SERVICE_FIXTURES = {"sandbox", "api", "workflow_worker", "workflow_sandbox"}
+TESTS = pathlib.Path(__file__).parent
+
+
+def _is_slow(item: pytest.Item) -> bool:
+    where = item.path.relative_to(TESTS).as_posix()
+    test = f"{where}::{item.name.split('[')[0]}"
+    return (
+        where.split("/")[0] in SLOW_FOLDERS
+        or where in SLOW_FILES
+        or test in SLOW_TESTS
+        or bool(SERVICE_FIXTURES & set(item.fixturenames))
+    )
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if _is_slow(item):
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(autouse=True)
 def _root_logging_restored():

@@ -193,10 +193,11 @@ def test_probe_factors_name_the_logical_axes():
 
 @pytest.fixture(scope="module")
 def grpo(smollm2_dir):
-    """Plans of the GRPO demo (SmolLM2: 30 layers, 3 KV heads of 64) on one device with `overrides`."""
+    """Plans of the GRPO demo (SmolLM2: 30 layers, 3 KV heads of 64; 64 new tokens) on one device with `overrides`."""
+    demo = ("model.pretrained=smollm2", "grpo.rollout.max_new_tokens=64", "plan.num_devices=1", "plan.device=cpu")
 
     def make(*overrides):
-        return plan_of("grpo_demo.yaml", "plan.num_devices=1", "plan.device=cpu", *overrides)
+        return plan_of("grpo_demo.yaml", *demo, *overrides)
 
     return make
 
@@ -291,7 +292,14 @@ def test_every_config_plans_or_is_refused_in_one_line(capsys, smollm2_dir):
             assert rc in (0, 1) and "verdict: " in out and not err, (path, rc, err)
     plan.main(["--config", str(CONFIGS / "flow_optimize_demo.yaml")])
     assert "is not a training config" in capsys.readouterr().err
-    assert plan.main(["--config", str(CONFIGS / "grpo_demo.yaml"), "plan.device=cpu", "plan.num_devices=1"]) == 0
+    demo = [
+        "--config",
+        str(CONFIGS / "grpo_demo.yaml"),
+        "model.pretrained=smollm2",
+        "plan.device=cpu",
+        "plan.num_devices=1",
+    ]
+    assert plan.main(demo) == 0
 
 
 def test_a_mesh_the_devices_cannot_form_is_one_line(capsys, grpo):
