@@ -24,10 +24,12 @@ from fr_jax.rl.collect import Collector, TaskStream, generate_groups, sampling_s
 from fr_jax.rl.modes import DirectCode
 from fr_jax.rl.setup import planned_rollout, rollout_params, rollout_service, sandbox_session, server_env
 from fr_jax.rl.sync import PolicySync
-from fr_jax.rollout import RolloutClient, RolloutError, launch_local
+from fr_jax.rollout import RolloutClient, RolloutError, launch_local, launch_router, launch_server
+from fr_jax.rollout.client import load_weights
 from fr_jax.trainer.metrics import read_metrics
 from fr_jax.trainer.records import read_records, rollouts_path
 from tests.support.grpo import KNOWS_THE_FORMAT, build_tokenizer, grpo_config, write_bigram_model, write_tasks
+from tests.support.rollout import build_tiny_qwen2, sglang_missing
 
 pytestmark = pytest.mark.slow
 
@@ -170,3 +172,31 @@ def test_a_grpo_round_through_a_fleet_the_run_launches(tmp_path, files):
     assert round_one["train/mismatch/abs_logp_diff"] < 1e-3  # the fleet sampled with the trainer's weights
     written = read_records(rollouts_path(run_dir, 1))
     assert len(written) == 16 and {x["weight_version"] for x in written} == {"0"}
+
+
+@pytest.mark.gpu
+def test_two_real_sglang_servers_behind_the_router(tmp_path, smollm2_dir):
+    """Real SGLang twice on one GPU behind the real router: seeded samples through the router equal one server's,
+    and a weight load reaches both as the new version."""
+    missing = sglang_missing()
+    if missing:
+        pytest.skip(f"real SGLang needs a CUDA GPU and the sglang package: {missing}")
+    model_dir = build_tiny_qwen2(tmp_path / "tiny_qwen2", smollm2_dir)
+    servers = [
+        launch_server("sglang", model_dir, mem_fraction_static=0.2, weight_version="0", log_path=tmp_path / f"{i}.log")
+        for i in range(2)
+    ]
+    try:
+        with launch_router([s.url for s in servers], policy="round_robin", log_path=tmp_path / "router.log") as router:
+            prompts = [[31, 32, 33], [41, 42, 43], [51, 52, 53], [61, 62, 63]]
+            params = [{"max_new_tokens": 8, "temperature": 1.0, "sampling_seed": seed} for seed in range(len(prompts))]
+            with RolloutClient(router.url) as routed, RolloutClient(servers[0].url) as alone:
+                through = [routed.generate([p], q)[0][0].output_ids for p, q in zip(prompts, params)]
+                direct = [alone.generate([p], q)[0][0].output_ids for p, q in zip(prompts, params)]
+            assert through == direct
+            workers = [RolloutClient(s.url) for s in servers]
+            load_weights(workers, model_dir, weight_version="1")
+            assert [w.weight_version() for w in workers] == ["1", "1"]
+    finally:
+        for server in servers:
+            server.stop()

@@ -10,7 +10,6 @@ field-by-field check of one is the check of the other.
 """
 
 import concurrent.futures
-import importlib.util
 import json
 import os
 import shutil
@@ -27,19 +26,9 @@ from fr_jax.models.hf import load_pretrained
 from fr_jax.parallel.mesh import make_mesh
 from fr_jax.rollout import RolloutClient, RolloutError, ServerProcess, free_port, launch_server, sync_weights
 from fr_jax.rollout.protocol import GenerateOutput
-from tests.support.rollout import build_tiny_qwen2
+from tests.support.rollout import build_tiny_qwen2, sglang_missing
 
 PROMPT = "def fibonacci(n):"
-
-
-def _sglang_missing() -> str | None:
-    if importlib.util.find_spec("sglang") is None:
-        return "sglang is not installed (pip install 'fr_jax[sglang]')"
-    import torch
-
-    if not torch.cuda.is_available():
-        return "no CUDA GPU"
-    return None
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +40,7 @@ def tiny_dir(tmp_path_factory, smollm2_dir):
 def server(request, tiny_dir):
     kind = request.param
     if kind == "sglang":
-        missing = _sglang_missing()
+        missing = sglang_missing()
         if missing:
             pytest.skip(f"real SGLang needs a CUDA GPU and the sglang package: {missing}")
         process = launch_server("sglang", tiny_dir, mem_fraction_static=0.3, weight_version="v0")

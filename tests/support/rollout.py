@@ -3,6 +3,7 @@ greedy decoding and the trainer-side log-prob recompute."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import pathlib
 
@@ -16,6 +17,16 @@ from fr_jax.models.hf import load_pretrained
 from fr_jax.rollout.engine import Engine
 from fr_jax.rollout.server import eos_token_ids
 from tests.support.hf_reference import fr_logits
+
+
+def sglang_missing() -> str | None:
+    """Why real SGLang cannot run here (None where it can): the gpu tests skip with this reason."""
+    if importlib.util.find_spec("sglang") is None:
+        return "sglang is not installed (pip install 'fr_jax[sglang]')"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU"
+    return None
+
 
 # head_dim 64 and a real vocabulary: the same checkpoint must also load in real SGLang (GPU test)
 TINY_QWEN2 = dict(
