@@ -20,6 +20,7 @@ import time
 
 import numpy as np
 
+from fr_jax.cli import MODES
 from fr_jax.config import load_config
 from fr_jax.rl.loop import run_grpo
 from fr_jax.trainer.metrics import read_metrics
@@ -63,7 +64,7 @@ def main() -> None:
             ],
         )
         started = time.perf_counter()
-        run_grpo(start_runtime(cfg))
+        run_grpo(start_runtime(cfg), MODES)
         total = time.perf_counter() - started
         rounds = [m for m in read_metrics(cfg.run_dir) if "time/round_s" in m]
         last = rounds[-1]
