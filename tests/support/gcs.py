@@ -35,7 +35,7 @@ class Bucket:
 
     def __init__(self, url: str, name: str):
         self.url, self.name = url, name
-        self._http = httpx.Client(base_url=url, timeout=30)
+        self._http = httpx.Client(base_url=url, timeout=120)  # fake-gcs-server lists slowly on a loaded host
         self._http.post("/storage/v1/b", json={"name": name}).raise_for_status()
 
     def names(self, prefix: str) -> list[str]:
