@@ -54,7 +54,8 @@ def test_a_missing_sft_data_file_is_one_line(tmp_path):
 @pytest.mark.parametrize("service", ["sandbox", "rollout"])
 def test_an_unreachable_service_is_named_before_any_weight_loads(tmp_path, service):
     dead = f"http://127.0.0.1:{free_port()}"
-    overrides = [f"run_dir={tmp_path / 'run'}", f"grpo.{service}.launch=none", f"grpo.{service}.url={dead}"]
+    overrides = [f"run_dir={tmp_path / 'run'}", "model.pretrained=smollm2"]  # the demo's SFT export may not exist
+    overrides += [f"grpo.{service}.launch=none", f"grpo.{service}.url={dead}"]
     result = run("-m", "fr_jax.eval", "--config", str(GRPO_DEMO), *overrides)
     one_line_error(result, f"grpo.{service}.url={dead}", "nothing answers there")
     assert "starting " not in result.stderr  # checked before any server was launched or weight loaded
