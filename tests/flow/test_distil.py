@@ -28,7 +28,7 @@ from fr_jax.flow.prompt import Experience, design_text, parse_design
 from fr_jax.flow.teacher import DesignRequest, SearchDesigner, moves
 from fr_jax.rl.setup import build_mode
 from fr_jax.sandbox.client import SandboxClient
-from tests.flow.sft_check import tokenize_sft_file
+from tests.support.sft import tokenize_sft_file
 
 TASKS = [
     {

@@ -26,7 +26,7 @@ from fr_jax.flow.mode import FLOW_SYSTEM_PROMPT
 from fr_jax.flow.optimize import Round, best_round, candidate_rounds, experience_for, main, parent_probabilities
 from fr_jax.flow.prompt import SEED_GRAPH, Experience, ParentDesign, build_design_prompt, parse_design
 from fr_jax.rollout import free_port
-from tests.flow.sft_check import tokenize_sft_file
+from tests.support.sft import tokenize_sft_file
 
 # ------------------------------------------------------------------------------------------- parent selection
 

@@ -45,6 +45,9 @@ def headless_chromium():
     os.environ.setdefault("SE_AVOID_STATS", "true")  # selenium's own telemetry, should it ever run its manager
     driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
     try:
+        browser = driver.capabilities["browserVersion"]
+        chromedriver = driver.capabilities["chrome"]["chromedriverVersion"]
+        assert browser.split(".")[0] == chromedriver.split(".")[0], f"chromium {browser}, chromedriver {chromedriver}"
         yield driver
     finally:
         driver.quit()

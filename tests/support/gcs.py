@@ -66,6 +66,8 @@ def fake_gcs(bucket: str) -> Iterator[Bucket]:
     server = FakeGCSServer()
     server.start()
     try:
+        host = urllib.parse.urlsplit(server.url).hostname
+        assert host in ("127.0.0.1", "localhost"), f"fake-gcs-server listens on {host}: test traffic stays on loopback"
         yield Bucket(server.url, bucket)
     finally:
         server.stop()
