@@ -9,16 +9,15 @@ designs, which run in the sandbox's jail).
 import os
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from fr_jax.trainer.metrics import read_metrics
 from tests.support.grpo import KNOWS_THE_FORMAT, build_tokenizer, grpo_config, write_bigram_model, write_tasks
+from tests.support.runs import start_train
 
 ROUNDS = 2
 pytestmark = pytest.mark.slow  # four runs of the trainer per mode: about 3 minutes each on a loaded 2-core machine
@@ -69,19 +68,6 @@ def _config(mode: str, root: Path, run_dir: Path) -> dict:
     cfg["train"]["export_hf"] = False
     cfg["monitor"]["tensorboard"] = False
     return cfg
-
-
-def _start(cfg: dict, log: Path, cache: Path) -> subprocess.Popen:
-    path = log.with_suffix(".yaml")
-    path.write_text(yaml.safe_dump(cfg))
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache))
-    return subprocess.Popen(
-        [sys.executable, "-m", "fr_jax.train", "--config", str(path)],
-        env=env,
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-    )
 
 
 def _finish(proc: subprocess.Popen, log: Path) -> None:
@@ -154,12 +140,12 @@ def test_grpo_survives_kill_9_in_the_sandbox_phase_and_while_checkpointing(mode,
     cache = tmp_path / "xla_cache"
     reference_dir, run_dir = tmp_path / "reference", tmp_path / "run"
     reference_cfg, cfg = _config(mode, tmp_path, reference_dir), _config(mode, tmp_path, run_dir)
-    _finish(_start(reference_cfg, tmp_path / "reference.log", cache), tmp_path / "reference.log")
+    _finish(start_train(reference_cfg, tmp_path / "reference.log", cache), tmp_path / "reference.log")
     reference = {m["step"]: m for m in read_metrics(reference_dir) if "reward/total" in m}
     assert sorted(reference) == list(range(1, ROUNDS + 1))
 
     # 1. while the sandbox scores round 2: a process of the trainer's runs the harness or a workflow in a jail
-    proc = _start(cfg, tmp_path / "killed.log", cache)
+    proc = start_train(cfg, tmp_path / "killed.log", cache)
     started = _kill_when(
         proc,
         tmp_path / "killed.log",
@@ -173,7 +159,7 @@ def test_grpo_survives_kill_9_in_the_sandbox_phase_and_while_checkpointing(mode,
 
     # 2. while a checkpoint is being written (orbax writes a temporary directory, then renames it)
     checkpoints = run_dir / "checkpoints"
-    proc = _start(cfg, tmp_path / "resumed.log", cache)
+    proc = start_train(cfg, tmp_path / "resumed.log", cache)
     started_again = _kill_when(
         proc,
         tmp_path / "resumed.log",
@@ -182,7 +168,7 @@ def test_grpo_survives_kill_9_in_the_sandbox_phase_and_while_checkpointing(mode,
     )
     assert _left_behind(started_again) == []
 
-    _finish(_start(cfg, tmp_path / "finished.log", cache), tmp_path / "finished.log")
+    _finish(start_train(cfg, tmp_path / "finished.log", cache), tmp_path / "finished.log")
     resumed = {m["step"]: m for m in read_metrics(run_dir) if "reward/total" in m}
     assert sorted(resumed) == list(range(1, ROUNDS + 1))  # each round once: lines of rounds redone were replaced
     for round_index in resumed:

@@ -3,17 +3,15 @@ arithmetic chats): resume after kill -9 reproduces the uninterrupted run exactly
 match 1 process x 8 devices."""
 
 import json
-import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import pytest
-import yaml
 
 from fr_jax.trainer.metrics import read_metrics
+from tests.support.runs import start_train
 
 STEPS = 8
 CHECKPOINT_EVERY = 2
@@ -74,19 +72,6 @@ def compile_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("xla_cache")
 
 
-def start(cfg: dict, log_path, cache_dir) -> subprocess.Popen:
-    path = log_path.with_suffix(".yaml")
-    path.write_text(yaml.safe_dump(cfg))
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # devices come from distributed.local_device_count
-    env.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache_dir))
-    return subprocess.Popen(
-        [sys.executable, "-m", "fr_jax.train", "--config", str(path)],
-        env=env,
-        stdout=log_path.open("w"),
-        stderr=subprocess.STDOUT,
-    )
-
-
 def finish(proc: subprocess.Popen, log_path, timeout=300) -> str:
     proc.wait(timeout=timeout)
     log = log_path.read_text()
@@ -102,7 +87,7 @@ def losses(run_dir) -> dict[int, float]:
 def reference(tmp_path_factory, chats, compile_cache):
     """The uninterrupted single-process run on 8 devices."""
     base = tmp_path_factory.mktemp("reference")
-    finish(start(run_config(base / "run", chats), base / "log", compile_cache), base / "log")
+    finish(start_train(run_config(base / "run", chats), base / "log", compile_cache), base / "log")
     got = losses(base / "run")
     assert sorted(got) == list(range(1, STEPS + 1))
     return got
@@ -111,7 +96,7 @@ def reference(tmp_path_factory, chats, compile_cache):
 def test_resume_after_kill_9_reproduces_losses_exactly(tmp_path, chats, reference, compile_cache):
     run_dir = tmp_path / "run"
     cfg = run_config(run_dir, chats)
-    proc = start(cfg, tmp_path / "killed.log", compile_cache)
+    proc = start_train(cfg, tmp_path / "killed.log", compile_cache)
     deadline = time.time() + 300
 
     # kill -9 as soon as a checkpoint is complete (orbax renames it into place when done), mid-run
@@ -128,7 +113,7 @@ def test_resume_after_kill_9_reproduces_losses_exactly(tmp_path, chats, referenc
     assert proc.returncode == -signal.SIGKILL
     logged = losses(run_dir)
     assert max(logged) < STEPS, "the run finished before it was killed; nothing was tested"
-    log = finish(start(cfg, tmp_path / "resumed.log", compile_cache), tmp_path / "resumed.log")
+    log = finish(start_train(cfg, tmp_path / "resumed.log", compile_cache), tmp_path / "resumed.log")
     resumed_from = int(log.split("resuming at step ")[1].split()[0])
     assert CHECKPOINT_EVERY <= resumed_from < STEPS and resumed_from % CHECKPOINT_EVERY == 0
     assert losses(run_dir) == reference  # every step, bit for bit
@@ -150,7 +135,7 @@ def test_two_processes_match_one(tmp_path, chats, reference, compile_cache):
             tmp_path / "run", chats, coordinator=coordinator, num_processes=2, process_id=i, local_device_count=4
         )
         cfg["checkpoint"]["every_steps"] = STEPS  # one (multi-process) checkpoint, at the end
-        procs.append(start(cfg, tmp_path / f"process{i}.log", compile_cache))
+        procs.append(start_train(cfg, tmp_path / f"process{i}.log", compile_cache))
     logs = [finish(p, tmp_path / f"process{i}.log") for i, p in enumerate(procs)]
     assert "process 1/2" in logs[1]
     got = losses(tmp_path / "run")
