@@ -215,10 +215,10 @@ def describe_operators() -> list[dict[str, str]]:
 
 
 def operators_text() -> str:
-    """The descriptions as the meta-agent's prompt shows them."""
+    """The descriptions as the meta-agent's prompt shows them (the usage lines stay in the JSON: the prompt says
+    once how every operator is built and called, which keeps it short for small meta-agents)."""
     return "\n".join(
-        f"{i}. {d['signature']}\n   {d['description']}\n   Use: {d['usage']}"
-        for i, d in enumerate(describe_operators(), start=1)
+        f"{i}. {d['signature']}\n   {d['description']}" for i, d in enumerate(describe_operators(), start=1)
     )
 
 

@@ -32,7 +32,7 @@ from fr_jax.flow.feedback import RunRecord, feedback_text
 from fr_jax.flow.prompt import design_text, operator_outline, parse_design
 
 RecordForm = Literal["query", "rounds"]
-_ERROR_CHARS = 200
+_ERROR_CHARS = 120
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +89,8 @@ def _common_provenance(query: dict) -> dict:
 
 
 def reasoning_trace(query: dict) -> str:
-    """Every round of a query in order (reasoning, the design in short, its feedback), then which one won."""
+    """Every round of a query in order (reasoning, the design in short, its feedback with failures by kind),
+    then which one won."""
     blocks = []
     for r in query["rounds"]:
         if r["parent"] is None:
@@ -104,7 +105,7 @@ def reasoning_trace(query: dict) -> str:
             lines.append(f"Feedback: the design could not be used: {r['format_error'][:_ERROR_CHARS]}")
         else:
             runs = [RunRecord.from_json(run) for run in r["runs"]]
-            lines.append(f"Feedback: {feedback_text(r['score'], runs)}.")
+            lines.append(f"Feedback: {feedback_text(r['score'], runs, short=True)}.")
         blocks.append("\n".join(lines))
     best = query["rounds"][query["best_round"] - 1]
     blocks.append(f"Round {best['round']} scored best ({best['score']:.3f}), so its design is the answer.")

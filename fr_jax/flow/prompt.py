@@ -36,29 +36,27 @@ SEED_MODIFICATION = "Seed workflow: a single CustomCodeGenerate call."
 # FlowReasoner's round 1: the root of the operator grammar (fr_jax.flow.grammar), one CustomCodeGenerate call.
 SEED_GRAPH, SEED_PROMPT = render(WorkflowSpec())
 
+# The query comes last: every query's prompt then shares the whole instruction as a prefix, which the rollout
+# engine's prefix cache computes once for a batch of queries.
 _INSTRUCTIONS = """\
-You design a workflow that solves ONE coding problem with the help of a worker LLM. The workflow is run on the \
-problem's public tests and then scored on hidden tests, so it must return complete Python code that defines \
-the function the problem asks for (its name is passed to the workflow as `entry_point`).
+You design a workflow that solves ONE coding problem with a worker LLM. It runs on the problem's public tests, \
+then is scored on hidden tests, so it must return complete Python code that defines the function the problem \
+asks for (its name is passed to the workflow as `entry_point`).
 
-<query>
-{query}
-</query>
-
-Operators. Build each one in `__init__` from the worker LLM, e.g. `self.custom = operator.Custom(self.llm)`, and \
-await it in `__call__` with keyword arguments:
+Operators. Build each in `__init__` from the worker, e.g. `self.custom = operator.Custom(self.llm)`, and await \
+it in `__call__` with keyword arguments:
 {operators}
 
-Write three tags:
+Answer in three tags:
 <modification>one line: what this design does differently</modification>
 <graph>
-Python code of `class Workflow` with `def __init__(self, name: str, llm_config, dataset: DatasetType)`, which \
-creates the worker with `self.llm = create_llm_instance(llm_config)` and the operators, and \
+`class Workflow` with `def __init__(self, name: str, llm_config, dataset: DatasetType)`, which sets \
+`self.llm = create_llm_instance(llm_config)` and the operators, and \
 `async def __call__(self, problem: str, entry_point: str)`, which returns `(solution, cost)`: the solution's \
-code as a string and `self.llm.get_usage_summary()["total_cost"]`.
+code and `self.llm.get_usage_summary()["total_cost"]`.
 </graph>
 <prompt>
-String constants the graph uses as `prompt_custom.NAME`, one assignment each (`NAME = \"\"\"...\"\"\"`); \
+String constants the graph reads as `prompt_custom.NAME`, one `NAME = \"\"\"...\"\"\"` each; \
 write an empty <prompt></prompt> if the graph uses none.
 </prompt>
 
@@ -66,8 +64,12 @@ Rules:
 - {provided} are already defined in the graph; import anything else you use yourself.
 - The graph complexity should not exceed {max_calls}: at most {max_calls} operator calls per run.
 - Custom puts the instruction before the input and supports no placeholders: build the input string in the graph.
-- Every `prompt_custom.NAME` the graph reads must be assigned in <prompt>, and nothing else; no placeholders.
+- Every `prompt_custom.NAME` the graph reads must be assigned in <prompt>, and nothing else.
 - Never return None: every path of `__call__` returns a solution.
+
+<query>
+{query}
+</query>
 """
 
 _REFINE = """

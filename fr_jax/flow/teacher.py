@@ -218,7 +218,7 @@ def reasoning_text(request: DesignRequest, parent: WorkflowSpec, move: Move, arg
     runs = request.parent_runs
     rates = ", ".join(f"{run.pass_rate:.3f}" for run in runs)
     lines = [f"Round {request.parent_round} is {parent.describe()}; it scored {request.parent_score:.3f} ({rates})."]
-    worst = common_failures(runs)
+    worst = common_failures(runs, short=True)
     if worst:
         what, count = worst[0]
         lines.append(f"The main problem: {what} ({count} of {len(runs)} runs).")

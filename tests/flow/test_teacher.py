@@ -8,19 +8,21 @@ import dataclasses
 import numpy as np
 import pytest
 
-from fr_jax.flow.feedback import RunRecord, common_failures, feedback_text
+from fr_jax.flow.feedback import RunRecord, common_failures, failure_kinds, feedback_text
 from fr_jax.flow.grammar import WorkflowSpec, render
 from fr_jax.flow.prompt import Experience, parse_design
 from fr_jax.flow.teacher import DesignRequest, SearchDesigner, Signals, choose, moves, weigh
+from fr_jax.sandbox.client import Evaluation, LoadError, TestOutcome
 
 EMPTY_FAILS = "assert count_zeros([]) == 0: Failed (AssertionError: )"
 
 
-def run(pass_rate, *failed, failure=None, message=None):
-    return RunRecord(pass_rate, failure, message, 1, 1, 100, 1.0, failed_tests=tuple(failed))
+def run(pass_rate, *failed, failure=None, message=None, kinds=()):
+    return RunRecord(pass_rate, failure, message, 1, 1, 100, 1.0, failed_tests=tuple(failed), failure_kinds=kinds)
 
 
-HALF = (run(0.0, EMPTY_FAILS), run(1.0))  # the runs disagree; the failing test has an empty input
+HALF = (run(0.0, EMPTY_FAILS, kinds=("a wrong answer",)), run(1.0))  # the runs disagree; the failing test has
+# an empty input
 
 
 def test_moves_of_the_seed_and_the_limits():
@@ -81,6 +83,31 @@ def test_feedback_text_counts_runs():
     )
 
 
+def test_failures_by_kind_quote_no_test_source():
+    def outcome(status, error_type=None, message=None):
+        return TestOutcome("assert f([1, 2, 3] * 40) == 7", False, status, error_type, message)
+
+    tests = (
+        outcome("Failed", "AssertionError", "f([1, 2, 3, 1, 2, 3, ...]) returned 6"),
+        outcome("Failed", "AssertionError", "another wrong value"),
+        outcome("Error", "NameError", "name 'math' is not defined"),
+        outcome("TimeLimitExceeded"),
+        TestOutcome("assert f([]) == 0", True, "Passed"),
+    )
+    assert failure_kinds(Evaluation("Finished", tests)) == (
+        "a wrong answer",
+        "NameError: name 'math' is not defined",
+        "TimeLimitExceeded",
+    )
+    unloaded = Evaluation("Finished", tests[:1], LoadError("SyntaxError", "'(' was never closed " + "x" * 99, "s"))
+    [kind] = failure_kinds(unloaded)  # its tests were not run: one kind, clipped
+    assert kind.startswith("the solution did not load (SyntaxError: '(' was never closed xxx")
+    assert kind.endswith("x...") and len(kind) == 80
+    assert feedback_text(0.5, HALF, short=True) == (
+        "public pass rate 0.500 over 2 runs (0.000, 1.000); failing: a wrong answer in 1 of 2 runs"
+    )
+
+
 def test_choice_is_seeded_and_prefers_untried_designs():
     def draw(seed, tried=()):
         return choose(
@@ -134,7 +161,7 @@ def test_search_designer_answers_like_a_chat_model():
     assert design.modification == move.modification
     lines = reply.reasoning.splitlines()
     assert lines[0] == "Round 1 is one CustomCodeGenerate call (direct instruction); it scored 0.500 (0.000, 1.000)."
-    assert lines[1] == f"The main problem: {EMPTY_FAILS} (1 of 2 runs)."
+    assert lines[1] == "The main problem: a wrong answer (1 of 2 runs)."  # by kind: no test source to copy
     assert lines[2] == 'Earlier changes of it: "Remove the Test step." took 0.500 to 0.250.'
     assert lines[3] == weigh(move, Signals.of(0.5, HALF))[1]
     assert lines[-1] == f"Change: {move.modification[0].lower()}{move.modification[1:]}"
