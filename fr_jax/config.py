@@ -171,7 +171,7 @@ class TrainSection(Section):
     micro_batches: int = Field(1, ge=1)  # gradient accumulation: batch_size is split into this many
     seed: int = 0
     eval_every: int = Field(0, ge=0)  # 0: evaluate only before and after training
-    eval_batches: int = Field(4, ge=0)  # batches of the held-out split per evaluation (0: no evaluation)
+    eval_batches: int = Field(4, ge=0)  # SFT: held-out batches per evaluation; 0 (SFT and GRPO): no evaluation
     export_hf: bool = True  # write <run_dir>/hf with fr_jax.models.hf.save_pretrained at the end
 
     @model_validator(mode="after")

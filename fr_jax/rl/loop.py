@@ -8,8 +8,8 @@
    new weight_version;
 5. log and checkpoint: every reward term, pass rates, KL, clipping, lengths, zero-variance groups and the time of
    each phase to TensorBoard and metrics.jsonl, the round's samples to the rollout records; held-out evaluation
-   every train.eval_every rounds and at both ends; a checkpoint holds the train state, the task stream's position
-   and the weight version.
+   every train.eval_every rounds and at both ends (none with train.eval_batches 0); a checkpoint holds the train
+   state, the task stream's position and the weight version.
 Before the first round (fr_jax.rl.setup): the services and the mode, the tasks and their prompts, then the shared
 stage start-up (fr_jax.trainer.stage: restore or init). A rollout or sandbox failure stops the run with its cause.
 """
@@ -166,7 +166,8 @@ class GRPORun:
             seed=train.seed,
             reference_params=stage.initial_params() if needs_reference(g.loss.beta) else None,
         )
-        if main and stage.start == 0:
+        evaluates = main and train.eval_batches > 0  # 0: no held-out evaluation (a pipeline evaluates after)
+        if evaluates and stage.start == 0:
             summary["eval_before"] = self._evaluate(svc, 0, writer).to_json()
         for round_index in range(stage.start, train.steps):
             started, done, scalars, data = time.perf_counter(), round_index + 1, {}, None
@@ -188,7 +189,7 @@ class GRPORun:
                 _log.info("round %d: every advantage is 0 (all groups' rewards are equal); no update", done)
                 scalars["train/skipped"] = 1.0
             scalars["weight_version"] = float(version)
-            if main and train.eval_every and done % train.eval_every == 0 and done < train.steps:
+            if evaluates and train.eval_every and done % train.eval_every == 0 and done < train.steps:
                 scalars.update(self._evaluate(svc, done, None).scalars())
             tokenizer = self.policy.tokenizer
             if main:  # 5. log: the round's samples (written off this thread), then its scalars
@@ -210,7 +211,7 @@ class GRPORun:
             if stage.ckpt.due(done) or done == train.steps:  # 5. checkpoint
                 tasks = svc.collector.stream.get_state() if main else None
                 stage.ckpt.save(done, state, {"tasks": tasks, "weight_version": version})
-        if main:
+        if evaluates:
             summary["eval_after"] = self._evaluate(svc, train.steps, writer).to_json()
         return state
 

@@ -362,11 +362,13 @@ def test_two_rounds_over_http_then_an_exact_resume(tmp_path, tiny_setup, capsys)
         "test_direct_round_00002.jsonl.gz",
     }
 
-    # resume: drop round 2's checkpoint and redo it
+    # resume: drop round 2's checkpoint and redo it, this time without held-out evaluation (train.eval_batches 0)
     resumed = tmp_path / "resumed"
     shutil.copytree(run_dir, resumed, ignore=shutil.ignore_patterns("hf"))
     shutil.rmtree(resumed / "checkpoints" / "2")
-    assert run_cli({**cfg, "run_dir": str(resumed)}, tmp_path / "resumed.yaml") == 0
+    no_eval = {**cfg, "run_dir": str(resumed), "train": {**cfg["train"], "eval_batches": 0}}
+    assert run_cli(no_eval, tmp_path / "resumed.yaml") == 0
+    assert "held-out" not in capsys.readouterr().out
     redone = {m["step"]: m for m in read_metrics(resumed) if "reward/total" in m}
     assert sorted(redone) == [1, 2]  # round 2's old line was replaced, not duplicated
     for key in ("reward/total", "pass_rate", "train/loss", "train/grad_norm", "response/length_mean"):
