@@ -9,8 +9,9 @@ Workloads (--workload, default all):
   engine (the same engine, new batches only when the last has ended) and transformers' generate (one batch run
   to the longest). Goal: >= 2x static.
 - arrivals: worker-style requests (64-token prompts, 16-128 new tokens) arriving as a Poisson process at 70% of
-  the continuous engine's capacity (its closed-loop requests/s on the same requests, measured first), served by
-  the real serving thread (fr_jax.rollout.scheduler); p50/p99 latency and throughput, continuous against static.
+  the continuous engine's open-loop capacity (the rate it serves when the same arrival pattern is offered at its
+  closed-loop requests/s, measured first), served by the real serving thread (fr_jax.rollout.scheduler);
+  p50/p99 latency and throughput, continuous against static.
   Goal: p99 <= 1/2 of static.
 - shared-prefix: 16 prompts that share a 1024-token prefix, 4 samples each sent as separate requests (as GRPO
   sends them), one new token each: the time to prefill a round, with the prefix cache against without it, for a
@@ -223,32 +224,46 @@ class Bench:
             for s in ("continuous", "static")
         }
         engines["continuous"].generate(requests)  # compiles
-        capacity = count / timed(lambda: engines["continuous"].generate(requests))
-        rate = 0.7 * capacity
-        gaps = rng.exponential(1 / rate, size=count)
-        offsets = np.cumsum(gaps) - gaps[0]
-        print(f"capacity (closed loop)       {capacity:8.2f} requests/s; arrivals at 70%: {rate:.2f}/s")
+        closed_loop = count / timed(lambda: engines["continuous"].generate(requests))
+        unit_gaps = rng.exponential(1.0, size=count)  # one arrival pattern, scaled to each rate below
+        unit_offsets = np.cumsum(unit_gaps) - unit_gaps[0]
+        schedulers = {scheduling: Scheduler(engine) for scheduling, engine in engines.items()}
         measured = {}
-        for scheduling, engine in engines.items():
-            scheduler = Scheduler(engine)
-            try:
-                # the shapes an arrival pattern visits depend on timing: replay until a replay compiles nothing
-                for _ in range(3):
-                    compiles = engine.compiles
-                    self._replay(scheduler, requests, offsets)
-                    if engine.compiles == compiles:
-                        break
-                compiles = engine.compiles
-                latencies, span = self._replay(scheduler, requests, offsets)
-            finally:
-                scheduler.stop()
-            p50, p99 = np.percentile(latencies, [50, 99])
-            measured[scheduling] = p99
+        try:
+            # Requests arriving one by one fill fewer rows per step than all of them at once, so the closed-loop
+            # figure overstates what the engine sustains: offer the pattern at that rate, and take the rate it
+            # then serves (its open-loop capacity) as the capacity that 70% is taken of.
+            self._warm(engines["continuous"], schedulers["continuous"], requests, unit_offsets / closed_loop)
+            _, span = self._replay(schedulers["continuous"], requests, unit_offsets / closed_loop)
+            capacity = count / span
+            rate = 0.7 * capacity
+            offsets = unit_offsets / rate
             print(
-                f"{scheduling:>10}: p50 {p50:6.2f}s  p99 {p99:6.2f}s  throughput {count / span:5.2f} requests/s "
-                f"({engine.compiles - compiles} compiles while timed)"
+                f"capacity: closed loop {closed_loop:.2f} requests/s, open loop (offered that) {capacity:.2f}/s; "
+                f"arrivals at 70% of open loop: {rate:.2f}/s"
             )
+            for scheduling, engine in engines.items():
+                self._warm(engine, schedulers[scheduling], requests, offsets)
+                compiles = engine.compiles
+                latencies, span = self._replay(schedulers[scheduling], requests, offsets)
+                p50, p99 = np.percentile(latencies, [50, 99])
+                measured[scheduling] = p99
+                print(
+                    f"{scheduling:>10}: p50 {p50:6.2f}s  p99 {p99:6.2f}s  served {count / span:5.2f} requests/s of "
+                    f"{rate:.2f} offered ({engine.compiles - compiles} compiles while timed)"
+                )
+        finally:
+            for scheduler in schedulers.values():
+                scheduler.stop()
         print(f"  p99 continuous / static    {measured['continuous'] / measured['static']:8.2f} (goal <= 0.5)")
+
+    def _warm(self, engine: Engine, scheduler: Scheduler, requests, offsets) -> None:
+        """The shapes an arrival pattern visits depend on timing: replay until a replay compiles nothing."""
+        for _ in range(3):
+            compiles = engine.compiles
+            self._replay(scheduler, requests, offsets)
+            if engine.compiles == compiles:
+                return
 
     @staticmethod
     def _replay(scheduler: Scheduler, requests, offsets) -> tuple[np.ndarray, float]:
