@@ -12,4 +12,6 @@ def tokenize_sft_file(path, tokenizer_dir, max_seq_len: int) -> tuple[ReadReport
     examples = tokenize_records(
         tokenizer, read_chat_jsonl(path), max_seq_len=max_seq_len, too_long="skip", on_malformed="stop", report=report
     )
+    # what the trainer packs: next-token pairs within max_seq_len, each with a token to learn from
+    assert all(len(e["inputs"]) == len(e["targets"]) <= max_seq_len and e["loss_mask"].any() for e in examples)
     return report, examples
