@@ -36,8 +36,8 @@ SEED_MODIFICATION = "Seed workflow: a single CustomCodeGenerate call."
 # FlowReasoner's round 1: the root of the operator grammar (fr_jax.flow.grammar), one CustomCodeGenerate call.
 SEED_GRAPH, SEED_PROMPT = render(WorkflowSpec())
 
-# The query comes last: every query's prompt then shares the whole instruction as a prefix, which the rollout
-# engine's prefix cache computes once for a batch of queries.
+# The query comes last: every query's prompt then shares the whole instruction as a prefix, which a prefix cache
+# (the embedded engine's, SGLang's) can reuse across queries.
 _INSTRUCTIONS = """\
 You design a workflow that solves ONE coding problem with a worker LLM. It runs on the problem's public tests, \
 then is scored on hidden tests, so it must return complete Python code that defines the function the problem \
