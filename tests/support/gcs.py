@@ -5,8 +5,10 @@ tensorstore's gcs driver (orbax's arrays), gcsfs through etils.epath (orbax's me
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import pathlib
+import threading
 import urllib.parse
 from collections.abc import Iterator
 
@@ -35,7 +37,7 @@ class Bucket:
 
     def __init__(self, url: str, name: str):
         self.url, self.name = url, name
-        self._http = httpx.Client(base_url=url, timeout=120)  # fake-gcs-server lists slowly on a loaded host
+        self._http = httpx.Client(base_url=url, timeout=30)
         self._http.post("/storage/v1/b", json={"name": name}).raise_for_status()
 
     def names(self, prefix: str) -> list[str]:
@@ -65,6 +67,9 @@ def fake_gcs(bucket: str) -> Iterator[Bucket]:
     """A fake GCS on 127.0.0.1 with `bucket` created; stopped (and its storage deleted) on exit."""
     server = FakeGCSServer()
     server.start()
+    # The wrapper pipes the server's stderr and never reads it: the server logs every request there, and after
+    # about 430 requests (64 KiB) it blocks on the full pipe and stops answering. Drain it.
+    threading.Thread(target=collections.deque, args=(server._process.stderr, 0), daemon=True).start()
     try:
         host = urllib.parse.urlsplit(server.url).hostname
         assert host in ("127.0.0.1", "localhost"), f"fake-gcs-server listens on {host}: test traffic stays on loopback"

@@ -139,6 +139,14 @@ def test_local_places_save_resume_and_log(local_run):
     assert tensorboard_losses(base / "store" / "tb") == pytest.approx(losses, rel=1e-6)
 
 
+def test_the_fake_gcs_keeps_answering_past_a_full_log_pipe():
+    """A run makes hundreds of GCS requests; the server logs each one, and stopped answering once 64 KiB of log
+    filled its unread pipe (about 430 requests)."""
+    with fake_gcs("fr-test") as bucket:
+        for _ in range(600):
+            assert bucket.names("runs/") == []
+
+
 def test_gs_places_save_resume_and_log_as_locally(tmp_path, chats, local_run, compile_cache):
     with fake_gcs("fr-test") as bucket:
         places = {"checkpoint_dir": "gs://fr-test/runs/a/ckpt", "tensorboard_dir": "gs://fr-test/runs/a/tb"}
