@@ -8,6 +8,7 @@ must at least pay). The machine's load average is printed: other processes on th
 
     python bench/grpo_step.py                       # configs/grpo_demo.yaml, 2 rounds
     python bench/grpo_step.py --config my.yaml --rounds 3 grpo.rollout.prompts_per_step=4
+    python bench/grpo_step.py --config configs/flow_demo.yaml grpo.rollout.scheduling=static   # the baseline
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
+import sys
 import tempfile
 import time
 
@@ -50,6 +52,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
+    print("$ python bench/grpo_step.py " + " ".join(sys.argv[1:]))
     with tempfile.TemporaryDirectory(prefix="grpo_bench-") as tmp:
         cfg = load_config(
             args.config,

@@ -326,6 +326,7 @@ class GRPORolloutSection(Section):
     top_k: int = -1
     stop: tuple[str, ...] = Field((), strict=False)  # stop strings (kept in the text)
     max_running_requests: int = Field(64, ge=1)  # local/sglang launch: rows per engine batch
+    scheduling: Literal["continuous", "static"] = "continuous"  # local launch: static batches are the baseline
     mesh: str = "1,1,-1"  # local launch: data,fsdp,tensor of the server's own devices
     startup_timeout_s: float = Field(600.0, gt=0)
     sync_dir: str | None = None  # where weights are written for the server; null: /dev/shm (else <run_dir>)

@@ -19,6 +19,8 @@ from fr_jax import cli
 from fr_jax.config import ConfigError
 from fr_jax.parallel.mesh import initialize_distributed, make_mesh
 
+_log = logging.getLogger("fr_jax.serve")
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = cli.parser("python -m fr_jax.serve", __doc__)
@@ -101,6 +103,16 @@ def serve(args: argparse.Namespace) -> int:
         seed=args.random_seed,
         served_model_name=args.served_model_name,
         weight_version=args.weight_version,
+    )
+    info = server.server_info()
+    _log.info(
+        "serving %s (weights %s) on mesh %s: %s scheduling, max_running_requests %d, prefix cache %d tokens",
+        model_dir,
+        info["weight_version"],
+        info["mesh"],
+        info["schedule_policy"],
+        info["max_running_requests"],
+        info["prefix_cache_tokens"],
     )
     uvicorn.run(create_app(server), host=args.host, port=args.port, log_level=args.log_level.lower())
     return 0

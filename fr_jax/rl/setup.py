@@ -251,7 +251,12 @@ def rollout_service(
                 flags: dict[str, Any] = dict(weight_version=weight_version, random_seed=seed)
                 flags["port"] = None if routed else port
                 if section.launch == "local":
-                    flags.update(mesh=section.mesh, max_running_requests=section.max_running_requests, env=server_env())
+                    flags.update(
+                        mesh=section.mesh,
+                        max_running_requests=section.max_running_requests,
+                        scheduling=section.scheduling,
+                        env=server_env(),
+                    )
                 name = f"rollout_server_{section.launch}" + (f"_{i}" if section.replicas > 1 else "")
                 process = launch_server(
                     section.launch,

@@ -161,12 +161,15 @@ def test_a_grpo_round_through_a_fleet_the_run_launches(tmp_path, files):
     (their logs in the run directory), the round samples through the router, trains, and syncs both servers."""
     _, model_dir, tasks_file = files
     run_dir = tmp_path / "run"
-    rollout = {"replicas": 2, "router": "sglang-router"}  # the default policy, cache_aware
+    rollout = {"replicas": 2, "router": "sglang-router", "scheduling": "static"}  # the default policy, cache_aware
     cfg = grpo_config(run_dir, model_dir, tasks_file, rounds=1, rollout=rollout)
     (tmp_path / "grpo.yaml").write_text(yaml.safe_dump(cfg))
     assert train.main(["--config", str(tmp_path / "grpo.yaml")]) == 0
     logs = {p.name for p in (run_dir / "logs").iterdir()}
     assert {"rollout_server_local_0.log", "rollout_server_local_1.log", "sglang_router.log"} <= logs
+    for server in range(2):  # both servers got the run's engine settings
+        log = (run_dir / "logs" / f"rollout_server_local_{server}.log").read_text()
+        assert "static scheduling, max_running_requests 16" in log, log[-2000:]
     [round_one] = [m for m in read_metrics(run_dir) if "reward/total" in m]
     assert round_one["weight_version"] == 1.0 and np.isfinite(round_one["time/sync_s"])
     assert round_one["train/mismatch/abs_logp_diff"] < 1e-3  # the fleet sampled with the trainer's weights
