@@ -72,6 +72,9 @@ class LocalSandbox:
             self.url = self.server.start().url
         except (RuntimeError, TimeoutError) as error:
             raise SandboxUnavailable(f"sandbox_service did not start: {error}") from None
+        finally:
+            if not self.log_path.is_relative_to(self._tmp.name):
+                self._tmp.cleanup()  # the port is read: a parent killed from now on leaves no folder behind
         return self.url
 
     def stop(self, timeout_s: float = 40.0) -> int | None:

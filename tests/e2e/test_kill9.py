@@ -131,8 +131,12 @@ def _alive(pid: int, cmdline: bytes) -> bool:
 
 
 def _run_dirs_of(started: dict[int, bytes]) -> list[Path]:
-    services = [pid for pid, cmd in started.items() if b"sandbox_service" in cmd]
-    return [p for pid in services for p in Path(tempfile.gettempdir()).glob(f"fr_sandbox-{pid}-*")]
+    """The sandbox services' run directories, and the folders their port files were in, that still exist."""
+    services = {pid: cmd.split(b"\0") for pid, cmd in started.items() if b"sandbox_service" in cmd}
+    port_files = [Path(args[args.index(b"--port-file") + 1].decode()) for args in services.values()]
+    assert port_files, "a sandbox_service started by the trainer reports its port through a file"
+    left = [p for pid in services for p in Path(tempfile.gettempdir()).glob(f"fr_sandbox-{pid}-*")]
+    return left + [f.parent for f in port_files if f.parent.exists()]
 
 
 @pytest.mark.parametrize("mode", ["direct", "workflow"])

@@ -167,3 +167,12 @@ def test_local_sandbox_starts_and_stops_cleanly():
         os.kill(pid, 0)
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{url}/health")
+
+
+def test_a_local_sandbox_logging_elsewhere_keeps_no_folder_once_started(tmp_path):
+    """Its port file is read at start; a parent SIGKILLed afterwards (a trainer) would leave its folder in /tmp."""
+    with LocalSandbox(workers=1, log_path=tmp_path / "sandbox.log") as service:
+        port_file = service.server.port_file
+        assert port_file is not None and not port_file.parent.exists()
+        assert httpx.get(f"{service.url}/health").json()["status"] == "ok"
+    assert (tmp_path / "sandbox.log").read_text()  # the service's log went where it was told
