@@ -72,7 +72,9 @@ def main() -> None:
         rounds = [m for m in read_metrics(cfg.run_dir) if "time/round_s" in m]
         last = rounds[-1]
         sync_dir = pathlib.Path(cfg.grpo.rollout.sync_dir or "/dev/shm")
-        baseline = raw_write_s_per_gb(sync_dir if sync_dir.is_dir() else pathlib.Path(tmp), last["sync/gigabytes"])
+        synced = "sync/gigabytes" in last  # a round without an optimizer step (zero-variance groups) syncs nothing
+        if synced:
+            baseline = raw_write_s_per_gb(sync_dir if sync_dir.is_dir() else pathlib.Path(tmp), last["sync/gigabytes"])
     phases = {name: last.get(f"time/{name}_s", 0.0) for name in PHASES}
     round_s = last["time/round_s"]
     print(
@@ -89,6 +91,9 @@ def main() -> None:
     print(f"  {'other':8s} {other:7.2f} s  {other / round_s:6.1%} (batch building, metrics)")
     slowest = max(phases, key=phases.get)
     print(f"slowest: {slowest} ({phases[slowest] / round_s:.0%} of the round)")
+    if not synced:
+        print(f"weight sync: none in round {int(last['step'])} (no optimizer step: every group had zero variance)")
+        return
     sync = last["sync/seconds_per_gb"]
     print(
         f"weight sync: {last['sync/gigabytes']:.3f} GB at {sync:.2f} s/GB (write + server load) vs raw numpy write "
