@@ -78,6 +78,10 @@ class LocalSandbox:
         return self.url
 
     def stop(self, timeout_s: float = 40.0) -> int | None:
-        """SIGTERM (the service drains in-flight runs), then SIGKILL after `timeout_s`. Returns the exit code."""
+        """SIGTERM (the service drains in-flight runs), then SIGKILL after `timeout_s`. Returns the exit code.
+        Its temp folder (the port file, and the log unless it went elsewhere) goes with it."""
         self.url = None
-        return self.server.stop(timeout_s)
+        try:
+            return self.server.stop(timeout_s)
+        finally:
+            self._tmp.cleanup()

@@ -162,7 +162,10 @@ def test_local_sandbox_starts_and_stops_cleanly():
     assert url.startswith("http://127.0.0.1:")
     assert httpx.get(f"{url}/health").json()["status"] == "ok"
     pid = service.process.pid
+    folder = service.log_path.parent  # its own temp folder: no log_path was given
+    assert folder.name.startswith("local_sandbox-") and service.log_path.read_text()
     assert service.stop() in (0, -15)
+    assert not folder.exists()
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
     with pytest.raises(httpx.ConnectError):
