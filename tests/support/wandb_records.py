@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import pathlib
 import struct
+import time
 from typing import Any
 
 from wandb.proto import wandb_internal_pb2
@@ -53,6 +54,16 @@ def history(path: pathlib.Path) -> list[dict[str, Any]]:
             items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
             rows.append({k: v for k, v in items.items() if not k.startswith("_")})
     return rows
+
+
+def written_history(path: pathlib.Path, rows: int, timeout_s: float = 60.0) -> list[dict[str, Any]]:
+    """`history(path)` once it holds `rows` rows. In the process that logged them, run.finish() returns before
+    wandb-core has flushed the file: it tells the service the run is over without waiting (wandb_run.py,
+    inform_finish), and the service closes the file afterwards (at interpreter exit wandb waits for it)."""
+    deadline = time.monotonic() + timeout_s
+    while len(found := history(path)) < rows and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return found
 
 
 def config(path: pathlib.Path) -> dict[str, Any]:

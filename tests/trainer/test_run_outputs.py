@@ -189,7 +189,7 @@ def test_writer_sends_text_samples_to_tensorboard_and_wandb(tmp_path):
     writer.close()
     run_id = (tmp_path / WandbRun.ID_FILE).read_text()
     path = wandb_records.run_file(tmp_path, run_id)
-    rows = wandb_records.history(path)
+    rows = wandb_records.written_history(path, rows=2)
     assert rows[0] == {"step": 1, "reward/total": 0.5}
     assert rows[1]["step"] == 1 and rows[1]["samples/_type"] == "html-file"
     page = (path.parent / "files" / rows[1]["samples/path"]).read_text()
