@@ -11,6 +11,7 @@ import struct
 import time
 from typing import Any
 
+from google.protobuf.message import DecodeError
 from wandb.proto import wandb_internal_pb2
 
 BLOCK = 32768
@@ -59,11 +60,17 @@ def history(path: pathlib.Path) -> list[dict[str, Any]]:
 def written_history(path: pathlib.Path, rows: int, timeout_s: float = 60.0) -> list[dict[str, Any]]:
     """`history(path)` once it holds `rows` rows. In the process that logged them, run.finish() returns before
     wandb-core has flushed the file: it tells the service the run is over without waiting (wandb_run.py,
-    inform_finish), and the service closes the file afterwards (at interpreter exit wandb waits for it)."""
+    inform_finish), and the service closes the file afterwards (at interpreter exit wandb waits for it). Until then
+    the file may end inside a record."""
     deadline = time.monotonic() + timeout_s
-    while len(found := history(path)) < rows and time.monotonic() < deadline:
+    while True:
+        try:
+            found = history(path)
+        except (AssertionError, DecodeError):  # the header or the last record not written whole yet
+            found = []
+        if len(found) >= rows or time.monotonic() > deadline:
+            return found
         time.sleep(0.1)
-    return found
 
 
 def config(path: pathlib.Path) -> dict[str, Any]:
