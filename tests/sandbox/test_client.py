@@ -129,10 +129,11 @@ def test_a_killed_parent_leaves_no_service_behind(tmp_path):
     service too (setpriv --pdeathsig), instead of leaving it running with its port and jails."""
     script = (
         "import sys, time\nfrom fr_jax.sandbox.local import LocalSandbox\n"
-        "service = LocalSandbox(workers=1)\nservice.start()\n"
+        "service = LocalSandbox(workers=1, log_path=sys.argv[1])\nservice.start()\n"  # as a run gives it
         "print(service.process.pid, service.url, flush=True)\ntime.sleep(600)\n"
     )
-    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    log = tmp_path / "sandbox.log"
+    parent = subprocess.Popen([sys.executable, "-c", script, str(log)], stdout=subprocess.PIPE, text=True)
     try:
         pid, url = parent.stdout.readline().split()
         assert httpx.get(f"{url}/health").json()["status"] == "ok"
