@@ -93,6 +93,8 @@ class Bench:
 
     def engine(self, **options) -> Engine:
         """An engine on the loaded weights (each engine holds its own copy of the layers)."""
+        if self.args.chunk_steps is not None:
+            options["chunk_steps"] = self.args.chunk_steps
         return Engine(self.model, mesh=self.mesh, eos_token_ids=(self.tokenizer.eos_token_id,), **options)
 
     def transformers_generate(self, prompts, new_tokens: int, threads: int) -> float:
@@ -153,6 +155,7 @@ class Bench:
                     max_running_requests=args.batch,
                     dtype=args.dtype,
                     param_dtype=args.dtype,
+                    num_continuous_decode_steps=args.chunk_steps,
                 ) as server,
                 RolloutClient(server.url) as client,
             ):
@@ -370,6 +373,9 @@ def main() -> None:
     p.add_argument("--arrival-patterns", type=int, default=3, help="arrivals: Poisson arrival patterns measured")
     p.add_argument("--prefix-tokens", type=int, default=1024, help="shared-prefix: length of the common prefix")
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument(
+        "--chunk-steps", type=int, help="decode steps between scheduling rounds, every engine (default: the engine's)"
+    )
     p.add_argument(
         "--dtype",
         choices=["float32", "bfloat16"],

@@ -48,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--max-queued-requests", type=int, default=None, help="waiting samples beyond which requests get 503"
     )
     p.add_argument("--chunked-prefill-size", type=int, default=512, help="prompt tokens prefilled per step")
-    p.add_argument("--num-continuous-decode-steps", type=int, default=16, help="decode steps between scheduling rounds")
+    p.add_argument("--num-continuous-decode-steps", type=int, default=4, help="decode steps between scheduling rounds")
     p.add_argument("--prefix-cache-tokens", type=int, default=8192, help="K/V pool of the prefix cache, in tokens")
     p.add_argument("--disable-radix-cache", action="store_true", help="no prefix cache")
     p.add_argument(

@@ -255,6 +255,7 @@ def rollout_service(
                         mesh=section.mesh,
                         max_running_requests=section.max_running_requests,
                         scheduling=section.scheduling,
+                        num_continuous_decode_steps=section.decode_steps,
                         env=server_env(),
                     )
                 name = f"rollout_server_{section.launch}" + (f"_{i}" if section.replicas > 1 else "")

@@ -230,7 +230,9 @@ class Engine:
     detokenize: ids -> text, needed only for stop strings.
     max_seq_len: prompt + generation limit (default: the config's max_position_embeddings).
     max_running_requests: decode slots (samples decoding at once).
-    chunk_steps: decode steps per chunk (new rows join and stop strings are checked between chunks).
+    chunk_steps: decode steps per chunk (new rows join and stop strings are checked between chunks). A request
+        that arrives mid-chunk waits for its end; 4 against 16 on a 2-core CPU: long-tail throughput +7%, arrivals'
+        p99 8.4 -> 7.4 s (one pattern), a uniform batch -2% (README, bench/rollout.py --chunk-steps).
     chunked_prefill_size: prompt tokens prefilled per step, over all prompts of a group.
     prefix_cache_tokens: size of the prefix cache's K/V pool in tokens (0: off).
     scheduling: "continuous" or "static" (see the module docstring).
@@ -245,7 +247,7 @@ class Engine:
         detokenize: Callable[[list[int]], str] | None = None,
         max_seq_len: int | None = None,
         max_running_requests: int = 64,
-        chunk_steps: int = 16,
+        chunk_steps: int = 4,
         chunked_prefill_size: int = 512,
         prefix_cache_tokens: int = 8192,
         prefix_block: int = 16,

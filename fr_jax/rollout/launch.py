@@ -237,6 +237,7 @@ def local_command(
     chunked_prefill_size: int | None = None,
     prefix_cache_tokens: int | None = None,
     scheduling: str | None = None,
+    num_continuous_decode_steps: int | None = None,
     weight_version: str | None = None,
     random_seed: int | None = None,
     extra_args: Sequence[str] = (),
@@ -252,6 +253,7 @@ def local_command(
         ("--chunked-prefill-size", chunked_prefill_size),
         ("--prefix-cache-tokens", prefix_cache_tokens),
         ("--scheduling", scheduling),
+        ("--num-continuous-decode-steps", num_continuous_decode_steps),
         ("--weight-version", weight_version),
         ("--random-seed", random_seed),
     ):

@@ -503,6 +503,7 @@ class RolloutServer:
             "max_running_requests": engine.max_running_requests,
             "max_queued_requests": self.scheduler.max_queued_requests,
             "chunked_prefill_size": engine.chunked_prefill_size,
+            "num_continuous_decode_steps": engine.chunk_steps,
             "schedule_policy": engine.scheduling,
             "disable_radix_cache": engine.prefix.capacity == 0,
             "prefix_cache_tokens": engine.prefix.capacity * engine.prefix.block_size,

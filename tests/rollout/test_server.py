@@ -54,6 +54,7 @@ def server(request, tiny_dir):
             weight_version="v0",
             max_running_requests=8,
             max_queued_requests=64,
+            num_continuous_decode_steps=8,
         )
     with process, RolloutClient(process.url, retry_backoff_s=0.5) as client:
         yield kind, process, client
@@ -310,7 +311,7 @@ def test_router_facing_endpoints(local_server):
     _, process, _ = local_server
     info = httpx.get(process.url + "/server_info").json()
     assert info["model_path"] and info["served_model_name"] and info["max_running_requests"] == 8
-    assert info["max_queued_requests"] == 64 and info["dp_size"] == 1
+    assert info["max_queued_requests"] == 64 and info["dp_size"] == 1 and info["num_continuous_decode_steps"] == 8
     model = httpx.get(process.url + "/model_info").json()
     assert model["model_type"] == "qwen2" and model["architectures"] == ["Qwen2ForCausalLM"]
     [load] = httpx.get(process.url + "/get_load").json()
