@@ -1,10 +1,11 @@
 """Where a GRPO round's time goes on this machine: rollout, sandbox, train and weight sync, side by side.
 
 Runs the demo config (SmolLM2-135M-Instruct on easy MBPP tasks, the local rollout server over HTTP, the local
-sandbox) for --rounds rounds and reports the split of the last one (the first pays the compiles): each phase in
-seconds and as a share of the round, and the slowest phase named. Weight sync is also put against a baseline
-measured in the same run: writing the same number of bytes with numpy to the same folder (what any sync to disk
-must at least pay). The machine's load average is printed: other processes on these cores slow every phase.
+sandbox) for --rounds rounds and reports the split of the last one (the first pays the compiles; the last says how
+many programs the rollout server still compiled in it): each phase in seconds and as a share of the round, and the
+slowest phase named. Weight sync is also put against a baseline measured in the same run: writing the same number
+of bytes with numpy to the same folder (what any sync to disk must at least pay). The machine's load average is
+printed: other processes on these cores slow every phase.
 
     python bench/grpo_step.py                       # configs/grpo_demo.yaml, 2 rounds
     python bench/grpo_step.py --config my.yaml --rounds 3 grpo.rollout.prompts_per_step=4
@@ -81,9 +82,16 @@ def main() -> None:
         f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; whole run {total:.0f} s "
         f"({len(rounds)} rounds, first round {rounds[0]['time/round_s']:.1f} s with compiles)"
     )
+    compiles = last.get("rollout/compiles")
     print(
         f"round {int(last['step'])}: {round_s:.1f} s, {int(cfg.grpo.rollout.prompts_per_step)} prompts x "
-        f"{cfg.grpo.rollout.n} samples, {last['response/length_mean']:.0f} tokens per answer on average"
+        f"{cfg.grpo.rollout.n} samples, {last['response/length_mean']:.0f} tokens per answer on average; "
+        + (
+            "the rollout server does not count its compiles"
+            if compiles is None
+            else f"the rollout server compiled {int(compiles)} programs while sampling it "
+            f"({last['rollout/compile_s']:.1f} s of calls that compiled)"
+        )
     )
     for name, seconds in phases.items():
         print(f"  {name:8s} {seconds:7.2f} s  {seconds / round_s:6.1%} of the round")

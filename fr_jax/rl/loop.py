@@ -6,10 +6,11 @@
 3. update (fr_jax.rl.update): old-policy and reference log-probs when needed, then the PPO epochs;
 4. sync (fr_jax.rl.sync): the new weights go to the rollout server (every server of a fleet), which must report the
    new weight_version;
-5. log and checkpoint: every reward term, pass rates, KL, clipping, lengths, zero-variance groups and the time of
-   each phase to TensorBoard and metrics.jsonl, the round's samples to the rollout records; held-out evaluation
-   every train.eval_every rounds and at both ends (none with train.eval_batches 0); a checkpoint holds the train
-   state, the task stream's position and the weight version.
+5. log and checkpoint: every reward term, pass rates, KL, clipping, lengths, zero-variance groups, the time of
+   each phase and the programs the rollout servers compiled while sampling to TensorBoard and metrics.jsonl, the
+   round's samples to the rollout records; held-out evaluation every train.eval_every rounds and at both ends (none
+   with train.eval_batches 0); a checkpoint holds the train state, the task stream's position and the weight
+   version.
 Before the first round (fr_jax.rl.setup): the services and the mode, the tasks and their prompts, then the shared
 stage start-up (fr_jax.trainer.stage: restore or init). A rollout or sandbox failure stops the run with its cause.
 """
@@ -172,9 +173,13 @@ class GRPORun:
         for round_index in range(stage.start, train.steps):
             started, done, scalars, data = time.perf_counter(), round_index + 1, {}, None
             if main:  # 1. collect
+                compiled = svc.fleet.compiles()
                 data = svc.collector.collect(svc.client, svc.sandbox, round_index, version)
                 scalars.update({**data.stats, **{f"time/{k}": v for k, v in data.timing.items()}})
                 scalars.update(round_scalars(data.drawn))
+                if compiled is not None:  # a round that compiled is slower for it, not for its scheduling
+                    compiled = svc.fleet.compiles() - compiled
+                    scalars.update({"rollout/compiles": compiled.programs, "rollout/compile_s": compiled.seconds})
             batch = share_rows(group_rows(data.groups, layout, g.loss) if data else None, layout, self.rows)  # 2.
             if np.any(batch["advantages"]):  # 3. update
                 phase = time.perf_counter()

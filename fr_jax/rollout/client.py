@@ -64,6 +64,20 @@ class WeightSync:
         return (self.write_s + self.load_s) / max(self.gigabytes, 1e-9)
 
 
+@dataclasses.dataclass(frozen=True)
+class Compiles:
+    """Programs a rollout engine compiled, and the seconds of the calls that compiled them."""
+
+    programs: int
+    seconds: float
+
+    def __add__(self, other: Compiles) -> Compiles:
+        return Compiles(self.programs + other.programs, self.seconds + other.seconds)
+
+    def __sub__(self, earlier: Compiles) -> Compiles:
+        return Compiles(self.programs - earlier.programs, self.seconds - earlier.seconds)
+
+
 class RolloutClient:
     """HTTP client of a rollout server at `base_url` (e.g. "http://127.0.0.1:30000"); `concurrency > 1`: each
     prompt of a generate call is its own request, that many in flight (in front of a router)."""
@@ -193,6 +207,17 @@ class RolloutClient:
     def flush_cache(self) -> None:
         self._request("POST", "/flush_cache")
 
+    def compiles(self) -> Compiles | None:
+        """What fr_jax's server has compiled since it started (/server_info); None from a server that does not
+        count it (SGLang) or cannot say."""
+        try:
+            states = self._request("GET", "/server_info").json().get("internal_states") or [{}]
+        except RolloutError:
+            return None
+        if any("engine_compiles" not in state for state in states):
+            return None
+        return sum((Compiles(s["engine_compiles"], s["engine_compile_seconds"]) for s in states), Compiles(0, 0.0))
+
     def update_weights_from_disk(
         self, model_path, *, weight_version: str | None = None, load_format: str | None = None, flush_cache: bool = True
     ) -> str:
@@ -227,6 +252,12 @@ class RolloutFleet:
     def load(self, model_path, *, weight_version: str) -> None:
         """Every server loads `model_path` as `weight_version` and reports it (load_weights)."""
         load_weights(self.workers, model_path, weight_version=weight_version)
+
+    def compiles(self) -> Compiles | None:
+        """What every server compiled together, so a round's time can say whether it paid compiles; None when a
+        server does not count it."""
+        counts = [worker.compiles() for worker in self.workers]
+        return None if None in counts else sum(counts, Compiles(0, 0.0))
 
 
 def load_weights(workers: Sequence[RolloutClient], model_path, *, weight_version: str) -> None:

@@ -293,6 +293,7 @@ class Engine:
         self._cache: KVCache | None = None
         self._pool: KVCache | None = None
         self.compiles = 0
+        self.compile_seconds = 0.0  # the calls that compiled, compile included
         self.steps = 0
         self.prefill_seconds = 0.0  # forming groups, their prefill chunks, prefix-cache transfers, copies into slots
         self._prefill = jax.jit(self._prefill_fn, static_argnums=(4,), donate_argnums=(1,))
@@ -458,14 +459,10 @@ class Engine:
         with jax.set_mesh(self.mesh):
             out = fn(*args)
         if fn._cache_size() > before:
+            elapsed = time.perf_counter() - started
             self.compiles += 1
-            _log.info(
-                "compiled %s %s in %.1fs (engine compile #%d)",
-                name,
-                shapes,
-                time.perf_counter() - started,
-                self.compiles,
-            )
+            self.compile_seconds += elapsed
+            _log.info("compiled %s %s in %.1fs (engine compile #%d)", name, shapes, elapsed, self.compiles)
         return out
 
     def check(self, requests: Sequence[GenerationRequest]) -> None:

@@ -515,6 +515,7 @@ class RolloutServer:
             "internal_states": [
                 {
                     "engine_compiles": engine.compiles,
+                    "engine_compile_seconds": engine.compile_seconds,
                     "engine_steps": engine.steps,
                     "jobs_served": self.scheduler.jobs_served,
                     "samples_aborted": self.scheduler.samples_aborted,

@@ -342,6 +342,7 @@ def test_two_rounds_over_http_then_an_exact_resume(tmp_path, tiny_setup, capsys)
         assert m["well_formed"] > 0.3  # most answers were run by the sandbox
     assert 0 < max(rounds[r]["pass_rate"] for r in (1, 2)) < 1  # some right, some wrong: rewards that teach
     assert [rounds[r]["weight_version"] for r in (1, 2)] == [1.0, 2.0]
+    assert all(rounds[r]["rollout/compiles"] >= 0 and rounds[r]["rollout/compile_s"] >= 0 for r in (1, 2))
     assert {m["step"] for m in records if "eval/pass_at_1" in m} == {0, 2}
     assert (run_dir / "hf" / "config.json").is_file() and list((run_dir / "tensorboard").iterdir())
     host = json.loads(next((run_dir / "checkpoints" / "1" / "host").glob("process_0*.json")).read_text())
@@ -373,3 +374,5 @@ def test_two_rounds_over_http_then_an_exact_resume(tmp_path, tiny_setup, capsys)
     assert sorted(redone) == [1, 2]  # round 2's old line was replaced, not duplicated
     for key in ("reward/total", "pass_rate", "train/loss", "train/grad_norm", "response/length_mean"):
         assert redone[2][key] == rounds[2][key], key
+    # the resumed run's fresh server compiled while sampling its first round (no evaluation compiled it before)
+    assert redone[2]["rollout/compiles"] > 0 and redone[2]["rollout/compile_s"] > 0
