@@ -327,7 +327,7 @@ class GRPORolloutSection(Section):
     stop: tuple[str, ...] = Field((), strict=False)  # stop strings (kept in the text)
     max_running_requests: int = Field(64, ge=1)  # local/sglang launch: rows per engine batch
     scheduling: Literal["continuous", "static"] = "continuous"  # local launch: static batches are the baseline
-    decode_steps: int | None = Field(None, ge=1)  # local launch: decode steps between scheduling rounds; null: 4
+    decode_steps: int | None = Field(None, ge=1)  # local launch: decode steps per scheduling round (null: the server's)
     mesh: str = "1,1,-1"  # local launch: data,fsdp,tensor of the server's own devices
     startup_timeout_s: float = Field(600.0, gt=0)
     sync_dir: str | None = None  # where weights are written for the server; null: /dev/shm (else <run_dir>)
