@@ -231,8 +231,7 @@ class Engine:
     max_seq_len: prompt + generation limit (default: the config's max_position_embeddings).
     max_running_requests: decode slots (samples decoding at once).
     chunk_steps: decode steps per chunk (new rows join and stop strings are checked between chunks). A request
-        that arrives mid-chunk waits for its end; 4 against 16 on a 2-core CPU: long-tail throughput +7%, arrivals'
-        p99 8.4 -> 7.4 s (one pattern), a uniform batch -2% (README, bench/rollout.py --chunk-steps).
+        that arrives mid-chunk waits for its end, hence a short default (the README measures 4 against 16).
     chunked_prefill_size: prompt tokens prefilled per step, over all prompts of a group.
     prefix_cache_tokens: size of the prefix cache's K/V pool in tokens (0: off).
     scheduling: "continuous" or "static" (see the module docstring).
