@@ -63,6 +63,8 @@ def run(main: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> 
     )
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it writes at INFO
     logging.getLogger("fsspec.caching").setLevel(logging.WARNING)  # every block read of a gs:// checkpoint
+    if not args.debug:  # one line per HTTP request (rollout, sandbox, worker) would bury the progress bars
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         return main(args)
     except tuple(USER_ERRORS) as err:

@@ -90,3 +90,31 @@ def test_console_scripts_are_installed_beside_the_module_forms():
         assert (bin_dir / name).is_file(), f"{name} is not installed: run `pip install -e .` (scripts/setup.sh does)"
     result = subprocess.run([bin_dir / "fr-train", "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "stage" in result.stdout
+
+
+PROBE = """
+import http.server, sys, threading, httpx
+from fr_jax import cli
+
+class Quiet(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+threading.Thread(target=server.serve_forever, daemon=True).start()
+args = cli.parser("probe", "Make one HTTP request.").parse_args(sys.argv[1:])
+sys.exit(cli.run(lambda a: 0 if httpx.get(f"http://127.0.0.1:{server.server_port}/").status_code == 204 else 1, args))
+"""
+
+
+def test_http_requests_are_logged_only_under_debug():
+    """A GRPO round makes several HTTP calls a step (rollout, sandbox, workers): a line each would bury the progress
+    bars, so the commands log them only under --debug."""
+    plain, debug = run("-c", PROBE), run("-c", PROBE, "--debug")
+    assert plain.returncode == 0 and debug.returncode == 0, plain.stderr + debug.stderr
+    assert "HTTP Request: GET" in debug.stderr
+    assert "HTTP Request" not in plain.stderr, plain.stderr

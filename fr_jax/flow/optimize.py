@@ -758,7 +758,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args) -> int:
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would bury the progress
     overrides = [*args.overrides, *([f"records.form={args.form}"] if args.form else [])]
     cfg = load_config(args.config, overrides, OptimizeConfig)
     if args.best_fixed:
