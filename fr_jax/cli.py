@@ -14,6 +14,8 @@ import sys
 import traceback
 from collections.abc import Callable, Mapping
 
+from tqdm.contrib.logging import logging_redirect_tqdm
+
 from fr_jax.config import ConfigError
 from fr_jax.flow.mode import build_workflow_mode
 from fr_jax.rl.modes import build_direct_mode
@@ -66,7 +68,8 @@ def run(main: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> 
     if not args.debug:  # one line per HTTP request (rollout, sandbox, worker) would bury the progress bars
         logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
-        return main(args)
+        with logging_redirect_tqdm():  # a log line goes above the progress bars, not into one
+            return main(args)
     except tuple(USER_ERRORS) as err:
         if args.debug:
             traceback.print_exc()

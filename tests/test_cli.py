@@ -2,6 +2,7 @@
 and every command says what it does and where its docs are."""
 
 import pathlib
+import re
 import subprocess
 import sys
 import tomllib
@@ -93,7 +94,8 @@ def test_console_scripts_are_installed_beside_the_module_forms():
 
 
 PROBE = """
-import http.server, sys, threading, httpx
+import http.server, logging, sys, threading, httpx
+from tqdm import tqdm
 from fr_jax import cli
 
 class Quiet(http.server.BaseHTTPRequestHandler):
@@ -106,15 +108,25 @@ class Quiet(http.server.BaseHTTPRequestHandler):
 
 server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
 threading.Thread(target=server.serve_forever, daemon=True).start()
-args = cli.parser("probe", "Make one HTTP request.").parse_args(sys.argv[1:])
-sys.exit(cli.run(lambda a: 0 if httpx.get(f"http://127.0.0.1:{server.server_port}/").status_code == 204 else 1, args))
+
+def main(args):
+    for step in tqdm(range(2), desc="probe"):
+        if step == 1:
+            httpx.get(f"http://127.0.0.1:{server.server_port}/").raise_for_status()
+            logging.getLogger("probe").info("the probe logs mid-bar")
+    return 0
+
+args = cli.parser("probe", "Log and make one HTTP request under a progress bar.").parse_args(sys.argv[1:])
+sys.exit(cli.run(main, args))
 """
 
 
-def test_http_requests_are_logged_only_under_debug():
+def test_command_logs_stay_readable():
     """A GRPO round makes several HTTP calls a step (rollout, sandbox, workers): a line each would bury the progress
-    bars, so the commands log them only under --debug."""
+    bar, so they are logged only under --debug. And a log line printed while a bar runs starts a line of its own."""
     plain, debug = run("-c", PROBE), run("-c", PROBE, "--debug")
     assert plain.returncode == 0 and debug.returncode == 0, plain.stderr + debug.stderr
     assert "HTTP Request: GET" in debug.stderr
     assert "HTTP Request" not in plain.stderr, plain.stderr
+    line = next(line for line in plain.stderr.splitlines() if "the probe logs mid-bar" in line)
+    assert re.match(r"\d{4}-\d\d-\d\d [\d:,]+ INFO probe: ", line.split("\r")[-1]), repr(line)
