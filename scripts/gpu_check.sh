@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
-# The accelerator path checked in one run (issue 16), on one CUDA GPU; about 8 minutes on an H100 once installed.
+# The accelerator path checked in one run (issues 15 and 16), on one CUDA GPU. Steps 3-6 run under limits of 300,
+# 180, 270 and 300 s; no GPU has run it yet, so no time is measured.
 #   1. card: nvidia-smi, recorded
 #   2. install: fr_jax with SGLang, JAX's CUDA plugin, the test tools and sglang-router (skipped when all is there)
 #   3. gpu tests: pytest -m gpu (real SGLang: launch, protocol conformance, weight update, and any other gpu test);
 #      a test skipped for want of a GPU or SGLang fails the check (fr_jax-only behaviour skips by design)
 #   4. MFU: bf16 fwd+bwd of a Qwen2.5-0.5B-shaped model with random weights (bench/model_step.py)
 #   5. rollout: tokens/s of real SGLang against fr_jax's embedded engine on the same GPU (bench/rollout_servers.py)
+#   6. arrivals: p99 latency of continuous against static batching, Poisson arrivals (issue 15's open goal, which a
+#      CPU cannot meet: there a decode step costs more the more rows it has; bench/rollout.py --workload arrivals)
 # Each step is announced, stops the script when it fails (set -euo pipefail) and leaves its output in the folder.
 #
-#   bash scripts/gpu_check.sh [OUT_DIR] [--dry-run]     # OUT_DIR: default gpu_check_out/
+#   bash scripts/gpu_check.sh [OUT_DIR] [--dry-run] [--only tests,mfu,rollout,arrivals]   # OUT_DIR: gpu_check_out/
 #
 # --dry-run prints the plan and runs what needs no GPU: the test collection, the benchmarks' argument parsing.
+# --only runs the card and install steps, then only the named steps (a short device lease: one goal at a time).
 # Environment: PEAK_TFLOPS (dense bf16 per GPU for MFU; default from the card's name, else measured with a
 # matmul), JAX_CUDA (jax's CUDA extra, default cuda13 like SGLang's kernels), FR_JAX_PYTHON (default python3),
 # FR_JAX_WHEELHOUSE (install offline from this folder of wheels: `pip download -d DIR '.[sglang]' ...`).
@@ -19,14 +23,30 @@ cd "$(dirname "$0")/.."
 
 OUT=gpu_check_out
 DRY_RUN=0
+STEPS=tests,mfu,rollout,arrivals
+expect_steps=0
 for arg in "$@"; do
+  if [ "$expect_steps" = 1 ]; then
+    STEPS=$arg
+    expect_steps=0
+    continue
+  fi
   case "$arg" in
     --dry-run) DRY_RUN=1 ;;
-    -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --only) expect_steps=1 ;;
+    -h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     -*) echo "gpu_check.sh: unknown option '$arg' (see bash scripts/gpu_check.sh --help)" >&2; exit 2 ;;
     *) OUT=$arg ;;
   esac
 done
+[ "$expect_steps" = 0 ] || { echo "gpu_check.sh: --only needs a list, e.g. --only arrivals" >&2; exit 2; }
+for name in ${STEPS//,/ }; do
+  case "$name" in
+    tests|mfu|rollout|arrivals) ;;
+    *) echo "gpu_check.sh: unknown step '$name' in --only (steps: tests, mfu, rollout, arrivals)" >&2; exit 2 ;;
+  esac
+done
+wanted() { [[ ",$STEPS," == *",$1,"* ]]; }
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 PY=.venv/bin/python
@@ -67,7 +87,7 @@ peak_tflops() {
   esac
 }
 
-step "1/5 card"
+step "1/6 card"
 if [ "$DRY_RUN" = 1 ]; then
   echo "would record nvidia-smi in $OUT/nvidia-smi.txt and the card's name, memory and driver in $OUT/card.csv"
   CARD="(dry run)"
@@ -79,7 +99,7 @@ else
 fi
 PEAK=${PEAK_TFLOPS:-$(peak_tflops "$CARD")}
 
-step "2/5 install"
+step "2/6 install"
 ready() {
   [ -x "$PY" ] && "$PY" - <<'EOF' 2>/dev/null
 import importlib.util, sys
@@ -113,14 +133,15 @@ else
 fi
 [ "$DRY_RUN" = 1 ] || "$PY" -m pip freeze > "$OUT/pip-freeze.txt"
 
-step "3/5 gpu tests (pytest -m gpu)"
-if [ "$DRY_RUN" = 1 ]; then
-  echo "the gpu tests this run would run:"
-  "$PY" -m pytest -m gpu --collect-only -q -p no:cacheprovider tests | tee "$OUT/gpu-tests-planned.txt"
-fi
-run 300 gpu-tests.log "$PY" -m pytest -m gpu -rs -p no:cacheprovider --junitxml="$OUT/gpu-tests.xml" tests
-if [ "$DRY_RUN" = 0 ]; then
-  "$PY" - "$OUT/gpu-tests.xml" <<'EOF' | tee "$OUT/gpu-tests-check.txt"
+if wanted tests; then
+  step "3/6 gpu tests (pytest -m gpu)"
+  if [ "$DRY_RUN" = 1 ]; then
+    echo "the gpu tests this run would run:"
+    "$PY" -m pytest -m gpu --collect-only -q -p no:cacheprovider tests | tee "$OUT/gpu-tests-planned.txt"
+  fi
+  run 300 gpu-tests.log "$PY" -m pytest -m gpu -rs -p no:cacheprovider --junitxml="$OUT/gpu-tests.xml" tests
+  if [ "$DRY_RUN" = 0 ]; then
+    "$PY" - "$OUT/gpu-tests.xml" <<'EOF' | tee "$OUT/gpu-tests-check.txt"
 import re, sys, xml.etree.ElementTree as ET
 cases = list(ET.parse(sys.argv[1]).getroot().iter("testcase"))
 reasons = [s.get("message", "") for c in cases for s in c.iter("skipped")]
@@ -130,28 +151,43 @@ if len(cases) == len(reasons) or missing:
              f"SGLang: {sorted(set(missing))}")
 print(f"{len(cases) - len(reasons)} gpu tests ran; {len(reasons)} skipped by design: {sorted(set(reasons))}")
 EOF
+  fi
 fi
 
-step "4/5 MFU: bf16 fwd+bwd, Qwen2.5-0.5B shape, random weights (peak: ${PEAK:-measured} TFLOP/s)"
-PEAK_FLAG=()
-[ -n "$PEAK" ] && PEAK_FLAG=(--peak-tflops "$PEAK")
-MODEL_STEP=(bench/model_step.py --models qwen2.5-0.5b --dtype bfloat16 --no-torch --batch 8 --seq 1024 --steps 10
-  "${PEAK_FLAG[@]}")
-[ "$DRY_RUN" = 0 ] || "$PY" "${MODEL_STEP[@]}" --help >/dev/null  # the flags parse
-run 180 model-step.txt "$PY" "${MODEL_STEP[@]}"
+if wanted mfu; then
+  step "4/6 MFU: bf16 fwd+bwd, Qwen2.5-0.5B shape, random weights (peak: ${PEAK:-measured} TFLOP/s)"
+  PEAK_FLAG=()
+  [ -n "$PEAK" ] && PEAK_FLAG=(--peak-tflops "$PEAK")
+  MODEL_STEP=(bench/model_step.py --models qwen2.5-0.5b --dtype bfloat16 --no-torch --batch 8 --seq 1024 --steps 10
+    "${PEAK_FLAG[@]}")
+  [ "$DRY_RUN" = 0 ] || "$PY" "${MODEL_STEP[@]}" --help >/dev/null  # the flags parse
+  run 180 model-step.txt "$PY" "${MODEL_STEP[@]}"
+fi
 
-step "5/5 rollout tokens/s: real SGLang vs the embedded engine"
-ROLLOUT=(bench/rollout_servers.py --prompts 16 --n 8 --new-tokens 256 --repeats 2 --out "$OUT/rollout-servers.json")
-[ "$DRY_RUN" = 0 ] || "$PY" "${ROLLOUT[@]}" --help >/dev/null
-run 270 rollout-servers.txt "$PY" "${ROLLOUT[@]}"
+if wanted rollout; then
+  step "5/6 rollout tokens/s: real SGLang vs the embedded engine"
+  ROLLOUT=(bench/rollout_servers.py --prompts 16 --n 8 --new-tokens 256 --repeats 2 --out "$OUT/rollout-servers.json")
+  [ "$DRY_RUN" = 0 ] || "$PY" "${ROLLOUT[@]}" --help >/dev/null
+  run 270 rollout-servers.txt "$PY" "${ROLLOUT[@]}"
+fi
+
+if wanted arrivals; then
+  step "6/6 arrivals: p99 latency, continuous vs static batching (issue 15)"
+  ARRIVALS=(bench/rollout.py --workload arrivals --no-transformers)
+  [ "$DRY_RUN" = 0 ] || "$PY" "${ARRIVALS[@]}" --help >/dev/null
+  run 300 arrivals.txt "$PY" "${ARRIVALS[@]}"
+fi
 
 step "done in $((SECONDS - STARTED)) s"
 if [ "$DRY_RUN" = 0 ]; then
   {
     echo "card: $(tail -n 1 "$OUT/card.csv")"
-    cat "$OUT/gpu-tests-check.txt"
-    tail -n 1 "$OUT/gpu-tests.log"
-    grep -h "MFU" "$OUT/model-step.txt" | tail -n 2
-    grep -h "tokens/s\|embedded / SGLang" "$OUT/rollout-servers.txt"
+    if wanted tests; then
+      cat "$OUT/gpu-tests-check.txt"
+      tail -n 1 "$OUT/gpu-tests.log"
+    fi
+    if wanted mfu; then grep -h "MFU" "$OUT/model-step.txt" | tail -n 2; fi
+    if wanted rollout; then grep -h "tokens/s\|embedded / SGLang" "$OUT/rollout-servers.txt"; fi
+    if wanted arrivals; then grep -h "capacity:\|p50 .* p99\|p99 continuous / static" "$OUT/arrivals.txt"; fi
   } | tee "$OUT/summary.txt"
 fi
