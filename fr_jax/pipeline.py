@@ -19,6 +19,7 @@ Docs: docs/flow.md (the recipe), README.md.
 from __future__ import annotations
 
 import argparse
+import codecs
 import contextlib
 import json
 import logging
@@ -152,13 +153,24 @@ def stage_configs(cfg: PipelineConfig, worker_url: str) -> tuple[OptimizeConfig,
 
 
 def _run_child(command: list[str], log: pathlib.Path, what: str) -> None:
-    """A stage as a child process that dies with the pipeline; its output goes to `log`."""
+    """A stage as a child process that dies with the pipeline. Its output goes to `log` and to this console as it
+    comes, progress bars included: a stage runs for minutes, and the user watches it here."""
     _log.info("%s: %s (log %s)", what, " ".join(command), log)
-    with log.open("a") as out:
-        done = subprocess.run(bound_to_parent(command), stdout=out, stderr=subprocess.STDOUT, env=server_env())
-    if done.returncode != 0:
+    console = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a chunk may end inside a character
+    with (
+        log.open("ab") as out,
+        subprocess.Popen(
+            bound_to_parent(command), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=server_env()
+        ) as child,
+    ):
+        for chunk in iter(lambda: child.stdout.read1(1 << 16), b""):
+            out.write(chunk)
+            out.flush()
+            sys.stderr.write(console.decode(chunk))
+            sys.stderr.flush()
+    if child.returncode != 0:
         last = log.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
-        raise cli.CommandFailed(f"{what} failed with exit status {done.returncode}: {last[0]} (whole log: {log})")
+        raise cli.CommandFailed(f"{what} failed with exit status {child.returncode}: {last[0]} (whole log: {log})")
 
 
 def _stage(run: pathlib.Path, name: str, *commands: list[str]) -> None:

@@ -9,8 +9,11 @@ import subprocess
 import sys
 import time
 
+import pytest
 import yaml
 
+from fr_jax import cli
+from fr_jax.pipeline import _run_child
 from fr_jax.rl.setup import server_env
 
 TINY = {
@@ -115,6 +118,7 @@ def test_the_recipe_runs_and_resumes_after_a_kill_inside_a_stage(tmp_path, workf
     assert "distil: done before" in log  # the finished stage was not redone ...
     assert (run / "distil" / "rounds.jsonl").read_text() == distilled
     assert "resuming at step" in (run / "sft.log").read_text()  # ... and the killed one resumed
+    assert "resuming at step" in log  # the stage's output also reached the console
     report = json.loads((run / "report.json").read_text())
     assert [row["method"] for row in report["rows"]] == ["meta-agent", "io", "best_fixed"]
     chosen = json.loads((run / "best_fixed" / "best_fixed.json").read_text())
@@ -124,3 +128,12 @@ def test_the_recipe_runs_and_resumes_after_a_kill_inside_a_stage(tmp_path, workf
     assert report["sft"]["queries"] == 2 and report["sft"]["records"] >= 1
     assert report["grpo"]["rounds"] == 1
     assert "| meta-agent |" in (run / "report.md").read_text()
+
+
+def test_a_stage_is_shown_as_it_runs_logged_and_its_failure_named(tmp_path, capsys):
+    log = tmp_path / "stage.log"
+    stage = "import sys; print('step 1 of 2', flush=True); sys.stderr.write('bar \u2588\\r'); sys.exit(3)"
+    with pytest.raises(cli.CommandFailed, match=r"stage failed with exit status 3: .*\(whole log: .*stage.log\)"):
+        _run_child([sys.executable, "-c", stage], log, "stage")
+    assert capsys.readouterr().err == "step 1 of 2\nbar \u2588\r"
+    assert log.read_bytes().decode() == "step 1 of 2\nbar \u2588\r"
