@@ -23,7 +23,8 @@ cd "$(dirname "$0")/.."
 
 OUT=gpu_check_out
 DRY_RUN=0
-STEPS=tests,mfu,rollout,arrivals
+ALL_STEPS=tests,mfu,rollout,arrivals
+STEPS=$ALL_STEPS
 expect_steps=0
 for arg in "$@"; do
   if [ "$expect_steps" = 1 ]; then
@@ -40,13 +41,13 @@ for arg in "$@"; do
   esac
 done
 [ "$expect_steps" = 0 ] || { echo "gpu_check.sh: --only needs a list, e.g. --only arrivals" >&2; exit 2; }
-for name in ${STEPS//,/ }; do
-  case "$name" in
-    tests|mfu|rollout|arrivals) ;;
-    *) echo "gpu_check.sh: unknown step '$name' in --only (steps: tests, mfu, rollout, arrivals)" >&2; exit 2 ;;
-  esac
-done
 wanted() { [[ ",$STEPS," == *",$1,"* ]]; }
+for name in ${STEPS//,/ }; do
+  [[ ",$ALL_STEPS," == *",$name,"* ]] || {
+    echo "gpu_check.sh: unknown step '$name' in --only (steps: $ALL_STEPS)" >&2
+    exit 2
+  }
+done
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 PY=.venv/bin/python
