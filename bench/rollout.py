@@ -42,8 +42,11 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
+from model_step import CONFIGS  # noqa: E402  (bench/model_step.py: the benchmarks' model shapes)
 
 from fr_jax.data.tasks import default_data_dir  # noqa: E402
+from fr_jax.models.config import ModelConfig  # noqa: E402
+from fr_jax.models.decoder import create_model  # noqa: E402
 from fr_jax.models.gguf import smollm2_hf_dir  # noqa: E402
 from fr_jax.models.hf import load_pretrained  # noqa: E402
 from fr_jax.models.tokenizer import load_tokenizer  # noqa: E402
@@ -53,16 +56,6 @@ from fr_jax.rollout.engine import Engine, GenerationRequest, SamplingOptions  # 
 from fr_jax.rollout.scheduler import Scheduler  # noqa: E402
 
 COMMAND = "python bench/rollout.py " + " ".join(sys.argv[1:])
-
-
-def humaneval_prompts(tokenizer, count: int, length: int) -> list[tuple[int, ...]]:
-    """`count` HumanEval prompts cut to `length` tokens (only prompts at least that long)."""
-    with open(default_data_dir() / "HumanEval.jsonl") as f:
-        encoded = [tokenizer.encode(json.loads(line)["prompt"]) for line in f]
-    long_enough = [tuple(ids[:length]) for ids in encoded if len(ids) >= length]
-    if len(long_enough) < count:
-        raise SystemExit(f"only {len(long_enough)} HumanEval prompts have {length} tokens; asked for {count}")
-    return long_enough[:count]
 
 
 def timed(run) -> float:
@@ -84,10 +77,18 @@ def best_of(repeats: int, run) -> tuple[float, float]:
 class Bench:
     def __init__(self, args):
         self.args = args
-        self.model_dir = smollm2_hf_dir()
-        self.tokenizer = load_tokenizer(self.model_dir)
         self.mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
-        self.model = load_pretrained(self.model_dir, mesh=self.mesh, param_dtype=args.dtype, dtype=args.dtype)
+        if args.random_weights:
+            # where the demo model is not (a GPU machine that cannot carry its 98 MB): timings need only the shapes
+            hf_config = CONFIGS["smollm2"]()
+            config = ModelConfig.from_hf(hf_config.to_dict(), param_dtype=args.dtype, dtype=args.dtype)
+            self.model = create_model(config, mesh=self.mesh)
+            self.eos_token_id, self.tokenizer = hf_config.eos_token_id, None
+        else:
+            self.model_dir = smollm2_hf_dir()
+            self.tokenizer = load_tokenizer(self.model_dir)
+            self.model = load_pretrained(self.model_dir, mesh=self.mesh, param_dtype=args.dtype, dtype=args.dtype)
+            self.eos_token_id = self.tokenizer.eos_token_id
         self.discarded = 0  # arrivals: replays run again because they compiled
         self.compiled_timed = 0  # arrivals: timed replays that compiled all the same
 
@@ -95,7 +96,26 @@ class Bench:
         """An engine on the loaded weights (each engine holds its own copy of the layers)."""
         if self.args.chunk_steps is not None:
             options["chunk_steps"] = self.args.chunk_steps
-        return Engine(self.model, mesh=self.mesh, eos_token_ids=(self.tokenizer.eos_token_id,), **options)
+        return Engine(self.model, mesh=self.mesh, eos_token_ids=(self.eos_token_id,), **options)
+
+    def token_corpus(self) -> list[int]:
+        """HumanEval's prompts as one token stream; with random weights, random tokens (the text would not matter)."""
+        if self.tokenizer is None:
+            return np.random.default_rng(0).integers(0, self.model.cfg.vocab_size, 100_000).tolist()
+        with open(default_data_dir() / "HumanEval.jsonl") as f:
+            return self.tokenizer.encode("\n".join(json.loads(line)["prompt"] for line in f))
+
+    def prompts(self, count: int, length: int) -> list[tuple[int, ...]]:
+        """`count` HumanEval prompts cut to `length` tokens (only prompts at least that long), or random ones."""
+        if self.tokenizer is None:
+            rng = np.random.default_rng(length)
+            return [tuple(row) for row in rng.integers(0, self.model.cfg.vocab_size, (count, length)).tolist()]
+        with open(default_data_dir() / "HumanEval.jsonl") as f:
+            encoded = [self.tokenizer.encode(json.loads(line)["prompt"]) for line in f]
+        long_enough = [tuple(ids[:length]) for ids in encoded if len(ids) >= length]
+        if len(long_enough) < count:
+            raise SystemExit(f"only {len(long_enough)} HumanEval prompts have {length} tokens; asked for {count}")
+        return long_enough[:count]
 
     def transformers_generate(self, prompts, new_tokens: int, threads: int) -> float:
         """Seconds for transformers' generate on `prompts` (left-padded), `new_tokens` each, EOS ignored."""
@@ -130,7 +150,7 @@ class Bench:
 
     def uniform(self) -> None:
         args = self.args
-        prompts = humaneval_prompts(self.tokenizer, args.batch, args.prompt_tokens)
+        prompts = self.prompts(args.batch, args.prompt_tokens)
         tokens = args.batch * args.new_tokens
         print(f"\n== uniform: batch {args.batch}, {args.prompt_tokens}-token prompts, {args.new_tokens} new tokens")
         engine = self.engine(max_running_requests=args.batch)
@@ -171,7 +191,7 @@ class Bench:
         rng = np.random.default_rng(0)
         budgets = rng.integers(8, 33, size=64)
         budgets[rng.choice(64, size=8, replace=False)] = 256
-        prompts = humaneval_prompts(self.tokenizer, 64, 32)
+        prompts = self.prompts(64, 32)
         requests = [
             GenerationRequest(p, SamplingOptions(max_new_tokens=int(m), temperature=1.0, ignore_eos=True, seed=i))
             for i, (p, m) in enumerate(zip(prompts, budgets))
@@ -217,7 +237,7 @@ class Bench:
         count = args.arrivals
         rng = np.random.default_rng(1)
         budgets = rng.integers(16, 129, size=count)
-        prompts = humaneval_prompts(self.tokenizer, count, 64)
+        prompts = self.prompts(count, 64)
         requests = [
             GenerationRequest(p, SamplingOptions(max_new_tokens=int(m), temperature=1.0, ignore_eos=True, seed=i))
             for i, (p, m) in enumerate(zip(prompts, budgets))
@@ -321,12 +341,11 @@ class Bench:
     # ------------------------------------------------------------------------------------ shared prefix
 
     def shared_prefix(self) -> None:
-        tokenizer, size = self.tokenizer, self.args.prefix_tokens
-        with open(default_data_dir() / "HumanEval.jsonl") as f:
-            corpus = tokenizer.encode("\n".join(json.loads(line)["prompt"] for line in f))
+        size = self.args.prefix_tokens
+        corpus = self.token_corpus()
         # the compiling run and each timed one: the same queries (so the same groups and shapes), another prefix
         prefixes = [tuple(corpus[i * size : (i + 1) * size]) for i in range(self.args.repeats + 1)]
-        queries = humaneval_prompts(tokenizer, 32, 64)
+        queries = self.prompts(32, 64)
 
         def round_of(prefix, first_query: int):
             return [
@@ -385,13 +404,27 @@ def main() -> None:
     p.add_argument("--no-server", action="store_true", help="uniform: skip the HTTP server overhead measurement")
     p.add_argument("--no-transformers", action="store_true", help="skip the (slow) transformers baselines")
     p.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="SmolLM2-135M's shapes with random weights and random prompt tokens, for a machine without the demo "
+        "model: the engines' timings are the same (EOS is ignored), its outputs are not text",
+    )
+    p.add_argument(
         "--torch-threads",
         default=f"{os.cpu_count()},1",
         help="comma-separated torch intra-op thread counts, one uniform baseline run each (default: all cores, 1)",
     )
     args = p.parse_args()
+    if args.random_weights and not args.no_transformers:
+        p.error("--random-weights: transformers' baselines load the demo model; add --no-transformers")
+    if args.random_weights and not args.no_server and args.workload in ("all", "uniform"):
+        p.error("--random-weights: the HTTP server loads the demo model; add --no-server")
     print(f"$ {COMMAND}")
-    print(f"SmolLM2-135M {args.dtype}; {os.cpu_count()} CPU cores; load average {os.getloadavg()}")
+    weights = "random weights" if args.random_weights else "the demo model's weights"
+    print(
+        f"SmolLM2-135M {args.dtype}, {weights}; {jax.devices()[0].device_kind}, {os.cpu_count()} CPU cores; "
+        f"load average {os.getloadavg()}"
+    )
     bench = Bench(args)
     workloads = {
         "uniform": bench.uniform,
