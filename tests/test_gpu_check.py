@@ -1,15 +1,17 @@
 """scripts/gpu_check.sh, the one run a lent GPU gets, checked where no GPU is: its dry run plans the chosen steps and
-parses the benchmarks' flags, and a wrong step name stops it before anything runs."""
+parses the benchmarks' flags, offline it installs only the carried wheels, and a wrong step name or a request it
+cannot serve stops it before anything runs."""
 
+import os
 import pathlib
 import subprocess
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def gpu_check(*args: str) -> subprocess.CompletedProcess:
+def gpu_check(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        ["bash", "scripts/gpu_check.sh", *args], capture_output=True, text=True, timeout=300, cwd=REPO
+        ["bash", "scripts/gpu_check.sh", *args], capture_output=True, text=True, timeout=300, cwd=REPO, env=env
     )
 
 
@@ -27,3 +29,27 @@ def test_an_unknown_step_is_named(tmp_path):
     assert result.returncode == 2
     assert "unknown step 'speed'" in result.stderr
     assert "install" not in result.stdout  # stopped before the first step
+
+
+def test_offline_mode_installs_the_carried_wheels_beside_the_machines_python(tmp_path):
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    (wheels / "pydantic-2.0-py3-none-any.whl").touch()
+    env = {**os.environ, "FR_JAX_WHEELS": str(wheels), "FR_JAX_PYTHON": str(REPO / ".venv/bin/python")}
+    result = gpu_check(str(tmp_path / "out"), "--dry-run", "--only", "mfu,arrivals", env=env)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert f"--no-index --no-deps --no-compile --upgrade --target .gpu_site {wheels}/pydantic-2.0" in result.stdout
+    assert ".[sglang]" not in result.stdout  # nothing from the network
+    assert "bench/rollout.py --workload arrivals --no-transformers --random-weights" in result.stdout
+
+
+def test_offline_mode_names_what_it_cannot_do(tmp_path):
+    empty = tmp_path / "wheels"
+    empty.mkdir()
+    env = {**os.environ, "FR_JAX_WHEELS": str(empty)}
+    result = gpu_check(str(tmp_path / "out"), "--dry-run", "--only", "arrivals", env=env)
+    assert result.returncode == 1
+    assert f"FR_JAX_WHEELS={empty} holds no wheels" in result.stderr
+    result = gpu_check(str(tmp_path / "out"), "--dry-run", "--only", "tests,arrivals", env=env)
+    assert result.returncode == 1
+    assert "need SGLang, which carried wheels cannot hold; run --only mfu,arrivals" in result.stderr
