@@ -29,7 +29,7 @@ done
 [ -x .venv/bin/python ] || { echo "gpu_wheels.sh: no .venv here: run bash scripts/setup.sh first" >&2; exit 1; }
 
 # name==version of each, as installed here (a name missing here stops the script, naming it)
-mapfile -t PINNED < <(.venv/bin/python - $NEEDED <<'EOF'
+PINNED_LINES=$(.venv/bin/python - $NEEDED <<'EOF'
 import importlib.metadata as md, sys
 missing = []
 for name in sys.argv[1:]:
@@ -41,8 +41,9 @@ if missing:
     sys.exit(f"gpu_wheels.sh: not installed in .venv: {', '.join(missing)} (run bash scripts/setup.sh)")
 EOF
 )
-rm -rf "$DIR"
+mapfile -t PINNED <<<"$PINNED_LINES"
 mkdir -p "$DIR"
+rm -f "$DIR"/*.whl  # an older version left beside a newer one would stop the install there
 .venv/bin/python -m pip download -q --no-deps --only-binary=:all: --dest "$DIR" \
   --python-version "$PYTHON_VERSION" --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
