@@ -22,7 +22,7 @@ import numpy as np
 
 from fr_jax.config import GRPOSection
 from fr_jax.data.tasks import Task
-from fr_jax.rl.grpo import overlong_penalty
+from fr_jax.rl.grpo import informative_groups, overlong_penalty
 from fr_jax.rl.modes import Mode, Score, worker_usage
 from fr_jax.rollout import Rollout, RolloutClient, RolloutError
 from fr_jax.rollout.protocol import SamplingParams
@@ -117,7 +117,7 @@ class Group:
 
     @property
     def has_variance(self) -> bool:
-        return bool(np.ptp(self.rewards) > 0)
+        return bool(informative_groups(self.rewards[None])[0])
 
 
 @dataclasses.dataclass
