@@ -174,16 +174,6 @@ def _is_python_code(text: str) -> bool:
     return any(not isinstance(node, ast.Expr) for node in module.body)
 
 
-def has_tags(text: str, tags: tuple[str, ...]) -> bool:
-    """Whether the answer (reasoning ignored) holds a non-empty <tag>...</tag> for every tag."""
-    answer = strip_reasoning(text)
-    for tag in tags:
-        match = re.search(rf"<{re.escape(tag)}>(.*?)</{re.escape(tag)}>", answer, re.DOTALL)
-        if match is None or not match.group(1).strip():
-            return False
-    return True
-
-
 def count_operator_calls(graph_source: str) -> int:
     """Static size of a workflow: the call sites `self.<name>(...)` in its classes' methods other than
     __init__ (operator and worker-LLM calls; a call inside a loop counts once - the run-time count is the

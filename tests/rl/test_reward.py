@@ -151,15 +151,6 @@ def test_extract_code_cases(text, expected):
     assert reward.extract_code(text) == expected
 
 
-def test_has_tags():
-    answer = "<modification>one</modification><graph>class Workflow: pass</graph><prompt>P = 'x'</prompt>"
-    assert reward.has_tags(answer, ("graph", "prompt"))
-    assert not reward.has_tags("<graph>class Workflow: pass</graph>", ("graph", "prompt"))
-    assert not reward.has_tags("<graph>  \n</graph><prompt>P = 1</prompt>", ("graph", "prompt"))
-    assert not reward.has_tags("<graph>class W: pass</graph></think>no tags here", ("graph",))
-    assert reward.has_tags("anything", ())
-
-
 WORKFLOW = """
 class Workflow:
     def __init__(self, name, llm_config, dataset):
