@@ -3,9 +3,8 @@ BigCodeBench, read from the benchmark files fr_jax ships (fr_jax/data/benchmarks
 
 Every query becomes a `Task`: the prompt the meta-agent (or a plain coder) sees, the function it must define
 (`entry_point`), the *public* tests (the Test operator and per-query validation may run them) and the *hidden*
-tests (only the final score runs them), and the reference solution. `Task.test_programs(solution, ...)` turns
-a solution into one self-contained Python program per test case; a program that exits with status 0 passed.
-That is the format the sandbox executes (SandboxFusion-style `/run_code` takes a program).
+tests (only the final score runs them), and the reference solution. `fr_jax.sandbox.suites` turns a suite and a
+solution into the sandbox's `/evaluate` request.
 
 Data sets and splits (deterministic: fixed files and id ranges, no randomness; tasks sorted by numeric id):
 
@@ -109,14 +108,6 @@ _HUMANEVAL_WRONG_PUBLIC_TESTS = {
 
 
 # The end of a "unittest" program: BigCodeBench's harness runs the TestCases class; exit status 1 on any failure.
-_RUN_TEST_CASES = """
-
-import sys as _sys, unittest as _unittest
-_result = _unittest.TextTestRunner(verbosity=0).run(_unittest.TestLoader().loadTestsFromTestCase(TestCases))
-_sys.exit(0 if _result.wasSuccessful() else 1)
-"""
-
-
 @dataclasses.dataclass(frozen=True)
 class TestSuite:
     """Test cases of one visibility. Each case is run alone after `prelude`, the solution and `setup`."""
@@ -140,15 +131,6 @@ class Task:
     hidden_tests: TestSuite
     reference_solution: str | None = None  # a complete program that passes every hidden test
     requires: tuple[str, ...] = ()  # modules (import names) beyond the standard library the task uses (BigCodeBench)
-
-    def test_programs(self, solution: str, *, hidden: bool) -> tuple[str, ...]:
-        """One program per case of the hidden (or public) suite; exit status 0 means that case passed."""
-        suite = self.hidden_tests if hidden else self.public_tests
-        call = {"humaneval": f"\n\ncheck({self.entry_point})\n", "unittest": _RUN_TEST_CASES}.get(suite.format, "\n")
-        return tuple(
-            "\n\n".join(part for part in (suite.prelude, solution, suite.setup, case) if part) + call
-            for case in suite.cases
-        )
 
 
 def default_data_dir() -> pathlib.Path:

@@ -44,6 +44,25 @@ print(json.dumps(failed))
 """
 
 
+_RUN_TEST_CASES = """
+
+import sys as _sys, unittest as _unittest
+_result = _unittest.TextTestRunner(verbosity=0).run(_unittest.TestLoader().loadTestsFromTestCase(TestCases))
+_sys.exit(0 if _result.wasSuccessful() else 1)
+"""
+
+
+def plain_programs(task, solution: str, *, hidden: bool) -> tuple[str, ...]:
+    """One plain Python program per case of the hidden (or public) suite, exit status 0 if it passed: the data
+    checked on its own, outside the sandbox (prelude, solution, setup, case, then check() or the unittest run)."""
+    suite = task.hidden_tests if hidden else task.public_tests
+    call = {"humaneval": f"\n\ncheck({task.entry_point})\n", "unittest": _RUN_TEST_CASES}.get(suite.format, "\n")
+    return tuple(
+        "\n\n".join(part for part in (suite.prelude, solution, suite.setup, case) if part) + call
+        for case in suite.cases
+    )
+
+
 def _failing_cases(programs: list[tuple[str, str]], workers: int = 2) -> set[str]:
     """Keys of the programs that raise, run by `workers` subprocesses side by side (interleaved shares), each in a
     working directory of its own (BigCodeBench tests write and remove files relative to it)."""
@@ -154,12 +173,12 @@ def test_derived_entry_points_agree_with_aflows(all_tasks):
 def test_program_layout(all_tasks):
     by_id = {t.task_id: t for t in all_tasks["mbpp"]}
     t = by_id["Mbpp/367"]  # its test_setup_code builds trees with the solution's Node class
-    program = t.test_programs("SOLUTION", hidden=True)[0]
+    program = plain_programs(t, "SOLUTION", hidden=True)[0]
     assert program.index("SOLUTION") < program.index("root = Node(1)") < program.index("assert is_tree_balanced")
     he = all_tasks["humaneval"][0]
-    program = he.test_programs("SOLUTION", hidden=True)[0]
+    program = plain_programs(he, "SOLUTION", hidden=True)[0]
     assert program.startswith(he.prompt) and program.rstrip().endswith("check(has_close_elements)")
-    assert len(he.test_programs("SOLUTION", hidden=False)) == len(he.public_tests.cases) == 2
+    assert len(plain_programs(he, "SOLUTION", hidden=False)) == len(he.public_tests.cases) == 2
 
 
 def test_reference_solutions_pass_and_stubs_fail(all_tasks):
@@ -169,10 +188,10 @@ def test_reference_solutions_pass_and_stubs_fail(all_tasks):
     for name, task_list in all_tasks.items():
         for t in task_list:
             for hidden in (False, True):
-                for i, program in enumerate(t.test_programs(t.reference_solution, hidden=hidden)):
+                for i, program in enumerate(plain_programs(t, t.reference_solution, hidden=hidden)):
                     reference.append((f"{name}:{t.task_id}:{hidden}:{i}", program))
             none_stub = f"def {t.entry_point}(*args, **kwargs):\n    return None\n"
-            stub += [(f"{name}:{t.task_id}:{i}", p) for i, p in enumerate(t.test_programs(none_stub, hidden=True))]
+            stub += [(f"{name}:{t.task_id}:{i}", p) for i, p in enumerate(plain_programs(t, none_stub, hidden=True))]
     assert len(reference) > 8000
     reference = list(dict((program, key) for key, program in reference).items())  # the same program runs once
     assert _failing_cases([(key, program) for program, key in reference]) == set()
@@ -324,13 +343,13 @@ def test_bigcodebench_references_pass_and_stubs_fail(bigcodebench):
     sample = [by_id[i] for i in BCB_SAMPLE]
     assert all(not t.requires for t in sample)
     reference = [
-        (f"{t.task_id}:{hidden}", t.test_programs(t.reference_solution, hidden=hidden)[0])
+        (f"{t.task_id}:{hidden}", plain_programs(t, t.reference_solution, hidden=hidden)[0])
         for t in sample
         for hidden in (False, True)
     ]
     assert _failing_cases(reference) == set()
     stubs = [
-        (t.task_id, t.test_programs("def task_func(*args, **kwargs):\n    return None\n", hidden=True)[0])
+        (t.task_id, plain_programs(t, "def task_func(*args, **kwargs):\n    return None\n", hidden=True)[0])
         for t in sample
     ]
     assert _failing_cases(stubs) == set(BCB_SAMPLE)

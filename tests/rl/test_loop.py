@@ -174,8 +174,9 @@ def test_task_file_errors_name_the_line(tmp_path):
 
 
 def test_reference_solutions_pass_and_stubs_fail_in_the_real_sandbox(benchmark_dir):
-    """The sandbox requests built from tasks keep Task.test_programs' layout: MBPP with test imports and setup code,
-    HumanEval's hidden check() and public asserts with helpers defined in the prompt (HumanEval/32's poly)."""
+    """The sandbox requests built from tasks keep the suites' layout (as the plain programs of tests/data run them):
+    MBPP with test imports and setup code, HumanEval's hidden check() and public asserts with helpers defined in the
+    prompt (HumanEval/32's poly)."""
     wanted = {"Mbpp/367", "Mbpp/927", "Mbpp/602", "HumanEval/32", "HumanEval/38"}
     tasks = [
         t
