@@ -500,9 +500,3 @@ class CompletionRequest(_OpenAIBase):
     @property
     def max_new_tokens(self) -> int | None:
         return self.max_tokens
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
