@@ -296,10 +296,11 @@ class Bench:
                 f"{scheduling:>10}: p50 {p50:6.2f}s  p99 {pooled[scheduling]:6.2f}s  over {count * len(parts)} "
                 f"requests; served {count * len(parts) / spans[scheduling]:5.2f} requests/s of {rate:.2f} offered"
             )
+        low, high = p99_ratio_interval(*(np.concatenate(latencies[s]) for s in ("continuous", "static")))
         print(
-            f"  p99 continuous / static    {pooled['continuous'] / pooled['static']:8.2f} (goal <= 0.5; per pattern "
-            f"{_fmt(ratios)}, median {np.median(ratios):.2f}; {self.discarded} replays that compiled were run again, "
-            f"{self.compiled_timed} timed replays compiled)"
+            f"  p99 continuous / static    {pooled['continuous'] / pooled['static']:8.2f} (goal <= 0.5; 95% interval "
+            f"over the requests {low:.2f}-{high:.2f}; per pattern {_fmt(ratios)}, median {np.median(ratios):.2f}; "
+            f"{self.discarded} replays that compiled were run again, {self.compiled_timed} timed replays compiled)"
         )
 
     def _settled_replay(self, engine: Engine, scheduler: Scheduler, requests, offsets) -> tuple[np.ndarray, float]:
@@ -374,6 +375,15 @@ class Bench:
             ratios = [a / b for a, b in zip(prefill["off"], prefill[name])]
             print(f"  prefill speed-up, {name:<5}   {np.median(ratios):8.2f}x{goal}; per pair {_fmt(ratios)}")
         print(f"  {off.compiles + on.compiles - compiles} compiles while timed")
+
+
+def p99_ratio_interval(continuous: np.ndarray, static: np.ndarray, resamples: int = 2000) -> tuple[float, float]:
+    """95% bootstrap interval of p99(continuous) / p99(static), the requests resampled in pairs (one request's
+    latency under each engine, at the same arrival time): how much the ratio owes to which requests were slowest."""
+    picks = np.random.default_rng(0).integers(0, len(continuous), (resamples, len(continuous)))
+    ratios = np.percentile(continuous[picks], 99, axis=1) / np.percentile(static[picks], 99, axis=1)
+    low, high = np.percentile(ratios, [2.5, 97.5])
+    return float(low), float(high)
 
 
 def _fmt(values) -> str:
