@@ -24,6 +24,7 @@ and after: other processes on these cores slow every side, and not equally.
     python bench/rollout.py                                  # everything, fp32 (arrivals alone: 15 minutes here)
     python bench/rollout.py --workload long-tail --slots 16
     python bench/rollout.py --workload uniform --batch 32 --new-tokens 256 --no-server
+    python bench/rollout.py --workload arrivals --no-transformers --random-weights   # no demo model (GPU check)
 """
 
 from __future__ import annotations
