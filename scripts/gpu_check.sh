@@ -40,7 +40,7 @@ for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY_RUN=1 ;;
     --only) expect_steps=1 ;;
-    -h|--help) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; exit 0 ;;
     -*) echo "gpu_check.sh: unknown option '$arg' (see bash scripts/gpu_check.sh --help)" >&2; exit 2 ;;
     *) OUT=$arg ;;
   esac

@@ -20,7 +20,7 @@ PYTHON_VERSION=3.12
 while [ $# -gt 0 ]; do
   case "$1" in
     --python-version) PYTHON_VERSION=${2:?--python-version needs a version, e.g. 3.12}; shift ;;
-    -h|--help) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; exit 0 ;;
     -*) echo "gpu_wheels.sh: unknown option '$1' (see bash scripts/gpu_wheels.sh --help)" >&2; exit 2 ;;
     *) DIR=$1 ;;
   esac

@@ -16,7 +16,7 @@ BCB=0
 for arg in "$@"; do
   case "$arg" in
     --bcb) BCB=1 ;;
-    -h|--help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; exit 0 ;;
     *) echo "setup.sh: unknown option '$arg'; the only option is --bcb (see bash scripts/setup.sh --help)" >&2; exit 2 ;;
   esac
 done
