@@ -22,7 +22,7 @@ import openai
 import pytest
 from flax import nnx
 
-from fr_jax.models.hf import load_pretrained
+from fr_jax.models.hf import load_pretrained, save_pretrained
 from fr_jax.parallel.mesh import make_mesh
 from fr_jax.rollout import RolloutClient, RolloutError, ServerProcess, free_port, launch_server, sync_weights
 from fr_jax.rollout.protocol import GenerateOutput
@@ -430,12 +430,14 @@ def test_sglang_router_registers_the_server_and_forwards(local_server):
         assert completion.json()["choices"][0]["text"]
 
 
-def _start_long_generation(process, pool, max_new_tokens=400):
-    body = {
-        "input_ids": [[31, 32, 33]] * 2,
-        "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0, "ignore_eos": True},
-    }
-    started = pool.submit(lambda: (post(process, "/generate", body), time.monotonic()))
+LONG_GENERATION = {
+    "input_ids": [[31, 32, 33]] * 2,
+    "sampling_params": {"max_new_tokens": 400, "temperature": 0, "ignore_eos": True},
+}
+
+
+def _start_long_generation(process, pool):
+    started = pool.submit(post, process, "/generate", LONG_GENERATION)
     deadline = time.monotonic() + 120
     while _engine_state(process)["running_samples"] == 0:
         assert time.monotonic() < deadline and not started.done(), "the long request never started"
@@ -443,27 +445,40 @@ def _start_long_generation(process, pool, max_new_tokens=400):
     return started
 
 
-def test_weight_update_drains_or_aborts_in_flight_requests(local_server, tiny_dir):
+def _perturbed_model(tiny_dir):
+    """The tiny model's weights plus noise: greedy outputs change within a few tokens."""
+    model = load_pretrained(tiny_dir, mesh=make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+    params = nnx.state(model, nnx.Param)
+    noise = jax.tree.map(lambda x: 0.2 * jax.random.normal(jax.random.key(3), x.shape, x.dtype), params)
+    nnx.update(model, jax.tree.map(lambda x, e: x + e, params, noise))
+    return model
+
+
+def test_weight_update_drains_or_aborts_in_flight_requests(local_server, tiny_dir, tmp_path):
     """SGLang's update_weights_from_disk: by default the running requests finish on the old weights, then the new
     ones load; with abort_all_requests they end at once with finish_reason abort. num_paused_requests is 0."""
     _, process, client = local_server
     old = client.weight_version()
+    on_old_weights = [o["output_ids"] for o in post(process, "/generate", LONG_GENERATION)]
+    perturbed = tmp_path / "perturbed"
+    save_pretrained(_perturbed_model(tiny_dir), perturbed)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         running = _start_long_generation(process, pool)
-        update = post(process, "/update_weights_from_disk", {"model_path": str(tiny_dir), "weight_version": "drained"})
-        updated_at = time.monotonic()
-        outs, finished_at = running.result()
+        update = post(process, "/update_weights_from_disk", {"model_path": str(perturbed), "weight_version": "drained"})
+        outs = running.result()
     assert update == {"success": True, "message": "Succeeded to update model weights.", "num_paused_requests": 0}
-    assert finished_at <= updated_at, "the update must wait for the running request"
+    # Every one of the 400 tokens came from the old weights: a swap mid-generation would have changed the rest.
+    assert [o["output_ids"] for o in outs] == on_old_weights, "the update must wait for the running request"
     assert all(o["meta_info"]["finish_reason"] == {"type": "length", "length": 400} for o in outs)
     assert all(o["meta_info"]["weight_version"] == old for o in outs)
     assert client.weight_version() == "drained"
+    assert [o["output_ids"] for o in post(process, "/generate", LONG_GENERATION)] != on_old_weights
 
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         running = _start_long_generation(process, pool)
         body = {"model_path": str(tiny_dir), "weight_version": "aborted", "abort_all_requests": True}
         assert post(process, "/update_weights_from_disk", body)["success"]
-        outs, _ = running.result()
+        outs = running.result()
     assert all(o["meta_info"]["finish_reason"]["type"] == "abort" for o in outs)
     assert all(o["meta_info"]["completion_tokens"] < 400 for o in outs)
     assert client.weight_version() == "aborted"
@@ -489,12 +504,7 @@ def test_weight_update_changes_outputs_and_version(server, tiny_dir, tmp_path):
     body = {"input_ids": [[7, 8, 9, 10]], "sampling_params": {"max_new_tokens": 12, "temperature": 0}}
     before = post(process, "/generate", body)[0]["output_ids"]
 
-    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    model = load_pretrained(tiny_dir, mesh=mesh)
-    params = nnx.state(model, nnx.Param)
-    noise = jax.tree.map(lambda x: 0.2 * jax.random.normal(jax.random.key(3), x.shape, x.dtype), params)
-    nnx.update(model, jax.tree.map(lambda x, e: x + e, params, noise))
-    sync = sync_weights(client, model, tmp_path / "v1", weight_version="v1")
+    sync = sync_weights(client, _perturbed_model(tiny_dir), tmp_path / "v1", weight_version="v1")
     assert sync.gigabytes > 0.05 and sync.seconds_per_gb > 0
     assert client.weight_version() == "v1"
     after = post(process, "/generate", body)[0]
