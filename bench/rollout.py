@@ -9,10 +9,12 @@ Workloads (--workload, default all):
   engine (the same engine, new batches only when the last has ended) and transformers' generate (one batch run
   to the longest). Goal: >= 2x static.
 - arrivals: worker-style requests (64-token prompts, 16-128 new tokens) arriving as a Poisson process at 70% of
-  the continuous engine's open-loop capacity (the rate it serves when the same arrival pattern is offered at its
-  closed-loop requests/s, measured first), served by the real serving thread (fr_jax.rollout.scheduler);
-  p50/p99 latency and throughput, continuous against static, pooled over --arrival-patterns patterns (the p99 of
-  one pattern is nearly its slowest request, so one pattern alone is a noisy figure). Goal: p99 <= 1/2 of static.
+  the continuous engine's capacity (its closed-loop requests/s: all requests submitted at once, as SGLang's
+  bench_serving measures it with --request-rate inf; the static engine's is printed beside it), served by the real
+  serving thread (fr_jax.rollout.scheduler); p50/p99 latency, continuous against static, pooled over
+  --arrival-patterns patterns (the p99 of one pattern is nearly its slowest request, so one pattern alone is a
+  noisy figure), and the p50 of the first and last third of arrivals (a queue that grows shows there).
+  Goal: p99 <= 1/2 of static.
 - shared-prefix: 16 prompts that share a 1024-token prefix, 4 samples each sent as separate requests (as GRPO
   sends them), one new token each: the time to prefill a round, with the prefix cache against without it, for a
   cold cache and for the next round's new prompts behind the same prefix. Goal: >= 5x.
@@ -21,7 +23,7 @@ state). The long-tail and arrivals engines have no prefix cache: they measure sc
 the timed run would otherwise find cached from the compiling run. Wall times; the load average is printed before
 and after: other processes on these cores slow every side, and not equally.
 
-    python bench/rollout.py                                  # everything, fp32 (arrivals alone: 15 minutes here)
+    python bench/rollout.py                                  # everything, fp32 (arrivals alone: 20 minutes here)
     python bench/rollout.py --workload long-tail --slots 16
     python bench/rollout.py --workload uniform --batch 32 --new-tokens 256 --no-server
     python bench/rollout.py --workload arrivals --no-transformers --random-weights   # no demo model (GPU check)
@@ -252,35 +254,31 @@ class Bench:
             s: self.engine(max_running_requests=slots, scheduling=s, prefix_cache_tokens=0)
             for s in ("continuous", "static")
         }
-        engines["continuous"].generate(requests)  # compiles
-        closed_loop = count / timed(lambda: engines["continuous"].generate(requests))
-        # each pattern of unit-rate gaps is scaled to the rates below; the first one also measures the capacity
+        capacity = {}
+        for scheduling, engine in engines.items():
+            engine.generate(requests)  # compiles
+            capacity[scheduling] = count / timed(lambda engine=engine: engine.generate(requests))
+        # Capacity is the closed-loop rate (every request submitted at once, as SGLang's bench_serving measures it
+        # with --request-rate inf): the rate at which a queue that never empties is served. Each pattern of
+        # unit-rate gaps is scaled to 70% of the continuous engine's.
+        rate = 0.7 * capacity["continuous"]
+        print(
+            f"capacity (closed loop): continuous {capacity['continuous']:.2f} requests/s, static "
+            f"{capacity['static']:.2f}/s; arrivals at 70% of continuous: {rate:.2f}/s "
+            f"({100 * rate / capacity['static']:.0f}% of static's)"
+        )
         patterns = [np.cumsum(gaps) - gaps[0] for gaps in rng.exponential(1.0, size=(args.arrival_patterns, count))]
         schedulers = {scheduling: Scheduler(engine) for scheduling, engine in engines.items()}
         latencies: dict[str, list[np.ndarray]] = {s: [] for s in engines}
-        spans: dict[str, float] = {s: 0.0 for s in engines}
         ratios = []
         try:
-            # Requests arriving one by one fill fewer rows per step than all of them at once, so the closed-loop
-            # figure overstates what the engine sustains: offer the pattern at that rate, and take the rate it
-            # then serves (its open-loop capacity) as the capacity that 70% is taken of.
-            _, span = self._settled_replay(
-                engines["continuous"], schedulers["continuous"], requests, patterns[0] / closed_loop
-            )
-            capacity = count / span
-            rate = 0.7 * capacity
-            print(
-                f"capacity: closed loop {closed_loop:.2f} requests/s, open loop (offered that) {capacity:.2f}/s; "
-                f"arrivals at 70% of open loop: {rate:.2f}/s"
-            )
             # The p99 of one pattern is nearly its slowest request, and a static batch's luck with the arrival
             # times moves it by seconds: measure several patterns, the two engines one after the other on each.
             for number, pattern in enumerate(patterns, 1):
                 p99 = {}
                 for scheduling, engine in engines.items():
-                    served, span = self._settled_replay(engine, schedulers[scheduling], requests, pattern / rate)
+                    served = self._settled_replay(engine, schedulers[scheduling], requests, pattern / rate)
                     latencies[scheduling].append(served)
-                    spans[scheduling] += span
                     p99[scheduling] = np.percentile(served, 99)
                 ratios.append(p99["continuous"] / p99["static"])
                 print(
@@ -293,9 +291,13 @@ class Bench:
         pooled = {}
         for scheduling, parts in latencies.items():
             p50, pooled[scheduling] = np.percentile(np.concatenate(parts), [50, 99])
+            # a queue that grows through the run shows as later arrivals waiting longer than the first ones
+            first, last = (
+                np.median([part[third] for part in parts]) for third in (slice(count // 3), slice(-count // 3, None))
+            )
             print(
                 f"{scheduling:>10}: p50 {p50:6.2f}s  p99 {pooled[scheduling]:6.2f}s  over {count * len(parts)} "
-                f"requests; served {count * len(parts) / spans[scheduling]:5.2f} requests/s of {rate:.2f} offered"
+                f"requests; p50 of the first / last third of arrivals {first:.2f}s / {last:.2f}s"
             )
         low, high = p99_ratio_interval(*(np.concatenate(latencies[s]) for s in ("continuous", "static")))
         print(
@@ -304,24 +306,23 @@ class Bench:
             f"{self.discarded} replays that compiled were run again, {self.compiled_timed} timed replays compiled)"
         )
 
-    def _settled_replay(self, engine: Engine, scheduler: Scheduler, requests, offsets) -> tuple[np.ndarray, float]:
-        """`_replay`'s figures from a replay that compiled nothing. The shapes a pattern visits depend on timing, so
+    def _settled_replay(self, engine: Engine, scheduler: Scheduler, requests, offsets) -> np.ndarray:
+        """`_replay`'s latencies from a replay that compiled nothing. The shapes a pattern visits depend on timing, so
         a replay that compiled (its latencies include the compile) is run again, up to 6 times in all; if the last
-        one compiled too, its figures are used and counted in `compiled_timed`."""
+        one compiled too, its latencies are used and counted in `compiled_timed`."""
         for attempt in range(1, 7):
             compiles = engine.compiles
-            figures = self._replay(scheduler, requests, offsets)
+            latencies = self._replay(scheduler, requests, offsets)
             if engine.compiles == compiles:
-                return figures
+                return latencies
             if attempt < 6:
                 self.discarded += 1
         self.compiled_timed += 1
-        return figures
+        return latencies
 
     @staticmethod
-    def _replay(scheduler: Scheduler, requests, offsets) -> tuple[np.ndarray, float]:
-        """Submit request i at offsets[i] seconds; (each one's seconds from submission to completion, seconds from
-        the first submission to the last completion)."""
+    def _replay(scheduler: Scheduler, requests, offsets) -> np.ndarray:
+        """Submit request i at offsets[i] seconds; each one's seconds from submission to completion."""
         submitted, finished, jobs = {}, {}, []
         lock = threading.Lock()
         start = time.perf_counter()
@@ -337,8 +338,7 @@ class Bench:
             job.future.add_done_callback(done)
             jobs.append(job.future)
         concurrent.futures.wait(jobs)
-        latencies = np.array([finished[i] - submitted[i] for i in range(len(requests))])
-        return latencies, max(finished.values()) - start
+        return np.array([finished[i] - submitted[i] for i in range(len(requests))])
 
     # ------------------------------------------------------------------------------------ shared prefix
 

@@ -232,6 +232,6 @@ if [ "$DRY_RUN" = 0 ]; then
     fi
     if wanted mfu; then grep -h "MFU" "$OUT/model-step.txt" | tail -n 2; fi
     if wanted rollout; then grep -h "tokens/s\|embedded / SGLang" "$OUT/rollout-servers.txt"; fi
-    if wanted arrivals; then grep -h "capacity:\|p50 .* p99\|p99 continuous / static" "$OUT/arrivals.txt"; fi
+    if wanted arrivals; then grep -h "^capacity\|p50 .* p99\|p99 continuous / static" "$OUT/arrivals.txt"; fi
   } | tee "$OUT/summary.txt"
 fi
