@@ -8,9 +8,10 @@ Workloads (--workload, default all):
   so every request generates exactly its budget). Useful tokens/s of continuous batching against the static
   engine (the same engine, new batches only when the last has ended) and transformers' generate (one batch run
   to the longest). Goal: >= 2x static.
-- arrivals: worker-style requests (64-token prompts, 16-128 new tokens) arriving as a Poisson process at 70% of
-  the continuous engine's capacity (its closed-loop requests/s: all requests submitted at once, as SGLang's
-  bench_serving measures it with --request-rate inf; the static engine's is printed beside it), served by the real
+- arrivals: worker-style requests (64-token prompts, 16-128 new tokens) arriving as a Poisson process at --load
+  (default 70%) of the continuous engine's capacity: the rate at which it serves a queue that never empties (all
+  requests submitted at once, counted until the queue empties; the static engine's is printed beside it, and
+  each one's closed-loop figure, which also counts the drain at the end of a finite run). Served by the real
   serving thread (fr_jax.rollout.scheduler); p50/p99 latency, continuous against static, pooled over
   --arrival-patterns patterns (the p99 of one pattern is nearly its slowest request, so one pattern alone is a
   noisy figure), and the p50 of the first and last third of arrivals (a queue that grows shows there).
@@ -254,17 +255,15 @@ class Bench:
             s: self.engine(max_running_requests=slots, scheduling=s, prefix_cache_tokens=0)
             for s in ("continuous", "static")
         }
-        capacity = {}
+        capacity, closed_loop = {}, {}
         for scheduling, engine in engines.items():
             engine.generate(requests)  # compiles
-            capacity[scheduling] = count / timed(lambda engine=engine: engine.generate(requests))
-        # Capacity is the closed-loop rate (every request submitted at once, as SGLang's bench_serving measures it
-        # with --request-rate inf): the rate at which a queue that never empties is served. Each pattern of
-        # unit-rate gaps is scaled to 70% of the continuous engine's.
-        rate = 0.7 * capacity["continuous"]
+            capacity[scheduling], closed_loop[scheduling] = served_rates(engine, requests)
+        rate = args.load * capacity["continuous"]
         print(
-            f"capacity (closed loop): continuous {capacity['continuous']:.2f} requests/s, static "
-            f"{capacity['static']:.2f}/s; arrivals at 70% of continuous: {rate:.2f}/s "
+            f"capacity (served while requests wait): continuous {capacity['continuous']:.2f} requests/s, static "
+            f"{capacity['static']:.2f}/s (closed loop, its drain included: {closed_loop['continuous']:.2f}, "
+            f"{closed_loop['static']:.2f}); arrivals at {100 * args.load:.0f}% of continuous's: {rate:.2f}/s "
             f"({100 * rate / capacity['static']:.0f}% of static's)"
         )
         patterns = [np.cumsum(gaps) - gaps[0] for gaps in rng.exponential(1.0, size=(args.arrival_patterns, count))]
@@ -378,6 +377,24 @@ class Bench:
         print(f"  {off.compiles + on.compiles - compiles} compiles while timed")
 
 
+def served_rates(engine: Engine, requests) -> tuple[float, float]:
+    """(requests/s while requests wait, requests/s of the whole run), every request submitted at once. The first is
+    the capacity, the rate at which a queue that never empties is served: the tokens generated until the queue
+    empties, per second, over the mean tokens a request asks for. The second (a closed loop's figure) also counts
+    the drain at the end, where fewer and fewer rows remain: an artefact of a finite run."""
+    samples = [s for group in engine.submit(requests) for s in group]
+    start = time.perf_counter()
+    while engine.waiting_samples:
+        engine.step()
+    saturated = time.perf_counter() - start
+    tokens = sum(len(s.output_ids) for s in samples)
+    while engine.has_work():
+        engine.step()
+    total = time.perf_counter() - start
+    asked = np.mean([r.options.max_new_tokens for r in requests])
+    return tokens / saturated / asked, len(requests) / total
+
+
 def p99_ratio_interval(continuous: np.ndarray, static: np.ndarray, resamples: int = 2000) -> tuple[float, float]:
     """95% bootstrap interval of p99(continuous) / p99(static), the requests resampled in pairs (one request's
     latency under each engine, at the same arrival time): how much the ratio owes to which requests were slowest."""
@@ -401,6 +418,9 @@ def main() -> None:
     p.add_argument("--arrival-slots", type=int, default=16, help="arrivals: decode slots")
     p.add_argument("--arrivals", type=int, default=48, help="arrivals: number of requests")
     p.add_argument("--arrival-patterns", type=int, default=3, help="arrivals: Poisson arrival patterns measured")
+    p.add_argument(
+        "--load", type=float, default=0.7, help="arrivals: offered rate, a fraction of the continuous engine's capacity"
+    )
     p.add_argument("--prefix-tokens", type=int, default=1024, help="shared-prefix: length of the common prefix")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument(
@@ -426,6 +446,8 @@ def main() -> None:
         help="comma-separated torch intra-op thread counts, one uniform baseline run each (default: all cores, 1)",
     )
     args = p.parse_args()
+    if args.load <= 0:
+        p.error(f"--load must be > 0 (a fraction of the continuous engine's capacity), got {args.load}")
     if args.random_weights and not args.no_transformers:
         p.error("--random-weights: transformers' baselines load the demo model; add --no-transformers")
     if args.random_weights and not args.no_server and args.workload in ("all", "uniform"):
