@@ -24,7 +24,7 @@ state). The long-tail and arrivals engines have no prefix cache: they measure sc
 the timed run would otherwise find cached from the compiling run. Wall times; the load average is printed before
 and after: other processes on these cores slow every side, and not equally.
 
-    python bench/rollout.py                                  # everything, fp32 (arrivals alone: 20 minutes here)
+    python bench/rollout.py                                  # everything, fp32 (arrivals alone: 15-20 minutes here)
     python bench/rollout.py --workload long-tail --slots 16
     python bench/rollout.py --workload uniform --batch 32 --new-tokens 256 --no-server
     python bench/rollout.py --workload arrivals --no-transformers --random-weights   # no demo model (GPU check)
