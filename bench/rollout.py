@@ -239,8 +239,7 @@ class Bench:
     def arrivals(self) -> None:
         args = self.args
         count = args.arrivals
-        rng = np.random.default_rng(1)
-        budgets = rng.integers(16, 129, size=count)
+        budgets, patterns = arrival_workload(count, args.arrival_patterns)
         prompts = self.prompts(count, 64)
         requests = [
             GenerationRequest(p, SamplingOptions(max_new_tokens=int(m), temperature=1.0, ignore_eos=True, seed=i))
@@ -266,7 +265,6 @@ class Bench:
             f"{closed_loop['static']:.2f}); arrivals at {100 * args.load:.0f}% of continuous's: {rate:.2f}/s "
             f"({100 * rate / capacity['static']:.0f}% of static's)"
         )
-        patterns = [np.cumsum(gaps) - gaps[0] for gaps in rng.exponential(1.0, size=(args.arrival_patterns, count))]
         schedulers = {scheduling: Scheduler(engine) for scheduling, engine in engines.items()}
         latencies: dict[str, list[np.ndarray]] = {s: [] for s in engines}
         ratios = []
@@ -375,6 +373,14 @@ class Bench:
             ratios = [a / b for a, b in zip(prefill["off"], prefill[name])]
             print(f"  prefill speed-up, {name:<5}   {np.median(ratios):8.2f}x{goal}; per pair {_fmt(ratios)}")
         print(f"  {off.compiles + on.compiles - compiles} compiles while timed")
+
+
+def arrival_workload(count: int, patterns: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The arrivals workload: each request's max_new_tokens, and `patterns` Poisson arrival patterns (seconds from
+    the first arrival, at 1 request/s: divide by the rate)."""
+    rng = np.random.default_rng(1)
+    budgets = rng.integers(16, 129, size=count)
+    return budgets, [np.cumsum(gaps) - gaps[0] for gaps in rng.exponential(1.0, size=(patterns, count))]
 
 
 def served_rates(engine: Engine, requests) -> tuple[float, float]:
