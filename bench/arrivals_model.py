@@ -14,11 +14,11 @@ The rules modelled (fr_jax.rollout.engine, step by step): a round admits the wai
 (continuous: any round; static: only when no row is left) and pays their admission, then decodes one chunk of up to
 --chunk-steps steps at rows = the power of two >= the live rows (at least 4). The chunk ends early when every row
 is done or, continuous with requests waiting at its start, when one row finishes. Continuous rows leave after their
-chunk; a static batch leaves when its last row ends. Not modelled: the host's time between programs. Against the
-real engine the model is optimistic for continuous batching: on this CPU it gave 0.53 where bench/rollout.py measured
-0.63 at the same rate an hour before, the real continuous p50 8.3 s against the model's 5.9 s on the same three
-patterns, though the traced costs and the length of the busy period (about 50 s) agree. So its ratios bound from
-below what an engine with those costs reaches.
+chunk; a static batch leaves when its last row ends. Not modelled: the host's time between programs. Checked on
+this CPU against the real engine's own replay of pattern 1 at 1.25 requests/s, fed with the costs traced in the
+replay just before it: p99 continuous 15.87 s modelled against 14.70 s real, static 22.72 s against 24.19 s (p50
+7.60 / 7.16 and 13.07 / 12.83 s). Separate runs differ more: this host's speed moves by up to a fifth from one
+minute to the next (the 16-row step traced at 100 ms in one run, 119 ms in another).
 
     python bench/arrivals_model.py                      # about 10 minutes here, 30 patterns
     python bench/arrivals_model.py --load 0.5 --patterns 100"""
