@@ -4,11 +4,11 @@ two schedulers, fed with the costs the real engine pays here, then with an accel
 `bench/rollout.py --workload arrivals` measures the goal on the real engine. This replays the same workload (its
 budgets and Poisson patterns, more of them, at --load of the continuous engine's capacity) event by event under the
 engine's scheduling rules, with each engine's costs: a decode step per rows bucket and an admission (prefill and
-cache copies) per group size, traced while the real engine serves the first pattern (programs cost more among the
-others than alone, so the costs timed alone are printed but give a lower ratio). Then it swaps the costs for other
-shapes: a decode step that costs the same at any rows (an accelerator at these sizes: the weights' reads
-dominate) and no prefill at all (as if prefill rode along in the decode steps for free: what mixing prefill into
-decode batches approaches where a step is memory-bound).
+cache copies) per group size, traced while the real engine serves the first pattern (a program among the others
+costs a little more or less than alone, so the costs timed alone are printed, and modelled, only for comparison).
+Then it swaps the costs for other shapes: a decode step that costs the same at any rows (an accelerator at these
+sizes: the weights' reads dominate) and no prefill at all (as if prefill rode along in the decode steps for free:
+what mixing prefill into decode batches approaches where a step is memory-bound).
 
 The rules modelled (fr_jax.rollout.engine, step by step): a round admits the waiting requests into free slots
 (continuous: any round; static: only when no row is left) and pays their admission, then decodes one chunk of up to
@@ -189,8 +189,8 @@ class _Trace:
 def served_costs(engine: Engine, requests, offsets, alone: Costs) -> Costs:
     """The costs `engine` paid serving `requests` arriving at `offsets` through the real serving thread: a decode
     step per rows bucket, and an admission (its zeroed cache, prefill chunks and the cache copies that follow) per
-    prompts bucket. Alone, a program runs faster than among the others (a traced replay here: 112 against 89 ms for
-    one prompt's prefill). Replayed until a replay compiles nothing (at most 6 times); buckets it did not visit keep
+    prompts bucket (one prompt's: 112 ms served against 89 ms alone in one trace here, 98 against 106 ms in
+    another). Replayed until a replay compiles nothing (at most 6 times); buckets it did not visit keep
     `alone`'s cost."""
     for _ in range(6):
         trace, compiles = _Trace(engine, alone), engine.compiles
@@ -250,7 +250,8 @@ def main() -> None:
     print(f"alone (SmolLM2-135M shapes, random weights, fp32): {_describe(alone)}")
 
     budgets, patterns = arrival_workload(48, args.patterns)
-    tokens = np.random.default_rng(PROMPT_TOKENS).integers(0, model.cfg.vocab_size, (48, PROMPT_TOKENS)).tolist()
+    rng = np.random.default_rng(PROMPT_TOKENS)  # bench/rollout.py's random prompts
+    tokens = rng.integers(0, model.cfg.vocab_size, (48, PROMPT_TOKENS)).tolist()
     requests = [
         GenerationRequest(tuple(t), SamplingOptions(max_new_tokens=int(m), temperature=1.0, ignore_eos=True, seed=i))
         for i, (t, m) in enumerate(zip(tokens, budgets))
