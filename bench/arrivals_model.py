@@ -3,12 +3,12 @@ two schedulers, fed with the costs the real engine pays here, then with an accel
 
 `bench/rollout.py --workload arrivals` measures the goal on the real engine. This replays the same workload (its
 budgets and Poisson patterns, more of them, at --load of the continuous engine's capacity) event by event under the
-engine's scheduling rules, with each engine's costs: a decode step per rows bucket and an admission (prefill and
-cache copies) per group size, traced while the real engine serves the first pattern (a program among the others
-costs a little more or less than alone, so the costs timed alone are printed, and modelled, only for comparison).
-Then it swaps the costs for other shapes: a decode step that costs the same at any rows (an accelerator at these
-sizes: the weights' reads dominate) and no prefill at all (as if prefill rode along in the decode steps for free:
-what mixing prefill into decode batches approaches where a step is memory-bound).
+engine's scheduling rules, with the engines' costs: a decode step per rows bucket and an admission (prefill and
+cache copies) per group size, traced while the real engines serve the first pattern (pooled over both: they run the
+same programs), and for comparison the costs timed alone. Then it swaps the costs for other shapes: a decode step
+that costs the same at any rows (an accelerator at these sizes: the weights' reads dominate) and no prefill at all
+(as if prefill rode along in the decode steps for free: what mixing prefill into decode batches approaches where a
+step is memory-bound).
 
 The rules modelled (fr_jax.rollout.engine, step by step): a round admits the waiting requests into free slots
 (continuous: any round; static: only when no row is left) and pays their admission, then decodes one chunk of up to
@@ -162,11 +162,11 @@ def alone_costs(engine: Engine, rows: Sequence[int], prompts: Sequence[int], new
 
 
 class _Trace:
-    """Wraps an engine's program calls: each one timed to its end (compiles left out), decode seconds and steps by
-    rows bucket, and an admission's seconds (from the group's cache on, copies included) by prompts bucket."""
+    """Times an engine's program calls, each to its end (compiles left out): decode seconds and steps by rows bucket,
+    and an admission's seconds (from the group's cache on, copies included) by prompts bucket."""
 
-    def __init__(self, engine: Engine, alone: Costs):
-        self.call = engine._call
+    def __init__(self, call, alone: Costs):
+        self.call = call
         self.steps: dict[int, list[float]] = {n: [0, 0.0] for n in alone.step}
         self.admissions: dict[int, list[list[float]]] = {n: [] for n in alone.prefill}
         self.current: list[float] | None = None  # the admission that cache copies are charged to
@@ -186,14 +186,10 @@ class _Trace:
         return out
 
 
-def served_costs(engine: Engine, requests, offsets, alone: Costs) -> Costs:
-    """The costs `engine` paid serving `requests` arriving at `offsets` through the real serving thread: a decode
-    step per rows bucket, and an admission (its zeroed cache, prefill chunks and the cache copies that follow) per
-    prompts bucket (one prompt's: 112 ms served against 89 ms alone in one trace here, 98 against 106 ms in
-    another). Replayed until a replay compiles nothing (at most 6 times); buckets it did not visit keep
-    `alone`'s cost."""
+def _replay_traced(engine: Engine, requests, offsets, alone: Costs) -> _Trace:
+    """One replay through the real serving thread, traced; replayed until one compiles nothing (at most 6)."""
     for _ in range(6):
-        trace, compiles = _Trace(engine, alone), engine.compiles
+        trace, compiles = _Trace(engine._call, alone), engine.compiles
         engine._call = trace  # type: ignore[method-assign]
         scheduler = Scheduler(engine)
         try:
@@ -203,8 +199,25 @@ def served_costs(engine: Engine, requests, offsets, alone: Costs) -> Costs:
             del engine._call
         if engine.compiles == compiles:
             break
-    step = {n: total / count if count else alone.step[n] for n, (count, total) in trace.steps.items()}
-    prefill = {n: float(np.mean(seen)) if seen else alone.prefill[n] for n, seen in trace.admissions.items()}
+    return trace
+
+
+def served_costs(engines: Sequence[Engine], requests, offsets, alone: Costs) -> Costs:
+    """The costs the engines paid serving `requests` arriving at `offsets`, pooled over them: a decode step per rows
+    bucket, and an admission (its zeroed cache, prefill chunks and the cache copies that follow) per prompts bucket.
+    Pooled because both run the same programs: what differs between their replays is this host's speed, which moves
+    by up to a fifth from one minute to the next. Buckets no replay visited keep `alone`'s cost (a program alone
+    costs a little more or less than among the others: one prompt's admission 112 ms served against 89 ms alone in
+    one trace here, 98 against 106 ms in another)."""
+    traces = [_replay_traced(engine, requests, offsets, alone) for engine in engines]
+    step = {}
+    for n, alone_s in alone.step.items():
+        count, total = (sum(t.steps[n][i] for t in traces) for i in (0, 1))
+        step[n] = total / count if count else alone_s
+    prefill = {}
+    for n, alone_s in alone.prefill.items():
+        seen = [a[0] for t in traces for a in t.admissions[n]]
+        prefill[n] = float(np.mean(seen)) if seen else alone_s
     return Costs(step, prefill)
 
 
@@ -259,26 +272,25 @@ def main() -> None:
     for engine in engines.values():
         engine.generate(requests)  # compiles
     rate = args.load * served_rates(engines["continuous"], requests)[0]
-    served = {s: served_costs(e, requests, patterns[0] / rate, alone) for s, e in engines.items()}
-    for s, costs in served.items():
-        print(f"served by {s} (pattern 1 at {rate:.2f} requests/s): {_describe(costs)}")
+    served = served_costs(list(engines.values()), requests, patterns[0] / rate, alone)
+    print(f"served (pattern 1 at {rate:.2f} requests/s, both engines' replays pooled): {_describe(served)}")
 
     free = {n: 0.0 for n in prompts}
 
     def flat(costs: Costs) -> dict[int, float]:
         return {n: costs.step[rows[0]] for n in rows}
 
-    shapes: dict[str, dict[str, Costs]] = {
-        "alone": {s: alone for s in served},
+    shapes = {
+        "alone": alone,
         "served": served,
-        "served step, no prefill": {s: Costs(c.step, free) for s, c in served.items()},
-        f"flat step ({rows[0]} rows' cost at any)": {s: Costs(flat(c), c.prefill) for s, c in served.items()},
-        "flat step, no prefill": {s: Costs(flat(c), free) for s, c in served.items()},
+        "served step, no prefill": Costs(served.step, free),
+        f"flat step ({rows[0]} rows' cost at any)": Costs(flat(served), served.prefill),
+        "flat step, no prefill": Costs(flat(served), free),
     }
     options: dict[str, int] = dict(slots=args.slots, chunk_steps=args.chunk_steps)
     print(f"model: {args.patterns} patterns x 48 requests at {100 * args.load:.0f}% of the continuous capacity")
     for name, costs in shapes.items():
-        r = predict(costs, budgets, patterns, args.load, **options)
+        r = predict({s: costs for s in engines}, budgets, patterns, args.load, **options)
         print(
             f"  {name:<32} capacity continuous {r['capacity continuous']:.2f}/s, static {r['capacity static']:.2f}/s; "
             f"offered {r['rate']:.2f}/s; p99 continuous {r['p99 continuous']:.2f} s, static {r['p99 static']:.2f} s: "
