@@ -257,7 +257,8 @@ def main() -> None:
         )
         for s in ("continuous", "static")
     }
-    rows = sorted({bucket(n, 4) for n in range(1, args.slots + 1)})
+    min_rows = engines["continuous"].min_rows_bucket
+    rows = sorted({bucket(n, min_rows) for n in range(1, args.slots + 1)})
     prompts = sorted({bucket(n) for n in range(1, args.slots + 1)})
     alone = alone_costs(engines["continuous"], rows, prompts, new_tokens=128)
     print(f"alone (SmolLM2-135M shapes, random weights, fp32): {_describe(alone)}")
@@ -287,7 +288,7 @@ def main() -> None:
         f"flat step ({rows[0]} rows' cost at any)": Costs(flat(served), served.prefill),
         "flat step, no prefill": Costs(flat(served), free),
     }
-    options: dict[str, int] = dict(slots=args.slots, chunk_steps=args.chunk_steps)
+    options: dict[str, int] = dict(slots=args.slots, chunk_steps=args.chunk_steps, min_rows=min_rows)
     print(f"model: {args.patterns} patterns x 48 requests at {100 * args.load:.0f}% of the continuous capacity")
     for name, costs in shapes.items():
         r = predict({s: costs for s in engines}, budgets, patterns, args.load, **options)
