@@ -91,23 +91,16 @@ def main() -> None:
         compiled = (
             f"compiled {int(r['rollout/compiles'])} programs ({r['rollout/compile_s']:.1f} s)"
             if "rollout/compiles" in r
-            else "compiles not counted"
+            else "the rollout server does not count its compiles"
         )
         print(
             f"  round {int(r['step'])}: rollout {r.get('time/rollout_s', 0.0):6.2f} s, {compiled}; sandbox "
             f"{r.get('time/sandbox_s', 0.0):6.2f} s; reward {r['reward/total']:.3f}, "
             f"{r['response/length_mean']:.0f} tokens per answer"
         )
-    compiles = last.get("rollout/compiles")
     print(
         f"round {int(last['step'])}: {round_s:.1f} s, {int(cfg.grpo.rollout.prompts_per_step)} prompts x "
-        f"{cfg.grpo.rollout.n} samples, {last['response/length_mean']:.0f} tokens per answer on average; "
-        + (
-            "the rollout server does not count its compiles"
-            if compiles is None
-            else f"the rollout server compiled {int(compiles)} programs while sampling it "
-            f"({last['rollout/compile_s']:.1f} s of calls that compiled)"
-        )
+        f"{cfg.grpo.rollout.n} samples"
     )
     for name, seconds in phases.items():
         print(f"  {name:8s} {seconds:7.2f} s  {seconds / round_s:6.1%} of the round")
